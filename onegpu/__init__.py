@@ -1,0 +1,8 @@
+"""onegpu: a cluster of accelerators that single-device PyTorch code sees as one device."""
+
+from onegpu.launch.relaunch import init
+from onegpu.runtime.checkpoint import save_pretrained
+from onegpu.runtime.prepare import prepare
+
+__all__ = ["init", "prepare", "save_pretrained"]
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""The ``onegpu`` command: one module per subcommand."""
+
+from __future__ import annotations
+
+import typer
+
+from onegpu.cli import run as run_command
+
+app = typer.Typer(
+    name="onegpu",
+    help="A cluster of accelerators that single-device PyTorch code sees as one device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+run_command.register(app)
+
+
+@app.callback()
+def _root() -> None:
+    """A cluster of accelerators that single-device PyTorch code sees as one device."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,39 @@
+"""``onegpu.init()``: let ``python train.py`` start the workers itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from onegpu.launch.environment import current_environment
+
+
+def init(*, workers: int | None = None) -> None:
+    """Make the running script one of N workers.
+
+    Called as the first line of a script started with plain ``python train.py``, it starts
+    N workers running the same script (through ``onegpu run``'s launcher) and exits with
+    their status; inside a worker, or under torchrun/SLURM, it joins the job and returns.
+    """
+    from onegpu.launch.run import LaunchError, launch
+    from onegpu.launch.workers import worker_count
+    from onegpu.runtime.distributed import current_worker
+
+    env = current_environment()
+    if env.is_distributed or os.environ.get("ONEGPU_LAUNCHED") == "1":
+        current_worker(env)
+        return
+    try:
+        count = worker_count(workers)
+    except ValueError as exc:
+        sys.exit(f"onegpu: {exc}")
+    script = sys.argv[0]
+    if count == 1 or not script or not os.path.isfile(script):
+        current_worker(env)  # one worker, or an interactive session: run here
+        return
+    try:
+        code = launch(script, sys.argv[1:], workers=count)
+    except LaunchError as exc:
+        sys.stderr.write(f"onegpu: {exc}\n")
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,52 @@
+"""Start N workers running a script, on top of torch.distributed.run (torchrun / elastic)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+
+from onegpu.launch.workers import threads_per_worker
+
+
+class LaunchError(Exception):
+    """A job could not start or one of its workers failed; the message says which and what to do."""
+
+
+def launch(script: str, args: list[str], *, workers: int) -> int:
+    """Run ``script ARGS`` as ``workers`` local processes; returns 0 or raises LaunchError."""
+    if not Path(script).is_file():
+        raise LaunchError(f"script {script!r} not found: give the path of a Python file, e.g. onegpu run train.py")
+    if workers < 1:
+        raise LaunchError(f"--workers {workers}: a job needs at least 1 worker")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
+    os.environ["ONEGPU_LAUNCHED"] = "1"
+    torchrun_args = [
+        "--standalone",
+        f"--nproc-per-node={workers}",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+        f"--rdzv-id={uuid.uuid4().hex[:12]}",
+        "--module",
+        "onegpu.launch.worker",
+        script,
+        *args,
+    ]
+    try:
+        run(get_args_parser().parse_args(torchrun_args))
+    except ChildFailedError as failure:
+        first_rank, first = failure.get_first_failure()
+        ranks = ", ".join(str(r) for r in sorted(failure.failures))
+        raise LaunchError(
+            f"worker rank {first_rank} failed with exit code {first.exitcode} (failed ranks: {ranks}); "
+            f"its traceback is above"
+        ) from None
+    return 0
+
+
+def python_executable() -> str:
+    return sys.executable

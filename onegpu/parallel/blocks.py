@@ -1,0 +1,24 @@
+"""Find a model's repeated blocks (transformer layers) without knowing its family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The children of the largest ModuleList/Sequential whose children share one class.
+
+    Hugging Face decoders (``model.layers``, ``transformer.h``), encoders (``encoder.layer``)
+    and hand-written stacks all keep their blocks that way. Empty when there is none.
+    """
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.children())
+        if len(children) > 1 and len({type(c) for c in children}) == 1 and any(True for _ in children[0].parameters()):
+            if sum(p.numel() for c in children for p in c.parameters()) > sum(
+                p.numel() for c in best for p in c.parameters()
+            ):
+                best = children
+    return best

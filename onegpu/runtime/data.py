@@ -1,0 +1,136 @@
+"""The user's DataLoader yields the global batch; each worker loads only its slice of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from onegpu.runtime.distributed import Worker
+
+
+def slice_bounds(batch_size: int, *, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of ``rank``'s slice; the first ``batch_size % world_size`` ranks get one more."""
+    if batch_size < world_size:
+        raise ValueError(
+            f"a global batch of {batch_size} samples cannot be split among {world_size} workers: "
+            f"use a batch size of at least {world_size}, fewer workers, or drop_last=True for a short last batch"
+        )
+    base, extra = divmod(batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def sync_rng(generator: torch.Generator | None, *, worker: Worker) -> None:
+    """Give every worker rank 0's random state, so all draw the same shuffle."""
+    if worker.world_size == 1:
+        return
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
+    state = state.to(worker.device)
+    dist.broadcast(state, src=0)
+    state = state.cpu()
+    if generator is not None:
+        generator.set_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+class SlicedBatchSampler(Sampler[list[int]]):
+    """Yields this worker's slice of each global batch of indices drawn by the user's batch sampler."""
+
+    def __init__(self, batch_sampler: Any, *, worker: Worker) -> None:
+        self.batch_sampler, self.worker = batch_sampler, worker
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        sync_rng(getattr(getattr(self.batch_sampler, "sampler", None), "generator", None), worker=self.worker)
+        for indices in self.batch_sampler:
+            indices = list(indices)
+            start, end = slice_bounds(len(indices), rank=self.worker.rank, world_size=self.worker.world_size)
+            yield indices[start:end]
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor on ``device`` (dicts, lists, tuples and HF BatchEncodings kept)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if hasattr(batch, "to") and isinstance(batch, Mapping):  # transformers BatchEncoding
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def slice_batch(batch: Any, start: int, end: int) -> Any:
+    """Rows [start, end) of every tensor or list in a collated batch."""
+    if torch.is_tensor(batch):
+        return batch[start:end]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: slice_batch(v, start, end) for k, v in batch.items()})
+    if isinstance(batch, tuple):
+        return type(batch)(*(slice_batch(v, start, end) for v in batch)) if hasattr(batch, "_fields") else tuple(
+            slice_batch(v, start, end) for v in batch
+        )
+    if isinstance(batch, list):
+        return batch[start:end]
+    return batch
+
+
+def leading_size(batch: Any) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if torch.is_tensor(value) or isinstance(value, (Mapping, list, tuple)):
+            return leading_size(value)
+    raise ValueError("onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them")
+
+
+class GlobalBatchLoader(DataLoader):
+    """The user's DataLoader, yielding this worker's slice of every global batch on its device."""
+
+    def __init__(self, loader: DataLoader, *, worker: Worker) -> None:
+        self.worker, self.original = worker, loader
+        self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
+        if loader.batch_size is not None and loader.batch_size < worker.world_size:
+            slice_bounds(loader.batch_size, rank=worker.rank, world_size=worker.world_size)
+        if self.slices_indices:
+            super().__init__(
+                loader.dataset,
+                batch_sampler=SlicedBatchSampler(loader.batch_sampler, worker=worker),
+                num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn,
+                pin_memory=loader.pin_memory,
+                timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn,
+                multiprocessing_context=loader.multiprocessing_context,
+                generator=loader.generator,
+                prefetch_factor=loader.prefetch_factor,
+                persistent_workers=loader.persistent_workers,
+            )
+        else:
+            super().__init__(loader.dataset, batch_size=None)
+
+    def __len__(self) -> int:
+        return len(self.original)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.slices_indices:
+            batches = super().__iter__()
+        else:
+            batches = self._sliced(iter(self.original))
+        for batch in batches:
+            yield move_to(batch, self.worker.device)
+
+    def _sliced(self, batches: Iterator[Any]) -> Iterator[Any]:
+        sync_rng(self.original.generator, worker=self.worker)
+        for batch in batches:
+            start, end = slice_bounds(leading_size(batch), rank=self.worker.rank, world_size=self.worker.world_size)
+            yield slice_batch(batch, start, end)

@@ -1,0 +1,99 @@
+"""The process group of this worker: device, backend and the few collectives onegpu needs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from onegpu.launch.environment import Environment, current_environment
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process as one of the devices behind the virtual device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def worker_device(local_rank: int) -> torch.device:
+    """The accelerator this worker drives, or the CPU when the machine has none."""
+    accel = torch.accelerator.current_accelerator()
+    if accel is None or torch.accelerator.device_count() == 0:
+        return torch.device("cpu")
+    index = local_rank % torch.accelerator.device_count()
+    torch.accelerator.set_device_index(index)
+    return torch.device(accel.type, index)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for a device type (nccl for cuda, gloo for cpu, ...)."""
+    return dist.get_default_backend_for_device(device)
+
+
+def collective_timeout() -> float:
+    """Seconds a collective may wait for its peers before the job is stopped (ONEGPU_COLLECTIVE_TIMEOUT)."""
+    raw = os.environ.get("ONEGPU_COLLECTIVE_TIMEOUT", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} is not a number of seconds: set it to e.g. 600") from None
+    if value <= 0:
+        raise ValueError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} must be positive: set it to e.g. 600")
+    return value
+
+
+_WORKER: Worker | None = None
+
+
+def current_worker(environment: Environment | None = None) -> Worker:
+    """Join the job's process group once (when there is more than one worker) and describe this worker."""
+    global _WORKER
+    if _WORKER is not None:
+        return _WORKER
+    env = environment or current_environment()
+    device = worker_device(env.local_rank)
+    if env.is_distributed and not dist.is_initialized():
+        env.export()
+        dist.init_process_group(
+            backend=backend_for(device),
+            timeout=datetime.timedelta(seconds=collective_timeout()),
+            device_id=device if device.type != "cpu" else None,
+        )
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = env.rank, env.world_size
+    _WORKER = Worker(
+        rank=rank, world_size=world, local_rank=env.local_rank,
+        local_world_size=env.local_world_size, device=device,
+    )
+    return _WORKER
+
+
+def all_reduce_sum(values: list[float], *, worker: Worker) -> list[float]:
+    """Sum a few numbers over all workers (float64, so token counts stay exact)."""
+    if worker.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=worker.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_from_main(tensors: list[torch.Tensor], *, worker: Worker) -> None:
+    """Overwrite ``tensors`` on every worker with rank 0's values, in place."""
+    if worker.world_size == 1:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)

@@ -1,0 +1,102 @@
+"""``onegpu.prepare``: turn single-device training objects into their N-worker equivalents."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils.data import DataLoader, IterableDataset
+
+from onegpu.parallel.ddp import apply_ddp
+from onegpu.parallel.fsdp import apply_fsdp
+from onegpu.planner.memory import estimate_memory
+from onegpu.planner.plan import Plan
+from onegpu.planner.simple_rule import choose_plan
+from onegpu.runtime.budget import memory_budget_bytes
+from onegpu.runtime.data import GlobalBatchLoader
+from onegpu.runtime.distributed import Worker, broadcast_from_main, collective_timeout, current_worker
+from onegpu.runtime.global_batch import GlobalBatchHooks
+from onegpu.runtime.materialize import is_on_meta, materialize
+from onegpu.runtime.optimizer import parameter_names, repoint
+from onegpu.runtime.watchdog import Watchdog
+
+log = logging.getLogger("onegpu")
+
+
+def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float | None = None) -> Any:
+    """Make a model, its optimizers and data loaders run on all workers; returns them in the same order.
+
+    The model keeps its class and attributes; optimizers are re-pointed at its (possibly
+    sharded) parameters; each DataLoader still yields the global batch, of which each worker
+    loads its slice. ``strategy`` forces ``"ddp"`` or ``"fsdp"``; ``memory_budget_gb`` sets
+    the memory one worker may use (default: the device's, or the machine's shared by CPU workers).
+    """
+    models = [o for o in objects if isinstance(o, nn.Module)]
+    if len(models) != 1:
+        raise ValueError(f"onegpu.prepare() takes exactly one model (an nn.Module), got {len(models)}")
+    model = models[0]
+    optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
+    loaders = [o for o in objects if isinstance(o, DataLoader)]
+    worker = current_worker()
+    names = [parameter_names(model, optimizer) for optimizer in optimizers]
+    for loader in loaders:
+        if loader.batch_size is not None and loader.batch_size < worker.world_size:
+            GlobalBatchLoader(loader, worker=worker)  # raises the one-line error
+
+    plan = _choose_plan(model, optimizers, loaders, worker=worker, strategy=strategy, budget_gb=memory_budget_gb)
+    if worker.is_main:
+        log.warning(
+            "onegpu: %d worker%s (%s, %s) | strategy: %s | %s",
+            worker.world_size, "s" if worker.world_size > 1 else "", worker.device.type,
+            torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process",
+            plan.strategy, plan.reason,
+        )
+    _parallelize(model, plan, worker=worker)
+    for optimizer, groups in zip(optimizers, names):
+        repoint(optimizer, model, groups)
+    if worker.world_size > 1:
+        watchdog = Watchdog(rank=worker.rank, timeout_s=collective_timeout())
+        GlobalBatchHooks(model, worker=worker, watchdog=watchdog)
+        for optimizer in optimizers:
+            optimizer.register_step_pre_hook(lambda *_: watchdog.enter("optimizer.step"))
+            optimizer.register_step_post_hook(lambda *_: watchdog.leave())
+    model.onegpu_plan = plan
+    prepared = [GlobalBatchLoader(o, worker=worker) if isinstance(o, DataLoader) else o for o in objects]
+    return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def _choose_plan(model, optimizers, loaders, *, worker: Worker, strategy, budget_gb) -> Plan:
+    budget = memory_budget_bytes(device=worker.device, local_world_size=worker.local_world_size, budget_gb=budget_gb)
+    sample = _sample_slice(loaders[0], world_size=worker.world_size) if loaders else None
+    estimate = estimate_memory(model, optimizer=optimizers[0] if optimizers else None, sample=sample)
+    return choose_plan(estimate=estimate, budget_bytes=budget, world_size=worker.world_size, strategy=strategy)
+
+
+def _sample_slice(loader: DataLoader, *, world_size: int) -> Any | None:
+    """One worker's slice of a batch, collated from the first samples (no RNG drawn, no loader iterated)."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return None
+    size = min(len(loader.dataset), math.ceil(loader.batch_size / world_size))
+    return loader.collate_fn([loader.dataset[i] for i in range(size)])
+
+
+def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
+    on_meta = is_on_meta(model)
+    if worker.world_size == 1 or plan.sharding == "none":
+        if on_meta:
+            materialize(model, device=worker.device)
+        model.to(worker.device)
+        if worker.world_size > 1:
+            broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+            apply_ddp(model, device=worker.device)
+        return
+    if not on_meta:
+        model.to(worker.device)
+        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    apply_fsdp(model, mesh=init_device_mesh(worker.device.type, (worker.world_size,)))
+    if on_meta:
+        materialize(model, device=worker.device)

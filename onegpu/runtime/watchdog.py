@@ -1,0 +1,54 @@
+"""Stop a worker that waits too long inside a collective, naming the rank and the operation.
+
+A worker whose peer died or took another code path would otherwise hang forever in
+gloo/nccl. onegpu marks the phases that communicate (forward, backward, optimizer step);
+a daemon thread ends the worker with a one-line report when one lasts longer than the
+collective timeout, and the launcher then stops the whole job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+
+class Watchdog:
+    """Tracks the current communicating phase of this worker and its start time."""
+
+    def __init__(self, *, rank: int, timeout_s: float) -> None:
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self._phase: tuple[str, float] | None = None
+        thread = threading.Thread(target=self._watch, name="onegpu-watchdog", daemon=True)
+        thread.start()
+
+    def enter(self, phase: str) -> None:
+        self._phase = (phase, time.monotonic())
+
+    def leave(self) -> None:
+        self._phase = None
+
+    @property
+    def phase(self) -> str | None:
+        current = self._phase
+        return None if current is None else current[0]
+
+    def _watch(self) -> None:
+        interval = min(1.0, self.timeout_s / 10)
+        while True:
+            time.sleep(interval)
+            current = self._phase
+            if current is None:
+                continue
+            phase, started = current
+            waited = time.monotonic() - started
+            if waited > self.timeout_s:
+                sys.stderr.write(
+                    f"onegpu: rank {self.rank} stuck for {waited:.0f} s in {phase}: another worker died "
+                    f"or took a different code path (raise ONEGPU_COLLECTIVE_TIMEOUT if this step is "
+                    f"legitimately slower than {self.timeout_s:g} s)\n"
+                )
+                sys.stderr.flush()
+                os._exit(124)
