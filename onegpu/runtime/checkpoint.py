@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from onegpu.runtime.distributed import current_worker
 
@@ -29,6 +28,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     worker = current_worker()
     if worker.world_size == 1:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # 1 s to import
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
 

@@ -97,3 +97,8 @@ def broadcast_from_main(tensors: list[torch.Tensor], *, worker: Worker) -> None:
         return
     for tensor in tensors:
         dist.broadcast(tensor.data, src=0)
+
+
+def is_main_process() -> bool:
+    """True on the worker that speaks for the job (rank 0): write files and logs there."""
+    return current_worker().is_main

@@ -8,11 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader, IterableDataset
 
-from onegpu.parallel.ddp import apply_ddp
-from onegpu.parallel.fsdp import apply_fsdp
 from onegpu.planner.memory import estimate_memory
 from onegpu.planner.plan import Plan
 from onegpu.planner.simple_rule import choose_plan
@@ -85,6 +82,12 @@ def _sample_slice(loader: DataLoader, *, world_size: int) -> Any | None:
 
 
 def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
+    # imported here: torch's FSDP/DTensor cost a second of start-up that a 1-worker job does not need
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from onegpu.parallel.ddp import apply_ddp
+    from onegpu.parallel.fsdp import apply_fsdp
+
     on_meta = is_on_meta(model)
     if worker.world_size == 1 or plan.sharding == "none":
         if on_meta:

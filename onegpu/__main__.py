@@ -1,0 +1,3 @@
+from onegpu.cli import main
+
+main()

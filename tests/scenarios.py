@@ -1,0 +1,126 @@
+"""Tiny training runs shared by the plain single-process reference and the onegpu workers.
+
+Every scenario is written once, as single-device code; ``train(..., prepare=onegpu.prepare)``
+runs it through onegpu, ``prepare=None`` runs it as plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+STEPS_PER_EPOCH = 4
+BATCH = 5  # uneven over 2 and 3 workers
+
+
+class PaddedTokens(Dataset):
+    """Token sequences of different lengths, padded; padding labels are ignored (-100)."""
+
+    def __init__(self, *, vocab: int = 64, samples: int = 20, seq: int = 12) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (samples, seq), generator=g)
+        self.lengths = torch.randint(3, seq + 1, (samples,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        labels = self.ids[i].clone()
+        labels[self.lengths[i] :] = -100
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+class Pairs(Dataset):
+    def __init__(self, *, samples: int = 20, dim: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(samples, dim, generator=g), torch.randn(samples, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(self.norm(x)))
+
+
+class SkipNet(nn.Module):
+    """A hand-written model: a stack of blocks, a skip connection spanning all of them, its own loss."""
+
+    def __init__(self, dim: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, 16)
+        self.blocks = nn.ModuleList(Block(16) for _ in range(depth))
+        self.out = nn.Linear(32, 1)
+
+    def predict(self, x):
+        h0 = self.inp(x)
+        h = h0
+        for block in self.blocks:
+            h = block(h)
+        return self.out(torch.cat([h, h0], dim=-1))
+
+    def forward(self, x, y=None):
+        pred = self.predict(x)
+        return pred if y is None else nn.functional.mse_loss(pred, y)
+
+
+def build(scenario: str):
+    torch.manual_seed(0)
+    if scenario == "hf":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )
+        return LlamaForCausalLM(config), PaddedTokens()
+    return SkipNet(), Pairs()
+
+
+def train(scenario: str, *, prepare=None, strategy: str | None = None) -> dict:
+    """Two epochs of single-device training; returns losses, grad norms, eval loss and the model."""
+    model, data = build(scenario)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1))
+    if prepare is not None:
+        model, optimizer, loader = prepare(model, optimizer, loader, strategy=strategy)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    losses, norms, local_sizes = [], [], []
+    for _epoch in range(2):
+        model.train()
+        for batch in loader:
+            local_sizes.append(len(batch["input_ids"]) if scenario == "hf" else len(batch[0]))
+            if scenario == "hf":
+                loss = model(**batch).loss
+            elif scenario == "custom":
+                loss = model(*batch)
+            else:  # "external": the loss is computed by the user from the model's outputs
+                x, y = batch
+                loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        batch = next(iter(loader))
+        eval_loss = (model(**batch).loss if scenario == "hf" else model(*batch) if scenario == "custom" else None)
+    return {
+        "losses": losses,
+        "grad_norms": norms,
+        "eval_loss": None if eval_loss is None else float(eval_loss),
+        "local_batch_sizes": local_sizes,
+        "model_class": type(model).__name__,
+        "model": model,
+    }
