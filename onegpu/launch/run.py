@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import uuid
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from onegpu.launch.failures import root_cause
 from onegpu.launch.workers import threads_per_worker
 
 
@@ -36,17 +37,10 @@ def launch(script: str, args: list[str], *, workers: int) -> int:
         script,
         *args,
     ]
+    # onegpu reports a failed job itself, in one line; torchelastic's own log would repeat it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as failure:
-        first_rank, first = failure.get_first_failure()
-        ranks = ", ".join(str(r) for r in sorted(failure.failures))
-        raise LaunchError(
-            f"worker rank {first_rank} failed with exit code {first.exitcode} (failed ranks: {ranks}); "
-            f"its traceback is above"
-        ) from None
+        raise LaunchError(root_cause(failure)) from None
     return 0
-
-
-def python_executable() -> str:
-    return sys.executable

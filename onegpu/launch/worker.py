@@ -10,6 +10,8 @@ import os
 import runpy
 import sys
 
+from onegpu.errors import UsageError
+from onegpu.launch.failures import record_failure
 from onegpu.launch.workers import threads_per_worker
 
 
@@ -24,7 +26,18 @@ def main(argv: list[str]) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except UsageError as error:  # the launcher prints it once, without a traceback
+        record_failure(f"{error}", usage=True)
+        sys.exit(1)
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            record_failure(f"exited with {exit_.code}")
+        raise
+    except BaseException as error:
+        record_failure(f"{type(error).__name__}: {error}")
+        raise
 
 
 if __name__ == "__main__":

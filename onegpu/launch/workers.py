@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 import os
 
 import torch
@@ -17,10 +19,10 @@ def worker_count(requested: int | None = None) -> int:
         try:
             requested = int(raw)
         except ValueError:
-            raise ValueError(f"ONEGPU_WORKERS={raw!r} is not a whole number: set it to the number of workers, e.g. 2") from None
+            raise UsageError(f"ONEGPU_WORKERS={raw!r} is not a whole number: set it to the number of workers, e.g. 2") from None
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"{source} {requested}: a job needs at least 1 worker")
+            raise UsageError(f"{source} {requested}: a job needs at least 1 worker")
         return requested
     if torch.accelerator.is_available():
         return torch.accelerator.device_count()

@@ -67,15 +67,20 @@ def activation_bytes(model: nn.Module, sample: Any) -> int | None:
         return tensor
 
     if isinstance(sample, dict):
-        args, kwargs = (), sample
+        calls = [((), sample)]
+    elif isinstance(sample, (list, tuple)):  # (inputs, targets): the model may take both, or the inputs only
+        calls = [(tuple(sample), {}), ((sample[0],), {})]
     else:
-        args, kwargs = (tuple(sample) if isinstance(sample, (list, tuple)) else (sample,)), {}
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            functional_call(model, state, args, kwargs)
-    except Exception:  # data-dependent models cannot run on meta; the caller says so
-        return None
-    return sum(seen.values())
+        calls = [((sample,), {})]
+    for args, kwargs in calls:
+        seen.clear()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                functional_call(model, state, args, kwargs)
+            return sum(seen.values())
+        except Exception:  # data-dependent models cannot run on meta; the caller says so
+            continue
+    return None
 
 
 def _map_tensors(value: Any, fn) -> Any:

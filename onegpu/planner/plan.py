@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -22,9 +24,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         if self.dp < 1:
-            raise ValueError(f"Plan.dp must be at least 1, got {self.dp}")
+            raise UsageError(f"Plan.dp must be at least 1, got {self.dp}")
         if self.sharding not in ("none", "parameters"):
-            raise ValueError(f"Plan.sharding must be 'none' or 'parameters', got {self.sharding!r}")
+            raise UsageError(f"Plan.sharding must be 'none' or 'parameters', got {self.sharding!r}")
 
     @property
     def strategy(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 from onegpu.planner.memory import GIB, MemoryEstimate
 from onegpu.planner.plan import Plan
 
@@ -10,7 +12,7 @@ def choose_plan(*, estimate: MemoryEstimate, budget_bytes: int, world_size: int,
     """DDP when the whole model's training state and activations fit one worker's budget, else FSDP."""
     if strategy is not None:
         if strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"strategy={strategy!r} is not known: use 'ddp', 'fsdp' or leave it unset")
+            raise UsageError(f"strategy={strategy!r} is not known: use 'ddp', 'fsdp' or leave it unset")
         sharding = "none" if strategy == "ddp" else "parameters"
         return Plan(dp=world_size, sharding=sharding, reason=f"strategy={strategy!r} was asked for")
     need = f"{estimate.total / GIB:.2f} GiB ({estimate.describe()})"

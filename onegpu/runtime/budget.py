@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 import os
 
 import torch
@@ -16,10 +18,10 @@ def memory_budget_bytes(*, device: torch.device, local_world_size: int, budget_g
         try:
             budget_gb = float(raw)
         except ValueError:
-            raise ValueError(f"ONEGPU_MEMORY_BUDGET_GB={raw!r} is not a number: set it to the GiB one worker may use, e.g. 8") from None
+            raise UsageError(f"ONEGPU_MEMORY_BUDGET_GB={raw!r} is not a number: set it to the GiB one worker may use, e.g. 8") from None
     if budget_gb is not None:
         if budget_gb <= 0:
-            raise ValueError(f"memory budget {budget_gb} GiB must be positive: give the GiB one worker may use, e.g. 8")
+            raise UsageError(f"memory budget {budget_gb} GiB must be positive: give the GiB one worker may use, e.g. 8")
         return int(budget_gb * 1024**3)
     if device.type == "cpu":
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

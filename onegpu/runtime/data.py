@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,7 +17,7 @@ from onegpu.runtime.distributed import Worker
 def slice_bounds(batch_size: int, *, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of ``rank``'s slice; the first ``batch_size % world_size`` ranks get one more."""
     if batch_size < world_size:
-        raise ValueError(
+        raise UsageError(
             f"a global batch of {batch_size} samples cannot be split among {world_size} workers: "
             f"use a batch size of at least {world_size}, fewer workers, or drop_last=True for a short last batch"
         )
@@ -90,7 +92,7 @@ def leading_size(batch: Any) -> int:
     for value in values:
         if torch.is_tensor(value) or isinstance(value, (Mapping, list, tuple)):
             return leading_size(value)
-    raise ValueError("onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them")
+    raise UsageError("onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them")
 
 
 class GlobalBatchLoader(DataLoader):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 import datetime
 import os
 from dataclasses import dataclass
@@ -48,9 +50,9 @@ def collective_timeout() -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} is not a number of seconds: set it to e.g. 600") from None
+        raise UsageError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} is not a number of seconds: set it to e.g. 600") from None
     if value <= 0:
-        raise ValueError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} must be positive: set it to e.g. 600")
+        raise UsageError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} must be positive: set it to e.g. 600")
     return value
 
 
@@ -68,7 +70,8 @@ def current_worker(environment: Environment | None = None) -> Worker:
         env.export()
         dist.init_process_group(
             backend=backend_for(device),
-            timeout=datetime.timedelta(seconds=collective_timeout()),
+            # twice the watchdog's limit: the watchdog's report, naming the phase, comes first
+            timeout=datetime.timedelta(seconds=2 * collective_timeout()),
             device_id=device if device.type != "cpu" else None,
         )
     if dist.is_initialized():

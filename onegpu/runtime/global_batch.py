@@ -19,6 +19,8 @@ The loss the user sees is the global-batch loss, the same value on every worker.
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 from typing import Any
 
 import torch
@@ -48,7 +50,7 @@ def batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
     for value in (*args, *kwargs.values()):
         if torch.is_tensor(value) and value.dim() > 0:
             return value.shape[0]
-    raise ValueError("onegpu could not find a batched tensor among the model's inputs: pass tensors whose first dimension is the batch")
+    raise UsageError("onegpu could not find a batched tensor among the model's inputs: pass tensors whose first dimension is the batch")
 
 
 class _GlobalLoss(torch.autograd.Function):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 import torch
 from torch import nn
 
@@ -14,14 +16,14 @@ def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[
         found = []
         for param in group["params"]:
             if id(param) not in names:
-                raise ValueError(
+                raise UsageError(
                     f"optimizer param group {index} holds a parameter of shape {tuple(param.shape)} that is "
                     f"not in the model: build the optimizer from model.parameters() of the model given to prepare()"
                 )
             found.append(names[id(param)])
         groups.append(found)
     if optimizer.state:
-        raise ValueError(
+        raise UsageError(
             "the optimizer has already taken steps (it holds state): call onegpu.prepare() before training, "
             "or load optimizer state after prepare()"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onegpu.errors import UsageError
+
 import logging
 import math
 from typing import Any
@@ -34,7 +36,7 @@ def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float 
     """
     models = [o for o in objects if isinstance(o, nn.Module)]
     if len(models) != 1:
-        raise ValueError(f"onegpu.prepare() takes exactly one model (an nn.Module), got {len(models)}")
+        raise UsageError(f"onegpu.prepare() takes exactly one model (an nn.Module), got {len(models)}")
     model = models[0]
     optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
     loaders = [o for o in objects if isinstance(o, DataLoader)]

@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from onegpu.launch.failures import record_failure
+
 
 class Watchdog:
     """Tracks the current communicating phase of this worker and its start time."""
@@ -45,10 +47,12 @@ class Watchdog:
             phase, started = current
             waited = time.monotonic() - started
             if waited > self.timeout_s:
-                sys.stderr.write(
-                    f"onegpu: rank {self.rank} stuck for {waited:.0f} s in {phase}: another worker died "
-                    f"or took a different code path (raise ONEGPU_COLLECTIVE_TIMEOUT if this step is "
-                    f"legitimately slower than {self.timeout_s:g} s)\n"
+                message = (
+                    f"rank {self.rank} stuck for {waited:.0f} s in {phase}: another worker died or took a "
+                    f"different code path (raise ONEGPU_COLLECTIVE_TIMEOUT if this step is legitimately "
+                    f"slower than {self.timeout_s:g} s)"
                 )
+                record_failure(message)
+                sys.stderr.write(f"onegpu: {message}\n")
                 sys.stderr.flush()
                 os._exit(124)

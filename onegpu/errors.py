@@ -1,0 +1,5 @@
+"""Errors onegpu raises for a user's mistake: one line that says what to do, no traceback needed."""
+
+
+class UsageError(ValueError):
+    """Bad input or configuration. Its message names the fix."""
