@@ -55,7 +55,8 @@ def activation_bytes(model: nn.Module, sample: Any) -> int | None:
     Parameters are excluded (they are counted as states); nothing real is allocated.
     """
     meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
-    state = {name: meta(t) for name, t in (*model.named_parameters(), *model.named_buffers())}
+    state = {name: meta(t).requires_grad_(t.requires_grad) for name, t in model.named_parameters()}
+    state.update({name: meta(t) for name, t in model.named_buffers()})
     param_storages = {t.untyped_storage()._cdata for t in state.values()}
     sample = _map_tensors(sample, meta)
     seen: dict[int, int] = {}
