@@ -68,7 +68,13 @@ def _write_atomically(model: nn.Module, state: dict[str, torch.Tensor], target: 
     os.chmod(staging, 0o777 & ~umask)
     try:
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-            model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # one file, no bar needed
+            try:
+                model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            finally:
+                hf_logging.enable_progress_bar()
             _fix_architectures(staging / "config.json", user_class(model).__name__)
         else:
             save_file(_unshared(state), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -1,0 +1,111 @@
+"""Hand-written data-parallel baseline: torchrun + DistributedDataParallel.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 \
+        bench/baseline_ddp.py [--steps 30] [--warmup 5]
+
+GLOBAL_BATCH is split evenly over the ranks. Rank 0 prints one JSON line:
+{"name": "torchrun-ddp", "workers": N, "tokens_per_s": ..., "step_time_s": ...}
+where tokens_per_s counts the tokens of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.demo_data import (  # noqa: E402
+    GLOBAL_BATCH,
+    LR,
+    SEQ_LEN,
+    TextChunks,
+    build_demo_model,
+    load_tokenizer,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=30, help="total optimizer steps")
+    parser.add_argument("--warmup", type=int, default=5, help="leading steps not timed")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error("need 0 <= --warmup < --steps")
+
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if GLOBAL_BATCH % world:
+        raise SystemExit(f"GLOBAL_BATCH={GLOBAL_BATCH} is not divisible by {world} ranks")
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    tokenizer = load_tokenizer()
+    dataset = TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler, drop_last=True)
+    # Same seed on every rank; DDP also broadcasts rank 0's weights.
+    model = build_demo_model(vocab_size=len(tokenizer), seed=args.seed).to(device)
+    model.train()
+    device_ids = [local_rank] if device.type == "cuda" else None
+    model = DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def batches():
+        epoch = 0
+        while True:  # reshuffle at each epoch boundary
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = batches()
+    for step in range(args.steps):
+        if step == args.warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        loss = model(**batch).loss
+        loss.backward()  # DDP averages the gradients over the ranks here
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+
+    if rank == 0:
+        timed = args.steps - args.warmup
+        print(
+            json.dumps(
+                {
+                    "name": "torchrun-ddp",
+                    "workers": world,
+                    "tokens_per_s": timed * GLOBAL_BATCH * SEQ_LEN / elapsed,
+                    "step_time_s": elapsed / timed,
+                }
+            ),
+            flush=True,
+        )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
