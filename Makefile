@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/onegpu run --workers 2 examples/train_llama.py
+	$(VENV)/bin/onegpu run --workers 2 examples/train_llama.py --out out/demo-llama
+	$(PY) examples/generate.py out/demo-llama
 
 test: install
 	$(PY) -m pytest -q
