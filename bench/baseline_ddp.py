@@ -58,9 +58,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer()
     dataset = TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer)
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
-    )
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler, drop_last=True)
     # Same seed on every rank; DDP also broadcasts rank 0's weights.
     model = build_demo_model(vocab_size=len(tokenizer), seed=args.seed).to(device)

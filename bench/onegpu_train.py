@@ -29,8 +29,13 @@ parser.add_argument("--strategy", choices=["ddp", "fsdp"], default=None)
 args = parser.parse_args()
 
 tokenizer = load_tokenizer()
-loader = DataLoader(TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer), batch_size=GLOBAL_BATCH, shuffle=True,
-                    drop_last=True, generator=torch.Generator().manual_seed(0))
+loader = DataLoader(
+    TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer),
+    batch_size=GLOBAL_BATCH,
+    shuffle=True,
+    drop_last=True,
+    generator=torch.Generator().manual_seed(0),
+)
 model = build_demo_model(vocab_size=len(tokenizer))
 optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, strategy=args.strategy)
@@ -59,5 +64,13 @@ barrier()
 elapsed = time.perf_counter() - start
 timed = args.steps - args.warmup
 world = dist.get_world_size() if dist.is_initialized() else 1
-print(json.dumps({"name": f"onegpu-{model.onegpu_plan.strategy}", "workers": world,
-                  "tokens_per_s": timed * GLOBAL_BATCH * SEQ_LEN / elapsed, "step_time_s": elapsed / timed}))
+print(
+    json.dumps(
+        {
+            "name": f"onegpu-{model.onegpu_plan.strategy}",
+            "workers": world,
+            "tokens_per_s": timed * GLOBAL_BATCH * SEQ_LEN / elapsed,
+            "step_time_s": elapsed / timed,
+        }
+    )
+)

@@ -36,12 +36,15 @@ def configs(steps: int, warmup: int) -> dict[str, list[str]]:
 
 
 def measure(command: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if "torch.distributed.run" in command else os.environ.get("OMP_NUM_THREADS", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if "torch.distributed.run" in command else os.environ.get("OMP_NUM_THREADS", ""),
+    }
     env = {k: v for k, v in env.items() if v != ""}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    line = [l for l in result.stdout.splitlines() if l.startswith("{")][-1]
+    line = [row for row in result.stdout.splitlines() if row.startswith("{")][-1]
     return json.loads(line)["tokens_per_s"]
 
 

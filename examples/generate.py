@@ -11,7 +11,14 @@ model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = ByT5Tokenizer.from_pretrained(path)
 torch.manual_seed(0)
 ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=160, do_sample=True,
-                     temperature=0.7, top_k=20, pad_token_id=tokenizer.pad_token_id)
+out = model.generate(
+    ids,
+    attention_mask=torch.ones_like(ids),
+    max_new_tokens=160,
+    do_sample=True,
+    temperature=0.7,
+    top_k=20,
+    pad_token_id=tokenizer.pad_token_id,
+)
 print(f"Sample from {path}, reloaded in a plain process:")
 print(tokenizer.decode(out[0], skip_special_tokens=True))

@@ -9,11 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def run_onegpu(*args: str, timeout: float = 120, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_onegpu(
+    *args: str, timeout: float = 120, env: dict | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     """The real CLI in a fresh process, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "onegpu", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 

@@ -79,8 +79,13 @@ def build(scenario: str):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         )
         return LlamaForCausalLM(config), PaddedTokens()
     return SkipNet(), Pairs()
@@ -115,7 +120,7 @@ def train(scenario: str, *, prepare=None, strategy: str | None = None) -> dict:
     model.eval()
     with torch.no_grad():
         batch = next(iter(loader))
-        eval_loss = (model(**batch).loss if scenario == "hf" else model(*batch) if scenario == "custom" else None)
+        eval_loss = model(**batch).loss if scenario == "hf" else model(*batch) if scenario == "custom" else None
     return {
         "losses": losses,
         "grad_norms": norms,

@@ -32,7 +32,9 @@ def test_slices_cover_the_batch_evenly(world, extra):
 
 
 def test_a_batch_smaller_than_the_workers_names_the_fix():
-    with pytest.raises(UsageError, match="batch of 2 samples cannot be split among 3 workers: use a batch size of at least 3"):
+    with pytest.raises(
+        UsageError, match="batch of 2 samples cannot be split among 3 workers: use a batch size of at least 3"
+    ):
         slice_bounds(2, rank=0, world_size=3)
 
 

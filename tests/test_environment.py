@@ -8,15 +8,37 @@ from onegpu.launch.workers import worker_count
 
 
 def test_torchrun_variables():
-    env = current_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                               "MASTER_ADDR": "node7", "MASTER_PORT": "1234"})
+    env = current_environment(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node7",
+            "MASTER_PORT": "1234",
+        }
+    )
     assert (env.kind, env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
-        "torchelastic", 3, 4, 1, "node7", 1234)
+        "torchelastic",
+        3,
+        4,
+        1,
+        "node7",
+        1234,
+    )
 
 
 def test_slurm_variables():
-    env = current_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                               "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "77"})
+    env = current_environment(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS_PER_NODE": "4(x2)",
+            "SLURM_NODELIST": "gpu[03-04]",
+            "SLURM_JOB_ID": "77",
+        }
+    )
     assert (env.kind, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("slurm", 5, 8, 1, 4)
     assert env.master_addr == "gpu03"
 

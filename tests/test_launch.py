@@ -9,7 +9,6 @@ import time
 import uuid
 
 import pytest
-
 from conftest import ROOT, run_onegpu
 
 JOB = "tests/scripts/job.py"
@@ -30,7 +29,11 @@ def test_onegpu_run_shows_printed_lines_once():
 
 def test_plain_python_with_init_starts_the_workers():
     result = subprocess.run(
-        [sys.executable, JOB, "ok"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, JOB, "ok"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "ONEGPU_WORKERS": "2"},
     )
     assert result.returncode == 0, result.stderr
@@ -40,7 +43,11 @@ def test_plain_python_with_init_starts_the_workers():
 def test_external_torchrun_launch_is_respected():
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", JOB, "ok"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.splitlines()) == ["hello from rank 0 of 2", "hello from rank 1 of 2"]
@@ -53,7 +60,10 @@ def test_a_crashing_worker_stops_the_job_with_its_traceback():
     assert result.returncode != 0
     assert time.monotonic() - started < 90  # not the collective timeout: torchelastic stops the job at once
     assert "RuntimeError: boom on rank 1" in result.stderr  # the worker's own traceback
-    assert result.stderr.strip().splitlines()[-1] == "onegpu: worker rank 1 failed (exit code 1): RuntimeError: boom on rank 1"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "onegpu: worker rank 1 failed (exit code 1): RuntimeError: boom on rank 1"
+    )
     assert no_process_left(tag)
 
 
@@ -79,9 +89,17 @@ def test_a_batch_smaller_than_the_worker_count_is_a_one_line_error():
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["run", "missing.py"], {}, "onegpu: script 'missing.py' not found: give the path of a Python file, e.g. onegpu run train.py"),
+        (
+            ["run", "missing.py"],
+            {},
+            "onegpu: script 'missing.py' not found: give the path of a Python file, e.g. onegpu run train.py",
+        ),
         (["run", "--workers", "0", JOB], {}, "onegpu: --workers 0: a job needs at least 1 worker"),
-        (["run", JOB], {"ONEGPU_WORKERS": "two"}, "onegpu: ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2"),
+        (
+            ["run", JOB],
+            {"ONEGPU_WORKERS": "two"},
+            "onegpu: ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2",
+        ),
     ],
 )
 def test_bad_launch_arguments_give_one_line(args, env, message):

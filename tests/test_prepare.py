@@ -15,7 +15,7 @@ def test_returns_the_same_objects_in_order():
     out_model, out_loader, out_optimizer = onegpu.prepare(model, loader, optimizer)
     assert out_model is model and out_optimizer is optimizer
     assert [b[0].shape[0] for b in out_loader] == [2, 2]
-    assert model.onegpu_plan.strategy == "ddp"
+    assert model.onegpu_plan.strategy == "single"
 
 
 def test_an_optimizer_parameter_not_in_the_model_is_named():

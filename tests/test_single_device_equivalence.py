@@ -11,10 +11,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from scenarios import build, train
 from conftest import run_onegpu
+from safetensors.torch import load_file
+from scenarios import build, train
 
 SCENARIOS = ("hf", "custom", "external")
 STRATEGIES = ("ddp", "fsdp")

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated
 
 import typer
 
 from onegpu.launch.run import LaunchError, launch
 from onegpu.launch.workers import worker_count
 
+WORKERS_HELP = "Workers behind the virtual device (default: ONEGPU_WORKERS, else the local accelerators, else 2 on CPU)."
+
 
 def run(
-    script: str = typer.Argument(..., help="The training script, written for one device."),
-    args: Optional[list[str]] = typer.Argument(None, help="Arguments passed to the script."),
-    workers: Optional[int] = typer.Option(
-        None, "--workers", "-n", help="Workers behind the virtual device (default: ONEGPU_WORKERS, else the local accelerators, else 2 on CPU)."
-    ),
+    script: Annotated[str, typer.Argument(help="The training script, written for one device.")],
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to the script.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-n", help=WORKERS_HELP)] = None,
 ) -> None:
     """Run SCRIPT on N workers as if on one device."""
     try:

@@ -89,8 +89,13 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 SINGLE = Environment(
-    kind="single", rank=0, world_size=1, local_rank=0, local_world_size=1,
-    master_addr="127.0.0.1", master_port=29500,
+    kind="single",
+    rank=0,
+    world_size=1,
+    local_rank=0,
+    local_world_size=1,
+    master_addr="127.0.0.1",
+    master_port=29500,
 )
 
 

@@ -18,15 +18,24 @@ def record_failure(message: str, *, usage: bool = False) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": message, "extraInfo": {
-        "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time())),
-        "onegpu_time_us": time.time_ns() // 1000, "onegpu_usage": usage}}}
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {
+                "py_callstack": traceback.format_exc(),
+                "timestamp": str(int(time.time())),
+                "onegpu_time_us": time.time_ns() // 1000,
+                "onegpu_usage": usage,
+            },
+        }
+    }
     with open(path, "w") as handle:
         json.dump(data, handle)
 
 
 def root_cause(failure: ChildFailedError) -> str:
     """One line on the worker that failed first; workers stopped by a signal come last."""
+
     def order(item):
         rank, process = item
         info = process.error_file_data.get("message", {})

@@ -7,6 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
@@ -43,4 +44,6 @@ def launch(script: str, args: list[str], *, workers: int) -> int:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as failure:
         raise LaunchError(root_cause(failure)) from None
+    except SignalException as signal:  # Ctrl-C or a scheduler's SIGTERM: the workers were stopped
+        raise LaunchError(f"stopped by {signal.sigval.name}; all workers were stopped") from None
     return 0

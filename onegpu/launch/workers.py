@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
 import os
 
 import torch
+
+from onegpu.errors import UsageError
 
 CPU_DEFAULT_WORKERS = 2
 
@@ -19,7 +19,9 @@ def worker_count(requested: int | None = None) -> int:
         try:
             requested = int(raw)
         except ValueError:
-            raise UsageError(f"ONEGPU_WORKERS={raw!r} is not a whole number: set it to the number of workers, e.g. 2") from None
+            raise UsageError(
+                f"ONEGPU_WORKERS={raw!r} is not a whole number: set it to the number of workers, e.g. 2"
+            ) from None
     if requested is not None:
         if requested < 1:
             raise UsageError(f"{source} {requested}: a job needs at least 1 worker")

@@ -94,9 +94,7 @@ def _map_tensors(value: Any, fn) -> Any:
     return value
 
 
-def estimate_memory(
-    model: nn.Module, *, optimizer: torch.optim.Optimizer | None, sample: Any | None
-) -> MemoryEstimate:
+def estimate_memory(model: nn.Module, *, optimizer: torch.optim.Optimizer | None, sample: Any | None) -> MemoryEstimate:
     """What one worker needs when it holds the whole model (the DDP case)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

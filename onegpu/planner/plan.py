@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
 from dataclasses import asdict, dataclass
 from typing import Literal
+
+from onegpu.errors import UsageError
 
 Sharding = Literal["none", "parameters"]
 
@@ -30,7 +30,9 @@ class Plan:
 
     @property
     def strategy(self) -> str:
-        """The short name users know: ``ddp`` or ``fsdp``."""
+        """The short name users know: ``single`` (one worker), ``ddp`` or ``fsdp``."""
+        if self.dp == 1:
+            return "single"
         return "ddp" if self.sharding == "none" else "fsdp"
 
     def to_dict(self) -> dict:

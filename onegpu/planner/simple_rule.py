@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from onegpu.errors import UsageError
-
 from onegpu.planner.memory import GIB, MemoryEstimate
 from onegpu.planner.plan import Plan
 
@@ -16,8 +15,13 @@ def choose_plan(*, estimate: MemoryEstimate, budget_bytes: int, world_size: int,
         sharding = "none" if strategy == "ddp" else "parameters"
         return Plan(dp=world_size, sharding=sharding, reason=f"strategy={strategy!r} was asked for")
     need = f"{estimate.total / GIB:.2f} GiB ({estimate.describe()})"
+    if world_size == 1:
+        fits = "fits" if estimate.total <= budget_bytes else "exceeds"
+        return Plan(dp=1, sharding="none", reason=f"one worker: {need} {fits} its {budget_bytes / GIB:.2f} GiB budget")
     if estimate.total <= budget_bytes:
-        return Plan(dp=world_size, sharding="none", reason=f"{need} fits the {budget_bytes / GIB:.2f} GiB budget per worker")
+        return Plan(
+            dp=world_size, sharding="none", reason=f"{need} fits the {budget_bytes / GIB:.2f} GiB budget per worker"
+        )
     return Plan(
         dp=world_size,
         sharding="parameters",

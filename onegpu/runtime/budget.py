@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
 import os
 
 import torch
+
+from onegpu.errors import UsageError
 
 DEVICE_FRACTION = 0.9
 
@@ -18,7 +18,9 @@ def memory_budget_bytes(*, device: torch.device, local_world_size: int, budget_g
         try:
             budget_gb = float(raw)
         except ValueError:
-            raise UsageError(f"ONEGPU_MEMORY_BUDGET_GB={raw!r} is not a number: set it to the GiB one worker may use, e.g. 8") from None
+            raise UsageError(
+                f"ONEGPU_MEMORY_BUDGET_GB={raw!r} is not a number: set it to the GiB one worker may use, e.g. 8"
+            ) from None
     if budget_gb is not None:
         if budget_gb <= 0:
             raise UsageError(f"memory budget {budget_gb} GiB must be positive: give the GiB one worker may use, e.g. 8")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -11,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from onegpu.errors import UsageError
 from onegpu.runtime.distributed import Worker
 
 
@@ -77,8 +76,10 @@ def slice_batch(batch: Any, start: int, end: int) -> Any:
     if isinstance(batch, Mapping):
         return type(batch)({k: slice_batch(v, start, end) for k, v in batch.items()})
     if isinstance(batch, tuple):
-        return type(batch)(*(slice_batch(v, start, end) for v in batch)) if hasattr(batch, "_fields") else tuple(
-            slice_batch(v, start, end) for v in batch
+        return (
+            type(batch)(*(slice_batch(v, start, end) for v in batch))
+            if hasattr(batch, "_fields")
+            else tuple(slice_batch(v, start, end) for v in batch)
         )
     if isinstance(batch, list):
         return batch[start:end]
@@ -92,7 +93,9 @@ def leading_size(batch: Any) -> int:
     for value in values:
         if torch.is_tensor(value) or isinstance(value, (Mapping, list, tuple)):
             return leading_size(value)
-    raise UsageError("onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them")
+    raise UsageError(
+        "onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them"
+    )
 
 
 class GlobalBatchLoader(DataLoader):
@@ -101,7 +104,7 @@ class GlobalBatchLoader(DataLoader):
     def __init__(self, loader: DataLoader, *, worker: Worker) -> None:
         self.worker, self.original = worker, loader
         self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
-        if loader.batch_size is not None and loader.batch_size < worker.world_size:
+        if loader.batch_size is not None:  # fail now, not at the first batch
             slice_bounds(loader.batch_size, rank=worker.rank, world_size=worker.world_size)
         if self.slices_indices:
             super().__init__(

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from onegpu.errors import UsageError
 from onegpu.launch.environment import Environment, current_environment
 
 
@@ -74,15 +74,25 @@ def current_worker(environment: Environment | None = None) -> Worker:
             timeout=datetime.timedelta(seconds=2 * collective_timeout()),
             device_id=device if device.type != "cpu" else None,
         )
+        # leave the group before the interpreter tears down: gloo's threads abort the process otherwise
+        atexit.register(_leave_process_group)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = env.rank, env.world_size
     _WORKER = Worker(
-        rank=rank, world_size=world, local_rank=env.local_rank,
-        local_world_size=env.local_world_size, device=device,
+        rank=rank,
+        world_size=world,
+        local_rank=env.local_rank,
+        local_world_size=env.local_world_size,
+        device=device,
     )
     return _WORKER
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], *, worker: Worker) -> list[float]:

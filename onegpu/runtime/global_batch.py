@@ -19,13 +19,12 @@ The loss the user sees is the global-batch loss, the same value on every worker.
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
 from typing import Any
 
 import torch
 from torch import nn
 
+from onegpu.errors import UsageError
 from onegpu.runtime.distributed import Worker, all_reduce_sum
 from onegpu.runtime.watchdog import Watchdog
 
@@ -50,7 +49,9 @@ def batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
     for value in (*args, *kwargs.values()):
         if torch.is_tensor(value) and value.dim() > 0:
             return value.shape[0]
-    raise UsageError("onegpu could not find a batched tensor among the model's inputs: pass tensors whose first dimension is the batch")
+    raise UsageError(
+        "onegpu could not find a batched tensor among the model's inputs: pass tensors whose first dimension is the batch"
+    )
 
 
 class _GlobalLoss(torch.autograd.Function):

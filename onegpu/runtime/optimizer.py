@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
 import torch
 from torch import nn
+
+from onegpu.errors import UsageError
 
 
 def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:

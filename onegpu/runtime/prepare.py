@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from onegpu.errors import UsageError
-
-import logging
 import math
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from onegpu.errors import UsageError
 from onegpu.planner.memory import estimate_memory
 from onegpu.planner.plan import Plan
 from onegpu.planner.simple_rule import choose_plan
@@ -21,9 +20,7 @@ from onegpu.runtime.distributed import Worker, broadcast_from_main, collective_t
 from onegpu.runtime.global_batch import GlobalBatchHooks
 from onegpu.runtime.materialize import is_on_meta, materialize
 from onegpu.runtime.optimizer import parameter_names, repoint
-from onegpu.runtime.watchdog import Watchdog
-
-log = logging.getLogger("onegpu")
+from onegpu.runtime.watchdog import process_watchdog
 
 
 def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float | None = None) -> Any:
@@ -42,29 +39,28 @@ def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float 
     loaders = [o for o in objects if isinstance(o, DataLoader)]
     worker = current_worker()
     names = [parameter_names(model, optimizer) for optimizer in optimizers]
-    for loader in loaders:
-        if loader.batch_size is not None and loader.batch_size < worker.world_size:
-            GlobalBatchLoader(loader, worker=worker)  # raises the one-line error
+    # loaders first: a batch the workers cannot share fails before any heavy work
+    prepared = [GlobalBatchLoader(o, worker=worker) if isinstance(o, DataLoader) else o for o in objects]
 
     plan = _choose_plan(model, optimizers, loaders, worker=worker, strategy=strategy, budget_gb=memory_budget_gb)
     if worker.is_main:
-        log.warning(
-            "onegpu: %d worker%s (%s, %s) | strategy: %s | %s",
-            worker.world_size, "s" if worker.world_size > 1 else "", worker.device.type,
-            torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process",
-            plan.strategy, plan.reason,
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
+        print(
+            f"onegpu: {worker.world_size} worker{'s' if worker.world_size > 1 else ''} ({worker.device.type}, "
+            f"{backend}) | strategy: {plan.strategy} | {plan.reason}",
+            file=sys.stderr,
+            flush=True,
         )
     _parallelize(model, plan, worker=worker)
     for optimizer, groups in zip(optimizers, names):
         repoint(optimizer, model, groups)
     if worker.world_size > 1:
-        watchdog = Watchdog(rank=worker.rank, timeout_s=collective_timeout())
+        watchdog = process_watchdog(rank=worker.rank, timeout_s=collective_timeout())
         GlobalBatchHooks(model, worker=worker, watchdog=watchdog)
         for optimizer in optimizers:
             optimizer.register_step_pre_hook(lambda *_: watchdog.enter("optimizer.step"))
             optimizer.register_step_post_hook(lambda *_: watchdog.leave())
     model.onegpu_plan = plan
-    prepared = [GlobalBatchLoader(o, worker=worker) if isinstance(o, DataLoader) else o for o in objects]
     return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
 

@@ -8,6 +8,7 @@ collective timeout, and the launcher then stops the whole job.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -56,3 +57,9 @@ class Watchdog:
                 sys.stderr.write(f"onegpu: {message}\n")
                 sys.stderr.flush()
                 os._exit(124)
+
+
+@functools.cache
+def process_watchdog(*, rank: int, timeout_s: float) -> Watchdog:
+    """The one watchdog of this worker process (prepare() may be called more than once)."""
+    return Watchdog(rank=rank, timeout_s=timeout_s)

@@ -10,8 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import onegpu
 
 config = LlamaConfig(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
 )
 with torch.device("meta"):
     model = LlamaForCausalLM(config)

@@ -7,9 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
+from scenarios import train  # noqa: E402
 
 import onegpu  # noqa: E402
-from scenarios import train  # noqa: E402
 
 out = Path(sys.argv[1])
 results = {}
