@@ -73,6 +73,13 @@ class SkipNet(nn.Module):
         return pred if y is None else nn.functional.mse_loss(pred, y)
 
 
+def checkpointed_blocks(model: nn.Module) -> int:
+    """Modules that recompute their activations in backward (torch's composable checkpoint)."""
+    from torch.distributed._composable.contract import _get_registry
+
+    return sum("checkpoint" in (_get_registry(m) or {}) for m in model.modules())
+
+
 def build(scenario: str):
     torch.manual_seed(0)
     if scenario == "hf":
@@ -91,13 +98,13 @@ def build(scenario: str):
     return SkipNet(), Pairs()
 
 
-def train(scenario: str, *, prepare=None, strategy: str | None = None) -> dict:
+def train(scenario: str, *, prepare=None, **how) -> dict:
     """Two epochs of single-device training; returns losses, grad norms, eval loss and the model."""
     model, data = build(scenario)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loader = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1))
     if prepare is not None:
-        model, optimizer, loader = prepare(model, optimizer, loader, strategy=strategy)
+        model, optimizer, loader = prepare(model, optimizer, loader, **how)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     losses, norms, local_sizes = [], [], []
     for _epoch in range(2):
@@ -127,5 +134,6 @@ def train(scenario: str, *, prepare=None, strategy: str | None = None) -> dict:
         "eval_loss": None if eval_loss is None else float(eval_loss),
         "local_batch_sizes": local_sizes,
         "model_class": type(model).__name__,
+        "checkpointed_blocks": checkpointed_blocks(model),
         "model": model,
     }

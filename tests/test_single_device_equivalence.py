@@ -18,6 +18,8 @@ from scenarios import build, train
 SCENARIOS = ("hf", "custom", "external")
 STRATEGIES = ("ddp", "fsdp")
 WORKERS = (1, 2, 3)
+# activation checkpointing and offload (run on 2 workers; see tests/scripts/train_scenarios.py)
+MEMORY_PLANS = ("fsdp-checkpoint-offload", "zero2-checkpoint-1", "ddp-checkpoint-full")
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,21 @@ def test_same_training_as_one_device(reference, onegpu_runs, scenario, strategy,
     slices = {1: [5], 2: [3, 2], 3: [2, 2, 1]}[workers]
     assert run["local_batch_sizes"] == [[size] * 8 for size in slices], "each worker loads only its slice"
     if workers > 1:
-        assert run["model_class"].startswith({"ddp": "DDP", "fsdp": "FSDP"}[strategy])
+        assert run["model_class"].startswith("DDP" if "ddp" in strategy else "FSDP")
+    expected_checkpointed = {
+        "fsdp-checkpoint-offload": 2 if scenario == "hf" else 3,
+        "zero2-checkpoint-1": 1,
+        "ddp-checkpoint-full": 2 if scenario == "hf" else 3,
+    }.get(strategy, 0)
+    assert run["checkpointed_blocks"] == expected_checkpointed
     trained = load_checkpoint(scenario, out / f"{scenario}-{strategy}")
     expected = dict(ref["model"].named_parameters())
     for name, param in trained.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-5, msg=f"{name} differs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory_plan", MEMORY_PLANS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_checkpointing_and_offload_train_like_one_device(reference, onegpu_runs, scenario, memory_plan):
+    test_same_training_as_one_device(reference, onegpu_runs, scenario, memory_plan, 2)

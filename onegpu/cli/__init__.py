@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from onegpu.cli import plan as plan_command
 from onegpu.cli import run as run_command
 
 app = typer.Typer(
@@ -14,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 run_command.register(app)
+plan_command.register(app)
 
 
 @app.callback()

@@ -9,7 +9,9 @@ import typer
 from onegpu.launch.run import LaunchError, launch
 from onegpu.launch.workers import worker_count
 
-WORKERS_HELP = "Workers behind the virtual device (default: ONEGPU_WORKERS, else the local accelerators, else 2 on CPU)."
+WORKERS_HELP = (
+    "Workers behind the virtual device (default: ONEGPU_WORKERS, else the local accelerators, else 2 on CPU)."
+)
 
 
 def run(

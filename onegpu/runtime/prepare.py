@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -11,9 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from onegpu.errors import UsageError
+from onegpu.parallel.blocks import repeated_blocks
 from onegpu.planner.memory import estimate_memory
 from onegpu.planner.plan import Plan
 from onegpu.planner.simple_rule import choose_plan
+from onegpu.runtime.advanced import advanced_pins, describe, plan_for_runtime
 from onegpu.runtime.budget import memory_budget_bytes
 from onegpu.runtime.data import GlobalBatchLoader
 from onegpu.runtime.distributed import Worker, broadcast_from_main, collective_timeout, current_worker
@@ -23,13 +26,16 @@ from onegpu.runtime.optimizer import parameter_names, repoint
 from onegpu.runtime.watchdog import process_watchdog
 
 
-def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float | None = None) -> Any:
+def prepare(
+    *objects: Any, strategy: str | None = None, plan: Plan | None = None, memory_budget_gb: float | None = None
+) -> Any:
     """Make a model, its optimizers and data loaders run on all workers; returns them in the same order.
 
     The model keeps its class and attributes; optimizers are re-pointed at its (possibly
     sharded) parameters; each DataLoader still yields the global batch, of which each worker
-    loads its slice. ``strategy`` forces ``"ddp"`` or ``"fsdp"``; ``memory_budget_gb`` sets
-    the memory one worker may use (default: the device's, or the machine's shared by CPU workers).
+    loads its slice. ``strategy`` forces ``"ddp"`` or ``"fsdp"``, ``plan`` a whole Plan; after
+    ``onegpu.enable_advanced_parallelization()`` the planner chooses. ``memory_budget_gb`` sets the
+    memory one worker may use (default: the device's, or the machine's shared by CPU workers).
     """
     models = [o for o in objects if isinstance(o, nn.Module)]
     if len(models) != 1:
@@ -42,7 +48,15 @@ def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float 
     # loaders first: a batch the workers cannot share fails before any heavy work
     prepared = [GlobalBatchLoader(o, worker=worker) if isinstance(o, DataLoader) else o for o in objects]
 
-    plan = _choose_plan(model, optimizers, loaders, worker=worker, strategy=strategy, budget_gb=memory_budget_gb)
+    if plan is None:
+        plan = _choose_plan(model, optimizers, loaders, worker=worker, strategy=strategy, budget_gb=memory_budget_gb)
+    elif not plan.reason:
+        plan = replace(plan, reason="the plan given to prepare()")
+    if plan.world_size != worker.world_size:
+        raise UsageError(
+            f"the plan uses {plan.world_size} workers but this job has {worker.world_size}: "
+            f"plan for {worker.world_size} workers, or run with --workers {plan.world_size}"
+        )
     if worker.is_main:
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
         print(
@@ -67,6 +81,23 @@ def prepare(*objects: Any, strategy: str | None = None, memory_budget_gb: float 
 def _choose_plan(model, optimizers, loaders, *, worker: Worker, strategy, budget_gb) -> Plan:
     budget = memory_budget_bytes(device=worker.device, local_world_size=worker.local_world_size, budget_gb=budget_gb)
     sample = _sample_slice(loaders[0], world_size=worker.world_size) if loaders else None
+    pins = advanced_pins()
+    if pins is not None and strategy is None:
+        if sample is None or loaders[0].batch_size is None:
+            raise UsageError(
+                "advanced parallelization plans from the DataLoader's batches: pass a DataLoader with a "
+                "batch_size over a map-style dataset to prepare()"
+            )
+        chosen = plan_for_runtime(
+            model,
+            optimizer=optimizers[0] if optimizers else None,
+            sample=sample,
+            global_batch=loaders[0].batch_size,
+            world_size=worker.world_size,
+            budget_bytes=budget,
+            pins=pins,
+        )
+        return replace(chosen, reason=describe(chosen, budget_bytes=budget))
     estimate = estimate_memory(model, optimizer=optimizers[0] if optimizers else None, sample=sample)
     return choose_plan(estimate=estimate, budget_bytes=budget, world_size=worker.world_size, strategy=strategy)
 
@@ -79,13 +110,40 @@ def _sample_slice(loader: DataLoader, *, world_size: int) -> Any | None:
     return loader.collate_fn([loader.dataset[i] for i in range(size)])
 
 
+EXECUTABLE = "dp workers, sharding none/gradients/parameters, activation checkpointing, offload of parameters, fp32"
+
+
+def _check_executable(plan: Plan) -> None:
+    missing = [
+        what
+        for what, needed in (
+            (f"tp={plan.tp}", plan.tp > 1),
+            (f"pp={plan.pp}", plan.pp > 1),
+            (f"{plan.microbatches} micro-batches", plan.microbatches > 1),
+            (f"sharding={plan.sharding}", plan.sharding in ("optimizer", "hybrid")),
+            (f"offload={plan.offload}", plan.offload == "optimizer"),
+            (f"precision={plan.precision}", plan.precision != "fp32"),
+            ("offload without sharded parameters", plan.offload == "parameters" and plan.sharding != "parameters"),
+        )
+        if needed
+    ]
+    if missing:
+        raise UsageError(
+            f"this plan needs {', '.join(missing)}, which the runtime cannot execute yet: use {EXECUTABLE}"
+        )
+
+
 def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
     # imported here: torch's FSDP/DTensor cost a second of start-up that a 1-worker job does not need
     from torch.distributed.device_mesh import init_device_mesh
 
+    from onegpu.parallel.checkpointing import apply_activation_checkpointing
     from onegpu.parallel.ddp import apply_ddp
     from onegpu.parallel.fsdp import apply_fsdp
 
+    _check_executable(plan)
+    if plan.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, blocks=plan.checkpointed_blocks(len(repeated_blocks(model))))
     on_meta = is_on_meta(model)
     if worker.world_size == 1 or plan.sharding == "none":
         if on_meta:
@@ -98,6 +156,7 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
     if not on_meta:
         model.to(worker.device)
         broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
-    apply_fsdp(model, mesh=init_device_mesh(worker.device.type, (worker.world_size,)))
+    mesh = init_device_mesh(worker.device.type, (worker.world_size,))
+    apply_fsdp(model, mesh=mesh, shard_parameters=plan.sharding == "parameters", offload=plan.offload == "parameters")
     if on_meta:
         materialize(model, device=worker.device)

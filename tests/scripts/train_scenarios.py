@@ -1,6 +1,7 @@
 """Worker script: every scenario x strategy through onegpu; rank 0 writes results.json + checkpoints."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,12 +11,23 @@ import torch.distributed as dist  # noqa: E402
 from scenarios import train  # noqa: E402
 
 import onegpu  # noqa: E402
+from onegpu.planner.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
+world = int(os.environ.get("WORLD_SIZE", "1"))
+# the memory techniques, run where they matter: on 2 workers
+MEMORY_PLANS = {
+    "fsdp-checkpoint-offload": Plan(dp=2, sharding="parameters", activation_checkpointing="full", offload="parameters"),
+    "zero2-checkpoint-1": Plan(dp=2, sharding="gradients", activation_checkpointing=1),
+    "ddp-checkpoint-full": Plan(dp=2, sharding="none", activation_checkpointing="full"),
+}
 results = {}
 for scenario in ("hf", "custom", "external"):
-    for strategy in ("ddp", "fsdp"):
-        run = train(scenario, prepare=onegpu.prepare, strategy=strategy)
+    hows = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"}}
+    if world == 2:
+        hows.update({name: {"plan": plan} for name, plan in MEMORY_PLANS.items()})
+    for strategy, how in hows.items():
+        run = train(scenario, prepare=onegpu.prepare, **how)
         onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{strategy}")
         if dist.is_initialized():  # what every worker saw, to show the batch really was split
             sizes = [None] * dist.get_world_size()

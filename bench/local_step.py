@@ -1,0 +1,113 @@
+"""One measured configuration for bench/local_accuracy.py (launch with onegpu run).
+
+    onegpu run --workers N bench/local_step.py --sharding none|gradients|parameters --checkpointing none|full
+        [--offload none|parameters] [--budget-gb G] [--steps 12] [--warmup 4] [--advanced]
+
+Trains the demo model (or a larger one with --large) through onegpu with the given Plan (or the
+planner's choice with --advanced), and prints one JSON line from rank 0 with the measured step time
+and every worker's peak resident memory beside the planner's prediction for the same plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+import onegpu
+from onegpu.planner.plan import Plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, load_tokenizer  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--sharding", default="none")
+parser.add_argument("--checkpointing", default="none")
+parser.add_argument("--offload", default="none")
+parser.add_argument("--steps", type=int, default=12)
+parser.add_argument("--warmup", type=int, default=4)
+parser.add_argument("--large", action="store_true", help="a 30M-parameter Llama instead of the 0.8M demo model")
+parser.add_argument("--advanced", action="store_true", help="let the planner choose the plan")
+parser.add_argument("--budget-gb", type=float, default=None)
+args = parser.parse_args()
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+tokenizer = load_tokenizer()
+size = (
+    dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8)
+    if args.large
+    else dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4)
+)
+torch.manual_seed(0)
+model = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=len(tokenizer), num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **size
+    )
+)
+optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+loader = DataLoader(
+    TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer, max_bytes=2_000_000),
+    batch_size=GLOBAL_BATCH,
+    shuffle=True,
+    drop_last=True,
+    generator=torch.Generator().manual_seed(0),
+)
+world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+if args.advanced:
+    onegpu.enable_advanced_parallelization()
+    model, optimizer, loader = onegpu.prepare(model, optimizer, loader, memory_budget_gb=args.budget_gb)
+else:
+    plan = Plan(dp=world, sharding=args.sharding, activation_checkpointing=args.checkpointing, offload=args.offload)
+    model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
+plan = model.onegpu_plan
+
+batches = iter(loader)
+losses = []
+for step in range(args.steps):
+    if step == args.warmup:
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+    loss = model(**next(batches)).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+if dist.is_initialized():
+    dist.barrier()
+step_time = (time.perf_counter() - start) / (args.steps - args.warmup)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peaks = [peak]
+if dist.is_initialized():
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak)
+
+if onegpu.is_main_process():
+    from onegpu.planner.analysis import analyze
+    from onegpu.planner.cluster import measure_local_cluster
+    from onegpu.planner.cost_model import Workload, predict
+
+    cluster = measure_local_cluster(workers=world)
+    profile = analyze(model.config, seq_len=SEQ_LEN, precision="fp32")
+    predicted = plan.predicted or predict(plan, Workload(profile=profile, global_batch=GLOBAL_BATCH), cluster)
+    print(
+        json.dumps(
+            {
+                "plan": plan.describe(),
+                "workers": world,
+                "measured_step_s": step_time,
+                "predicted_step_s": predicted.step_time_s,
+                "measured_peak_bytes": max(peaks),
+                "predicted_peak_bytes": predicted.memory_per_device_bytes,
+                "losses": [losses[0], losses[-1]],
+            }
+        )
+    )

@@ -1,0 +1,116 @@
+"""``onegpu plan --model M --global-batch-size B --seq-len S --cluster C [pins] [--json]``"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onegpu.errors import UsageError
+from onegpu.planner.cluster import load_cluster
+from onegpu.planner.plan import GB, Plan
+from onegpu.planner.search import plan as make_plan
+
+
+def plan(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Preset (llama3-8b, llama3-70b, llama2-13b, gpt2, gpt2-xl, ...), or a config.json path or directory."
+        ),
+    ],
+    global_batch_size: Annotated[int, typer.Option(help="Samples per optimizer step, over all devices.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample.")],
+    cluster: Annotated[
+        str, typer.Option(help="Preset (a100-40gb, a100-80gb, h100-80gb, h200, mi250x, mi300x, local) or a YAML file.")
+    ],
+    nodes: Annotated[int | None, typer.Option(help="Override the cluster's node count.")] = None,
+    devices_per_node: Annotated[int | None, typer.Option(help="Override the devices per node.")] = None,
+    memory_fraction: Annotated[float, typer.Option(help="Share of device memory a plan may use.")] = 0.9,
+    dp: Annotated[int | None, typer.Option(help="Pin the data-parallel degree.")] = None,
+    tp: Annotated[int | None, typer.Option(help="Pin the tensor-parallel degree.")] = None,
+    pp: Annotated[int | None, typer.Option(help="Pin the pipeline stages.")] = None,
+    microbatches: Annotated[int | None, typer.Option(help="Pin micro-batches per step.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Pin the pipeline schedule: gpipe, 1f1b, interleaved.")] = None,
+    sharding: Annotated[
+        str | None, typer.Option(help="Pin sharding: none, optimizer, gradients, parameters, hybrid.")
+    ] = None,
+    activation_checkpointing: Annotated[
+        str | None, typer.Option(help="Pin checkpointing: none, full, or a number of blocks.")
+    ] = None,
+    offload: Annotated[str | None, typer.Option(help="Pin offload: none, optimizer, parameters.")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="Pin precision: bf16, fp16 or off.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Choose the fastest plan that fits a cluster, with no devices needed, and explain it."""
+    try:
+        chosen = make_plan(
+            model,
+            global_batch_size=global_batch_size,
+            seq_len=seq_len,
+            cluster=load_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node),
+            budget_fraction=memory_fraction,
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            microbatches=microbatches,
+            schedule=schedule,
+            sharding=sharding,
+            activation_checkpointing=activation_checkpointing,
+            offload=offload,
+            mixed_precision=mixed_precision,
+        )
+    except UsageError as error:
+        typer.echo(f"onegpu: {error}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(chosen.to_dict(), indent=2))
+    else:
+        show(chosen, model=model, cluster=cluster)
+
+
+def show(chosen: Plan, *, model: str, cluster: str) -> None:
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not wrap the table at 80 columns
+        console = Console(width=160)
+    p, s = chosen.predicted, chosen.search
+    console.print(
+        f"[bold]{model}[/] on [bold]{cluster}[/]: {s.candidates} candidates considered, {s.feasible} fit, "
+        f"searched in {s.seconds:.2f} s"
+    )
+    console.print(f"[bold green]Plan:[/] {chosen.describe()}")
+    console.print(
+        f"  step {p.step_time_s:.3f} s | {p.tokens_per_s:,.0f} tokens/s | {p.tflops_per_device:.1f} TFLOP/s "
+        f"per device | MFU {p.mfu:.1%} | {p.memory_per_device_bytes / GB:.1f} GB per device"
+    )
+    console.print("  memory: " + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in p.memory_breakdown.items() if v))
+    console.print("  time:   " + ", ".join(f"{k} {v:.3f} s" for k, v in p.time_breakdown.items() if v > 0))
+    table = Table(title="Next best, and why the others lost")
+    for column in ("plan", "step (s)", "tokens/s", "GB/device", "verdict"):
+        table.add_column(column)
+    for alt in chosen.alternatives:
+        a = alt.predicted
+        table.add_row(
+            alt.describe(),
+            f"{a.step_time_s:.3f}",
+            f"{a.tokens_per_s:,.0f}",
+            f"{a.memory_per_device_bytes / GB:.1f}",
+            f"{a.step_time_s / p.step_time_s - 1:.0%} slower",
+        )
+    for rejection in chosen.rejected:
+        r = rejection.plan.predicted
+        table.add_row(
+            rejection.plan.describe(),
+            f"{r.step_time_s:.3f}",
+            f"{r.tokens_per_s:,.0f}",
+            f"{r.memory_per_device_bytes / GB:.1f}",
+            rejection.why,
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)

@@ -1,0 +1,296 @@
+"""What a model costs to train, measured on the meta device: nothing is allocated.
+
+One forward and backward pass of the model on meta tensors, under torch's FlopCounterMode and
+a saved-tensors hook, gives per block: parameters, forward and backward FLOPs, and the bytes
+autograd keeps for backward. Attention runs as the flash kernel (O(seq) memory), as on GPUs.
+Models from a config are built with two blocks and the measurement of one block repeated, so
+a 1T-parameter model is analysed as fast as a small one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from onegpu.errors import UsageError
+from onegpu.parallel.blocks import repeated_blocks
+from onegpu.planner.model_presets import PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_OPS = ("scaled_dot_product", "bmm")  # flash kernels, or the math path's batched matmuls
+META_FLASH = "onegpu_meta_attention"  # not "flash": HF would look for a kernel by that name
+
+
+@dataclass(frozen=True)
+class PartProfile:
+    """One block (or the rest of the model) for one sample of ``seq_len`` tokens."""
+
+    params: int
+    fwd_flops: float
+    bwd_flops: float
+    activation_bytes: int  # saved for backward, no checkpointing
+    boundary_bytes: int  # the block's input: all a checkpointed block keeps
+    attention_flops: float = 0.0  # of fwd + bwd, in attention kernels (slower than plain GEMMs)
+
+    def scaled(self, factor: float) -> PartProfile:
+        return replace(
+            self,
+            fwd_flops=self.fwd_flops * factor,
+            bwd_flops=self.bwd_flops * factor,
+            activation_bytes=int(self.activation_bytes * factor),
+            boundary_bytes=int(self.boundary_bytes * factor),
+            attention_flops=self.attention_flops * factor,
+        )
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A model's training costs, per sample of ``seq_len`` tokens, at one precision."""
+
+    name: str
+    seq_len: int
+    precision: str
+    blocks: tuple[PartProfile, ...]
+    rest: PartProfile  # embeddings, final norm, head and loss
+    param_bytes: int  # bytes of one parameter as stored
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    vocab_size: int | None = None
+
+    @property
+    def params(self) -> int:
+        return self.rest.params + sum(b.params for b in self.blocks)
+
+    @property
+    def flops_per_sample(self) -> float:
+        """Forward + backward FLOPs of one sample, without recomputation."""
+        return sum(p.fwd_flops + p.bwd_flops for p in (*self.blocks, self.rest))
+
+    def tp_degrees(self, candidates: list[int]) -> list[int]:
+        """Tensor-parallel degrees that divide the heads, KV heads and hidden size (1 when unknown)."""
+        if self.num_heads is None or self.hidden_size is None:
+            return [1]
+        kv = self.num_kv_heads or self.num_heads
+        return [t for t in candidates if self.num_heads % t == 0 and kv % t == 0 and self.hidden_size % t == 0]
+
+
+def _register_meta_flash() -> None:
+    """A Hugging Face attention implementation that runs the flash kernel on meta tensors."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def meta_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:  # flash kernels read shared KV heads in place; repeating costs no memory on meta
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, scale=scaling)[0]
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(META_FLASH, meta_flash)
+    AttentionMaskInterface.register(META_FLASH, sdpa_mask)
+
+
+def load_config(source: str) -> Any:
+    """A Hugging Face config from a preset name, a config.json path or a directory holding one."""
+    from transformers import AutoConfig
+
+    if source.lower() in PRESETS:
+        values = dict(PRESETS[source.lower()])
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UsageError(
+            f"model {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json file or directory"
+        )
+    try:
+        values = json.loads(path.read_text())
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise UsageError(f"{path} is not a Hugging Face config.json ({exc}): give a model's config.json") from None
+
+
+def analyze(
+    model: nn.Module | str, *, seq_len: int, precision: str = "fp32", sample: Any | None = None
+) -> ModelProfile:
+    """Profile a model given as an nn.Module (on any device), a HF config, a config.json path or a preset name."""
+    if precision not in DTYPES:
+        raise UsageError(f"precision {precision!r} is not known: use one of {', '.join(DTYPES)}")
+    if not isinstance(model, (str, nn.Module)):  # a Hugging Face config object
+        return _analyze_config(model, name=getattr(model, "model_type", "model"), seq_len=seq_len, precision=precision)
+    if isinstance(model, str):
+        return _analyze_config(load_config(model), name=model, seq_len=seq_len, precision=precision)
+    if getattr(model, "config", None) is not None and sample is None and hasattr(model.config, "to_dict"):
+        return _analyze_config(model.config, name=type(model).__name__, seq_len=seq_len, precision=precision)
+    if sample is None:
+        raise UsageError("analyzing a plain nn.Module needs a sample batch: pass sample=... (one sample's inputs)")
+    return _measure(model, name=type(model).__name__, seq_len=seq_len, precision=precision, sample=sample, repeat=1)
+
+
+def _analyze_config(config: Any, *, name: str, seq_len: int, precision: str) -> ModelProfile:
+    from transformers import AutoModelForCausalLM
+
+    _register_meta_flash()
+    layers_key = next(k for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
+    layers = getattr(config, layers_key)
+    small = type(config).from_dict({**config.to_dict(), layers_key: min(layers, 2)})
+    small._attn_implementation = META_FLASH
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(small, attn_implementation=META_FLASH, dtype=DTYPES[precision])
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    profile = _measure(
+        model,
+        name=name,
+        seq_len=seq_len,
+        precision=precision,
+        sample={"input_ids": ids, "labels": ids},
+        repeat=layers / min(layers, 2),
+    )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return replace(
+        profile,
+        hidden_size=getattr(text, "hidden_size", None),
+        num_heads=getattr(text, "num_attention_heads", None),
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None),
+        vocab_size=getattr(text, "vocab_size", None),
+    )
+
+
+def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sample: Any, repeat: float) -> ModelProfile:
+    """Run forward+backward on meta, attributing FLOPs and saved bytes to each block."""
+    dtype = DTYPES[precision]
+    state = {
+        n: torch.empty_like(p, device="meta", dtype=dtype if p.is_floating_point() else p.dtype).requires_grad_(
+            p.requires_grad
+        )
+        for n, p in model.named_parameters()
+    }
+    state.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
+    param_storages = {t.untyped_storage()._cdata for t in state.values()}
+    blocks = repeated_blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    current: list[int | None] = [None]
+    saved: dict[int | None, dict[int, int]] = {}
+    boundary: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in param_storages:
+            saved.setdefault(current[0], {})[storage._cdata] = storage.nbytes()
+        return tensor
+
+    def enter(index: int):
+        def hook(module, args, kwargs):
+            current[0] = index
+            first = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+            boundary[index] = 0 if first is None else first.numel() * first.element_size()
+
+        return hook
+
+    def leave(module, args, output):
+        current[0] = None
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(enter(index), with_kwargs=True))
+        handles.append(block.register_forward_hook(leave))
+    args, kwargs = _as_call(_to_meta(sample))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                output = torch.func.functional_call(model, state, args, kwargs)
+            fwd = _per_block(counter, names, blocks)
+            loss = _loss_of(output)
+            loss.backward()
+            total = _per_block(counter, names, blocks)
+            attention = _per_block(counter, names, blocks, ops=ATTENTION_OPS)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(
+            f"{name} cannot run on the meta device ({type(exc).__name__}: {exc}); "
+            f"models with data-dependent control flow need a cluster plan pinned by hand"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def part(index: int | None, params: int) -> PartProfile:
+        f = fwd.get(index, 0.0)
+        return PartProfile(
+            params=params,
+            fwd_flops=f,
+            bwd_flops=total.get(index, 0.0) - f,
+            activation_bytes=sum(saved.get(index, {}).values()),
+            boundary_bytes=boundary.get(index, 0),
+            attention_flops=attention.get(index, 0.0),
+        )
+
+    block_parts = [part(i, sum(p.numel() for p in b.parameters())) for i, b in enumerate(blocks)]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    rest = part(None, sum(p.numel() for p in model.parameters() if id(p) not in in_blocks))
+    if repeat != 1 and block_parts:
+        count = round(len(block_parts) * repeat)
+        block_parts = [block_parts[i % len(block_parts)] for i in range(count)]
+    return ModelProfile(
+        name=name,
+        seq_len=seq_len,
+        precision=precision,
+        blocks=tuple(block_parts),
+        rest=rest,
+        param_bytes=torch.finfo(DTYPES[precision]).bits // 8,
+    )
+
+
+def _per_block(
+    counter: FlopCounterMode, names: dict[int, str], blocks: list[nn.Module], ops: tuple[str, ...] = ()
+) -> dict[int | None, float]:
+    """FLOPs so far per block (None: outside blocks), of every op or only of ``ops``."""
+    counts = counter.get_flop_counts()
+
+    def flops(per_op: dict) -> float:
+        return float(sum(v for op, v in per_op.items() if not ops or any(o in str(op) for o in ops)))
+
+    total = flops(counts.get("Global", {}))
+    out: dict[int | None, float] = {}
+    for index, block in enumerate(blocks):
+        key = next((k for k in counts if k.endswith(names[id(block)]) and k != "Global"), None)
+        out[index] = flops(counts[key]) if key else 0.0
+    out[None] = total - sum(out.values())
+    return out
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        first = output if torch.is_tensor(output) else (output[0] if isinstance(output, (tuple, list)) else None)
+        if first is None:
+            raise UsageError("the model's output has no tensor to take a loss from: return a loss or a tensor")
+        loss = first.float().sum() if first.dim() else first
+    return loss
+
+
+def _to_meta(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def _as_call(sample: Any) -> tuple[tuple, dict]:
+    if isinstance(sample, dict):
+        return (), sample
+    if isinstance(sample, (list, tuple)):
+        return tuple(sample), {}
+    return (sample,), {}

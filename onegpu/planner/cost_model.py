@@ -1,0 +1,258 @@
+"""Memory and time of one training step under a Plan, from the model's profile and the cluster's datasheet.
+
+Memory is conservative: every byte a worker holds at its peak (states, the framework's own
+buffers, activations of all micro-batches in flight, the recomputation peak), plus a fixed
+runtime overhead. Time is physics: GEMMs at the device's peak (times an attainable fraction,
+or bound by reading the weights from memory), elementwise work at memory bandwidth, collectives
+with a latency-bandwidth model on the link they cross, pipeline bubbles per schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from onegpu.planner.analysis import ModelProfile
+from onegpu.planner.cluster import Cluster, Link
+from onegpu.planner.plan import Plan, Prediction
+
+# Fraction of dense peak that GEMMs of transformer shapes reach in training (cuBLAS/rocBLAS reach
+# 70-80% on large square bf16 matrices, less on the thinner projections of real layers).
+GEMM_EFFICIENCY = 0.70
+# Flash attention reaches less: FlashAttention-2 reports 50-73% of A100 peak forward, less backward.
+ATTENTION_EFFICIENCY = 0.50
+# A CPU "device" is measured by the matmul it runs, so its peak is already attainable.
+CPU_GEMM_EFFICIENCY = 1.0
+# What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
+GPU_RUNTIME_BYTES = 1.5e9
+CPU_RUNTIME_BYTES = 0.6e9  # a Python process with torch and transformers imported
+# Allocator fragmentation on dynamic memory (activations, gathered parameters).
+FRAGMENTATION = 1.10
+# Host link for offload: PCIe 4.0 x16 (32 GB/s per direction, about 25 usable), and the
+# host's share of memory bandwidth for a CPU optimizer step, per device.
+HOST_LINK = Link(bandwidth_gbps=25.0, latency_us=10.0)
+HOST_OPTIMIZER_BYTES_PER_S = 10e9
+# Launch (GPU) or eager dispatch (CPU) cost of one operator.
+GPU_OP_OVERHEAD_S = 5e-6
+CPU_OP_OVERHEAD_S = 20e-6
+OPS_PER_BLOCK = 120  # forward + backward kernels of a transformer block
+DDP_BUCKET_BYTES = 25 * 2**20
+MASTER_BYTES = 4  # parameters, gradients and optimizer states are kept in fp32
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained: the model's profile, the global batch, the optimizer's state per parameter."""
+
+    profile: ModelProfile
+    global_batch: int
+    optimizer_slots: int = 2  # AdamW
+
+
+def is_cpu(cluster: Cluster) -> bool:
+    return cluster.device.name.startswith("cpu")
+
+
+def stage_blocks(profile: ModelProfile, pp: int) -> int:
+    """Blocks on the fullest pipeline stage."""
+    return math.ceil(len(profile.blocks) / pp)
+
+
+def micro_batch_size(plan: Plan, global_batch: int) -> float:
+    return global_batch / (plan.dp * plan.microbatches)
+
+
+def in_flight(plan: Plan) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+    if plan.pp == 1:
+        return 1
+    if plan.schedule == "gpipe":
+        return plan.microbatches
+    held = min(plan.pp, plan.microbatches)
+    if plan.schedule == "interleaved":  # Narayanan et al. 2021, section 2.2.2: (1 + (p-1)/(p*v)) more
+        return held * (1 + (plan.pp - 1) / (plan.pp * 2))
+    return held
+
+
+def shard_factors(plan: Plan, cluster: Cluster) -> tuple[int, int, int]:
+    """By how many devices parameters, gradients and optimizer states are divided (ZeRO levels)."""
+    dp = plan.dp
+    if plan.sharding == "hybrid":
+        inside = max(1, min(dp, cluster.devices_per_node // (plan.tp * plan.pp) or 1))
+        return inside, inside, inside
+    return {
+        "none": (1, 1, 1),
+        "optimizer": (1, 1, dp),
+        "gradients": (1, dp, dp),
+        "parameters": (dp, dp, dp),
+    }[plan.sharding]
+
+
+def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
+    """Peak bytes per device, by kind."""
+    prof, tp = work.profile, plan.tp
+    n = stage_blocks(prof, plan.pp)
+    block = prof.blocks[0] if prof.blocks else prof.rest
+    stage_params = (n * block.params + prof.rest.params) / tp
+    compute_bytes = prof.param_bytes
+    sp, sg, so = shard_factors(plan, cluster)
+    sharded_params = plan.sharding in ("parameters", "hybrid")
+
+    params = stage_params * MASTER_BYTES / sp
+    grads = stage_params * MASTER_BYTES / sg
+    optimizer = stage_params * MASTER_BYTES * work.optimizer_slots / so
+    framework = 0.0
+    if compute_bytes != MASTER_BYTES and not sharded_params:
+        framework += stage_params * compute_bytes  # the low-precision working copy
+    if sharded_params:  # gathered blocks: the current one and the prefetched next, plus their gradients
+        framework += 2 * block.params / tp * (compute_bytes + MASTER_BYTES) + prof.rest.params / tp * compute_bytes
+    elif plan.sharding == "none" and plan.dp > 1:
+        framework += stage_params * MASTER_BYTES  # DDP's gradient buckets
+    else:
+        framework += 2 * DDP_BUCKET_BYTES
+    if plan.offload == "optimizer":
+        optimizer = 0.0
+    elif plan.offload == "parameters":
+        params = grads = optimizer = 0.0
+
+    b = micro_batch_size(plan, work.global_batch)
+    c = plan.checkpointed_blocks(n)
+    per_micro = (c * block.boundary_bytes + (n - c) * block.activation_bytes) / tp
+    recompute_peak = block.activation_bytes / tp if c else 0.0
+    head = prof.rest.activation_bytes / tp
+    first_stage = in_flight(plan) * per_micro
+    last_stage = per_micro + head if plan.pp > 1 else first_stage + head
+    activations = b * (max(first_stage, last_stage) + recompute_peak + block.activation_bytes / tp)
+    runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
+    return {
+        "parameters": int(params),
+        "gradients": int(grads),
+        "optimizer": int(optimizer),
+        "framework_buffers": int(framework * FRAGMENTATION),
+        "activations": int(activations * FRAGMENTATION),
+        "runtime": int(runtime),
+    }
+
+
+def _collective(volume_bytes: float, group: int, link: Link) -> float:
+    """A ring-bandwidth, tree-latency collective moving ``volume_bytes`` per device."""
+    if group <= 1:
+        return 0.0
+    return volume_bytes / (link.bandwidth_gbps * 1e9) + 2 * math.log2(group) * link.latency_us * 1e-6
+
+
+def _dp_link(plan: Plan, cluster: Cluster) -> Link:
+    """Data-parallel peers sit outermost: they cross nodes as soon as the job spans nodes."""
+    return cluster.inter_node if plan.world_size > cluster.devices_per_node else cluster.intra_node
+
+
+def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
+    """Seconds per optimizer step, by kind."""
+    prof, tp, pp, m = work.profile, plan.tp, plan.pp, plan.microbatches
+    cpu = is_cpu(cluster)
+    peak = cluster.device.peak_flops(plan.precision if plan.precision in cluster.device.peak_tflops else "fp32")
+    attainable = peak * (CPU_GEMM_EFFICIENCY if cpu else GEMM_EFFICIENCY)
+    bandwidth = cluster.device.memory_bandwidth_gbps * 1e9
+    op_overhead = CPU_OP_OVERHEAD_S if cpu else GPU_OP_OVERHEAD_S
+    n = stage_blocks(prof, pp)
+    block = prof.blocks[0] if prof.blocks else prof.rest
+    b = micro_batch_size(plan, work.global_batch)
+    c = plan.checkpointed_blocks(n)
+    compute_bytes = prof.param_bytes
+
+    attention_rate = peak * (CPU_GEMM_EFFICIENCY if cpu else ATTENTION_EFFICIENCY)
+
+    def part_time(part, *, recompute: bool) -> float:
+        passes = 4 / 3 if recompute else 1.0  # recomputation repeats the forward: a third of the work
+        attention = b * part.attention_flops * passes / tp
+        flops = b * (part.fwd_flops * (2 if recompute else 1) + part.bwd_flops) / tp - attention
+        weight_reads = (4 if recompute else 3) * part.params / tp * compute_bytes
+        gemm = max(flops / attainable, weight_reads / bandwidth) + attention / attention_rate
+        # elementwise work: activations written in forward, read in backward, their gradients written and read
+        elementwise = 4 * b * part.activation_bytes / tp / bandwidth
+        return gemm + elementwise + OPS_PER_BLOCK * op_overhead
+
+    block_time = part_time(block, recompute=False)
+    stage_compute = c * part_time(block, recompute=True) + (n - c) * block_time + part_time(prof.rest, recompute=False)
+    recompute = c * (part_time(block, recompute=True) - block_time)
+
+    # tensor parallelism: 4 all-reduce-sized collectives of the block's boundary per micro-batch, exposed
+    tp_comm = 0.0
+    if tp > 1:
+        tp_volume = 2 * (tp - 1) / tp * b * block.boundary_bytes
+        tp_comm = 4 * n * _collective(tp_volume, tp, cluster.intra_node)
+    stage_micro = stage_compute + tp_comm
+
+    # pipeline: (m + bubble) micro-batch slots of the slowest stage, plus activation sends
+    virtual = 2 if plan.schedule == "interleaved" else 1
+    bubble = (pp - 1) / virtual
+    p2p = 0.0
+    if pp > 1:
+        link = cluster.inter_node if tp * pp > cluster.devices_per_node else cluster.intra_node
+        p2p = 2 * virtual * _collective(b * block.boundary_bytes / tp, 2, link)
+
+    # data parallelism
+    dp, link = plan.dp, _dp_link(plan, cluster)
+    stage_params = (n * block.params + prof.rest.params) / tp
+    grad_bytes = stage_params * compute_bytes
+    ring = 2 * (dp - 1) / dp if dp > 1 else 0.0
+    backward = m * n * b * block.bwd_flops / tp / attainable
+    dp_comm = 0.0
+    if plan.sharding == "none":
+        exposed_after = _collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, link)
+        dp_comm = max(_collective(ring * grad_bytes, dp, link) - backward, 0.0) + exposed_after
+    elif plan.sharding in ("optimizer", "gradients"):
+        reduce_scatter = _collective(ring / 2 * grad_bytes, dp, link)
+        all_gather = _collective(ring / 2 * stage_params * compute_bytes, dp, link)
+        dp_comm = max(reduce_scatter - backward, 0.0) + all_gather
+    else:  # parameters / hybrid: per block all-gathers (forward, backward) and a reduce-scatter, prefetched
+        group = shard_factors(plan, cluster)[0]
+        shard_link = cluster.intra_node if plan.sharding == "hybrid" else link
+        half_ring = (group - 1) / group
+        gather = _collective(half_ring * block.params / tp * compute_bytes, group, shard_link)
+        per_block = 2 * gather + _collective(half_ring * block.params / tp * compute_bytes, group, shard_link) / m
+        dp_comm = m * n * max(per_block - block_time, 0.0) + gather
+        if plan.sharding == "hybrid" and dp > group:
+            replicas = dp // group
+            dp_comm += _collective(2 * (replicas - 1) / replicas * grad_bytes / group, replicas, cluster.inter_node)
+
+    # optimizer step: memory bound, on the device or the host
+    shard = shard_factors(plan, cluster)[2]
+    state_bytes = stage_params / shard * MASTER_BYTES * (2 + work.optimizer_slots) * 2
+    optimizer = state_bytes / bandwidth
+    offload = 0.0
+    if plan.offload in ("optimizer", "parameters"):
+        optimizer = state_bytes / HOST_OPTIMIZER_BYTES_PER_S
+        offload = 2 * stage_params / shard * MASTER_BYTES / (HOST_LINK.bandwidth_gbps * 1e9)
+    if plan.offload == "parameters":
+        offload += 2 * m * stage_params / shard * compute_bytes / (HOST_LINK.bandwidth_gbps * 1e9)
+    return {
+        "compute": m * (stage_compute - recompute),
+        "recompute": m * recompute,
+        "pipeline_bubble": bubble * (stage_micro + p2p),
+        "tensor_parallel_comm": m * tp_comm,
+        "pipeline_comm": m * p2p,
+        "data_parallel_comm": dp_comm,
+        "optimizer": optimizer,
+        "offload": offload,
+    }
+
+
+def predict(plan: Plan, work: Workload, cluster: Cluster) -> Prediction:
+    mem = memory(plan, work, cluster)
+    times = step_time(plan, work, cluster)
+    step = sum(times.values())
+    prof = work.profile
+    tokens = work.global_batch * prof.seq_len
+    model_flops = prof.flops_per_sample * work.global_batch
+    tflops = model_flops / step / plan.world_size / 1e12
+    peak = cluster.device.peak_flops(plan.precision if plan.precision in cluster.device.peak_tflops else "fp32")
+    return Prediction(
+        step_time_s=step,
+        tokens_per_s=tokens / step,
+        tflops_per_device=tflops,
+        mfu=tflops * 1e12 / peak,
+        memory_per_device_bytes=sum(mem.values()),
+        memory_breakdown=mem,
+        time_breakdown=times,
+    )

@@ -1,0 +1,113 @@
+"""Pins: values the user fixes, by the names onegpu uses or those other auto-parallel tools use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from onegpu.errors import UsageError
+from onegpu.planner.plan import OFFLOADS, SCHEDULES, SHARDINGS
+
+ALIASES = {
+    "num_stages": "pp",
+    "num_micro_batches": "microbatches",
+    "activation_recomputation": "activation_checkpointing",
+}
+PRECISION_OF = {"bf16": "bf16", "fp16": "fp16", "off": "fp32", "fp32": "fp32", "none": "fp32"}
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What the search must respect; None leaves a dimension free."""
+
+    dp: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    min_pp: int = 1
+    microbatches: int | None = None
+    schedule: str | None = None
+    shardings: tuple[str, ...] = SHARDINGS
+    activation_checkpointing: str | int | None = None
+    offloads: tuple[str, ...] = OFFLOADS
+    precision: str | None = None
+
+
+def parse_pins(**raw: Any) -> Pins:
+    """Normalize pins given in Python or on the command line; unknown names and values are errors."""
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        name = ALIASES.get(name, name)
+        if name in values:
+            raise UsageError(f"pin {name!r} was given twice (directly and by an alias): give it once")
+        values[name] = value
+    pins: dict[str, Any] = {}
+    for name in ("dp", "tp", "pp", "microbatches"):
+        if name in values:
+            value = values.pop(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name}={value!r}: give a whole number >= 1")
+            pins[name] = value
+    if "pipeline_parallel" in values:
+        if values.pop("pipeline_parallel"):
+            pins["min_pp"] = 2
+        elif pins.setdefault("pp", 1) != 1:
+            raise UsageError(f"pipeline_parallel=False contradicts pp={pins['pp']}: drop one of them")
+    if "schedule" in values:
+        schedule = str(values.pop("schedule")).lower()
+        if schedule not in SCHEDULES[1:]:
+            raise UsageError(f"schedule={schedule!r} is not known: use one of {', '.join(SCHEDULES[1:])}")
+        pins["schedule"] = schedule
+    if "sharding" in values:
+        sharding = str(values.pop("sharding")).lower()
+        if sharding not in SHARDINGS:
+            raise UsageError(f"sharding={sharding!r} is not known: use one of {', '.join(SHARDINGS)}")
+        pins["shardings"] = (sharding,)
+    if "distribute_parameter" in values:
+        wanted = ("parameters", "hybrid") if values.pop("distribute_parameter") else ("none", "optimizer", "gradients")
+        pins["shardings"] = tuple(s for s in pins.get("shardings", SHARDINGS) if s in wanted)
+        if not pins["shardings"]:
+            raise UsageError("distribute_parameter contradicts the sharding pin: drop one of them")
+    if "activation_checkpointing" in values:
+        pins["activation_checkpointing"] = _checkpointing(values.pop("activation_checkpointing"))
+    if "offload" in values:
+        offload = str(values.pop("offload")).lower()
+        if offload not in OFFLOADS:
+            raise UsageError(f"offload={offload!r} is not known: use one of {', '.join(OFFLOADS)}")
+        pins["offloads"] = (offload,)
+    if "mixed_precision" in values:
+        precision = str(values.pop("mixed_precision")).lower()
+        if precision not in PRECISION_OF:
+            raise UsageError(f"mixed_precision={precision!r} is not known: use bf16, fp16 or off")
+        pins["precision"] = PRECISION_OF[precision]
+    if values:
+        known = [
+            "dp",
+            "tp",
+            "pp",
+            "microbatches",
+            "schedule",
+            "sharding",
+            "activation_checkpointing",
+            "offload",
+            "mixed_precision",
+            *ALIASES,
+            "distribute_parameter",
+            "pipeline_parallel",
+        ]
+        raise UsageError(f"unknown pin {next(iter(values))!r}: known pins are {', '.join(known)}")
+    return Pins(**pins)
+
+
+def _checkpointing(value: Any) -> str | int:
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if isinstance(value, int) and value >= 0:
+        return value
+    text = str(value).lower()
+    if text in ("none", "full"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UsageError(f"activation_checkpointing={value!r}: use none, full, or a number of blocks")

@@ -1,0 +1,122 @@
+"""Advanced Parallelization in ``prepare``: the planner picks the plan, among what the runtime executes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from onegpu.planner.memory import optimizer_state_slots
+from onegpu.planner.pins import parse_pins
+from onegpu.planner.plan import Plan
+from onegpu.planner.search import Capabilities
+
+# What the runtime can execute today; the planner offers nothing else to prepare().
+RUNTIME = Capabilities(
+    tp=False,
+    pp=False,
+    shardings=("none", "gradients", "parameters"),
+    offloads=("none", "parameters"),
+    precisions=("fp32",),
+    accumulation=False,
+)
+
+_pins: dict[str, Any] | None = None
+
+
+def enable_advanced_parallelization(**pins: Any) -> None:
+    """Let the planner choose how ``prepare`` splits the work; pins (e.g. ``sharding="parameters"``) constrain it."""
+    global _pins
+    parse_pins(**pins)  # a wrong pin fails here, at the line that gave it
+    _pins = dict(pins)
+
+
+def disable_advanced_parallelization() -> None:
+    global _pins
+    _pins = None
+
+
+def advanced_pins() -> dict[str, Any] | None:
+    return _pins
+
+
+def plan_for_runtime(
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None,
+    sample: Any,
+    global_batch: int,
+    world_size: int,
+    budget_bytes: int,
+    pins: dict[str, Any],
+) -> Plan:
+    """The planner's choice for this job on this machine, made on rank 0 and shared with every worker."""
+    chosen: list[Plan | BaseException | None] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            chosen[0] = _search(
+                model,
+                optimizer=optimizer,
+                sample=sample,
+                global_batch=global_batch,
+                world_size=world_size,
+                budget_bytes=budget_bytes,
+                pins=pins,
+            )
+        except Exception as error:  # every worker raises it, not only rank 0
+            chosen[0] = error
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], BaseException):
+        raise chosen[0]
+    return chosen[0]
+
+
+def _search(model, *, optimizer, sample, global_batch, world_size, budget_bytes, pins) -> Plan:
+    from onegpu.planner.analysis import analyze
+    from onegpu.planner.cluster import measure_local_cluster
+    from onegpu.planner.search import plan
+
+    cluster = measure_local_cluster(workers=world_size)
+    cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget_bytes / 1e9))
+    seq_len = _seq_len(sample)
+    one = _first_sample(sample)
+    profile = analyze(model, seq_len=seq_len, precision="fp32", sample=None if hasattr(model, "config") else one)
+    return plan(
+        profile,
+        global_batch_size=global_batch,
+        seq_len=seq_len,
+        cluster=cluster,
+        budget_fraction=1.0,
+        optimizer_slots=optimizer_state_slots(optimizer),
+        capabilities=RUNTIME,
+        **pins,
+    )
+
+
+def _seq_len(sample: Any) -> int:
+    ids = sample.get("input_ids") if isinstance(sample, dict) else None
+    return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() > 1 else 1
+
+
+def _first_sample(sample: Any) -> Any:
+    if torch.is_tensor(sample):
+        return sample[:1]
+    if isinstance(sample, dict):
+        return {k: _first_sample(v) for k, v in sample.items()}
+    if isinstance(sample, (list, tuple)):
+        return type(sample)(_first_sample(v) for v in sample)
+    return sample
+
+
+def describe(plan: Plan, *, budget_bytes: int) -> str:
+    """The one line prepare() logs about the planner's choice."""
+    p, s = plan.predicted, plan.search
+    return (
+        f"advanced parallelization: {s.candidates} candidates, {s.feasible} fit, {s.seconds:.2f} s | chosen: "
+        f"{plan.describe()} | predicted {p.step_time_s:.3f} s/step, {p.tokens_per_s:,.0f} tokens/s, "
+        f"{p.memory_per_device_bytes / 1e9:.2f} of {budget_bytes / 1e9:.2f} GB per worker"
+    )
