@@ -90,12 +90,13 @@ if dist.is_initialized():
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
 
+from onegpu.planner.cluster import measure_job_cluster  # noqa: E402
+
+cluster = measure_job_cluster(rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world)  # collective
 if onegpu.is_main_process():
     from onegpu.planner.analysis import analyze
-    from onegpu.planner.cluster import measure_local_cluster
     from onegpu.planner.cost_model import Workload, predict
 
-    cluster = measure_local_cluster(workers=world)
     profile = analyze(model.config, seq_len=SEQ_LEN, precision="fp32")
     predicted = plan.predicted or predict(plan, Workload(profile=profile, global_batch=GLOBAL_BATCH), cluster)
     print(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.errors import UsageError
@@ -37,6 +38,7 @@ class PartProfile:
     activation_bytes: int  # saved for backward, no checkpointing
     boundary_bytes: int  # the block's input: all a checkpointed block keeps
     attention_flops: float = 0.0  # of fwd + bwd, in attention kernels (slower than plain GEMMs)
+    ops: int = 0  # operators run in forward + backward (each costs a launch or an eager dispatch)
 
     def scaled(self, factor: float) -> PartProfile:
         return replace(
@@ -46,6 +48,7 @@ class PartProfile:
             activation_bytes=int(self.activation_bytes * factor),
             boundary_bytes=int(self.boundary_bytes * factor),
             attention_flops=self.attention_flops * factor,
+            ops=self.ops,
         )
 
 
@@ -198,6 +201,13 @@ def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sampl
     def leave(module, args, output):
         current[0] = None
 
+    ops: dict[int | None, int] = {}
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[current[0]] = ops.get(current[0], 0) + 1
+            return func(*args, **(kwargs or {}))
+
     handles = []
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(enter(index), with_kwargs=True))
@@ -205,7 +215,7 @@ def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sampl
     args, kwargs = _as_call(_to_meta(sample))
     try:
         with FlopCounterMode(display=False) as counter:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), CountOps():
                 output = torch.func.functional_call(model, state, args, kwargs)
             fwd = _per_block(counter, names, blocks)
             loss = _loss_of(output)
@@ -232,6 +242,7 @@ def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sampl
             activation_bytes=sum(saved.get(index, {}).values()),
             boundary_bytes=boundary.get(index, 0),
             attention_flops=attention.get(index, 0.0),
+            ops=3 * ops.get(index, 0),  # backward runs about two operators for each forward one
         )
 
     block_parts = [part(i, sum(p.numel() for p in b.parameters())) for i, b in enumerate(blocks)]

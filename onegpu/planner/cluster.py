@@ -609,3 +609,53 @@ def _all_reduce_bus_bandwidth(nprocs: int, nbytes: int = 32 * 2**20, repeats: in
         dist.barrier()
         best = min(best, _seconds(lambda: dist.all_reduce(tensor)))
     return 2 * (nprocs - 1) / nprocs * tensor.nbytes / best
+
+
+def measure_job_cluster(*, rank: int, world_size: int, cache: bool = True) -> Cluster:
+    """This machine as the running job sees it, measured with the job's own workers and process group.
+
+    Collective: every worker calls it (inside ``prepare``). Same figures and cache as
+    ``measure_local_cluster``, without spawning processes. A one-worker job has no link to
+    measure; its link figures are placeholders that no one-worker plan uses.
+    """
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and world_size > 1
+    path = _cache_path(world_size)
+    cached = _read_cache(path, world_size) if cache and rank == 0 else None
+    shared: list[Any] = [None if cached is None else cached.to_dict()]  # plain data: it is pickled
+    if distributed:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        return _cluster_from_dict(shared[0], name="local")
+    if distributed:
+        dist.barrier()
+    flops = _matmul_flops()
+    if distributed:
+        dist.barrier()
+    copy = _copy_bytes_per_s(min(128 * 2**20, _machine_memory_bytes() // (8 * world_size)))
+    slowest = torch.tensor([flops, copy], dtype=torch.float64)
+    latency, link = 50e-6, 1e9  # placeholders for one worker: no plan of one worker communicates
+    if distributed:
+        dist.all_reduce(slowest, op=dist.ReduceOp.MIN)  # synchronous training runs at the slowest worker
+        latency = _ping_pong_latency(rank)
+        link = _all_reduce_bus_bandwidth(world_size)
+    shared = [None]
+    if rank == 0:  # only ranks 0 and 1 measured the latency
+        threads = torch.get_num_threads()
+        figure = Link(bandwidth_gbps=_sig(link / 1e9), latency_us=_sig(latency * 1e6))
+        device = DeviceSpec(
+            name=f"cpu ({threads} thread{'s' if threads > 1 else ''})",
+            memory_gb=_sig(_machine_memory_bytes() / world_size / 1e9),
+            peak_tflops={"fp32": _sig(slowest[0].item() / 1e12)},
+            memory_bandwidth_gbps=_sig(slowest[1].item() / 1e9),
+        )
+        cluster = Cluster(
+            device=device, nodes=1, devices_per_node=world_size, intra_node=figure, inter_node=figure, name="local"
+        )
+        _write_cache(path, world_size, cluster)
+        shared = [cluster.to_dict()]
+    if distributed:
+        dist.broadcast_object_list(shared, src=0)
+    return _cluster_from_dict(shared[0], name="local")

@@ -35,7 +35,7 @@ HOST_OPTIMIZER_BYTES_PER_S = 10e9
 # Launch (GPU) or eager dispatch (CPU) cost of one operator.
 GPU_OP_OVERHEAD_S = 5e-6
 CPU_OP_OVERHEAD_S = 20e-6
-OPS_PER_BLOCK = 120  # forward + backward kernels of a transformer block
+OPS_WHEN_UNKNOWN = 120  # forward + backward operators of a transformer block, when not counted
 DDP_BUCKET_BYTES = 25 * 2**20
 MASTER_BYTES = 4  # parameters, gradients and optimizer states are kept in fp32
 
@@ -170,7 +170,8 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
         gemm = max(flops / attainable, weight_reads / bandwidth) + attention / attention_rate
         # elementwise work: activations written in forward, read in backward, their gradients written and read
         elementwise = 4 * b * part.activation_bytes / tp / bandwidth
-        return gemm + elementwise + OPS_PER_BLOCK * op_overhead
+        launches = (part.ops or OPS_WHEN_UNKNOWN) * (4 / 3 if recompute else 1)
+        return gemm + elementwise + launches * op_overhead
 
     block_time = part_time(block, recompute=False)
     stage_compute = c * part_time(block, recompute=True) + (n - c) * block_time + part_time(prof.rest, recompute=False)
@@ -196,7 +197,9 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     stage_params = (n * block.params + prof.rest.params) / tp
     grad_bytes = stage_params * compute_bytes
     ring = 2 * (dp - 1) / dp if dp > 1 else 0.0
-    backward = m * n * b * block.bwd_flops / tp / attainable
+    # compute that communication can hide behind; on a CPU "device" gloo runs on the same cores: none
+    overlap = 0.0 if cpu else 1.0
+    backward = overlap * m * n * b * block.bwd_flops / tp / attainable
     dp_comm = 0.0
     if plan.sharding == "none":
         exposed_after = _collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, link)
@@ -211,10 +214,15 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
         half_ring = (group - 1) / group
         gather = _collective(half_ring * block.params / tp * compute_bytes, group, shard_link)
         per_block = 2 * gather + _collective(half_ring * block.params / tp * compute_bytes, group, shard_link) / m
-        dp_comm = m * n * max(per_block - block_time, 0.0) + gather
+        dp_comm = m * n * max(per_block - overlap * block_time, 0.0) + gather
         if plan.sharding == "hybrid" and dp > group:
             replicas = dp // group
             dp_comm += _collective(2 * (replicas - 1) / replicas * grad_bytes / group, replicas, cluster.inter_node)
+
+    # sharded gradients and parameters are copied into and out of flat communication buffers
+    gathers = {"gradients": 1, "parameters": 2, "hybrid": 2}.get(plan.sharding, 0)
+    if gathers:
+        dp_comm += m * (gathers + 1) * 2 * stage_params * compute_bytes / bandwidth
 
     # optimizer step: memory bound, on the device or the host
     shard = shard_factors(plan, cluster)[2]

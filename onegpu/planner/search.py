@@ -314,7 +314,7 @@ def _nothing_fits(scored, profiles, global_batch, optimizer_slots, cluster, pins
         batch //= 2
     return NoPlanFits(
         f"no plan fits: the smallest needs {smallest / GB:.1f} GB per device, and each {cluster.device.name} "
-        f"offers {budget / GB:.1f} GB ({fraction:.0%} of {cluster.memory_bytes / GB:.0f} GB)"
+        f"offers {budget / GB:.2f} GB ({fraction:.0%} of {cluster.memory_bytes / GB:.2f} GB)"
         + ("; " + "; ".join(advice) if advice else "; no larger cluster or smaller batch tried fits either")
     )
 

@@ -54,15 +54,19 @@ def plan_for_runtime(
     pins: dict[str, Any],
 ) -> Plan:
     """The planner's choice for this job on this machine, made on rank 0 and shared with every worker."""
+    from onegpu.planner.cluster import measure_job_cluster
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cluster = measure_job_cluster(rank=rank, world_size=world_size)  # every worker takes part
     chosen: list[Plan | BaseException | None] = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank == 0:
         try:
             chosen[0] = _search(
                 model,
+                cluster=cluster,
                 optimizer=optimizer,
                 sample=sample,
                 global_batch=global_batch,
-                world_size=world_size,
                 budget_bytes=budget_bytes,
                 pins=pins,
             )
@@ -75,12 +79,10 @@ def plan_for_runtime(
     return chosen[0]
 
 
-def _search(model, *, optimizer, sample, global_batch, world_size, budget_bytes, pins) -> Plan:
+def _search(model, *, cluster, optimizer, sample, global_batch, budget_bytes, pins) -> Plan:
     from onegpu.planner.analysis import analyze
-    from onegpu.planner.cluster import measure_local_cluster
     from onegpu.planner.search import plan
 
-    cluster = measure_local_cluster(workers=world_size)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget_bytes / 1e9))
     seq_len = _seq_len(sample)
     one = _first_sample(sample)

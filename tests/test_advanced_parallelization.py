@@ -1,0 +1,51 @@
+"""onegpu.enable_advanced_parallelization(): prepare() runs the planner's choice, within the memory budget."""
+
+import json
+
+import pytest
+from conftest import run_onegpu
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    out = home / "results.json"
+    result = run_onegpu(
+        "run", "--workers", "2", "tests/scripts/advanced.py", str(out), timeout=600, env={"ONEGPU_HOME": str(home)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("advanced parallelization:") == 3  # logged once per prepare(), by rank 0
+    return json.loads(out.read_text())
+
+
+def test_with_room_to_spare_nothing_is_spent_on_memory(runs):
+    generous = runs[0]["generous"]
+    assert generous["plan"]["activation_checkpointing"] == "none" and generous["plan"]["offload"] == "none"
+    assert generous["plan"]["dp"] == 2 and generous["plan"]["precision"] == "fp32"  # executable here
+    assert "candidates" in generous["reason"] and "fit" in generous["reason"]
+
+
+def test_a_tight_budget_shards_and_stays_inside_it(runs):
+    tight = runs[0]["tight"]
+    assert tight["plan"]["sharding"] in ("gradients", "parameters")
+    assert tight["predicted_bytes"] <= 0.70 * 2**30  # memory_budget_gb is in GiB
+
+
+def test_pins_reach_the_runtime(runs):
+    pinned = runs[0]["pinned"]
+    assert pinned["plan"]["sharding"] == "parameters" and pinned["plan"]["activation_checkpointing"] == "full"
+    assert pinned["checkpointed"] == 4
+
+
+def test_every_worker_trains_the_same_plan_and_sees_the_same_global_loss(runs):
+    for name in ("generous", "tight", "pinned"):
+        assert runs[0][name]["plan"] == runs[1][name]["plan"]
+        assert runs[0][name]["losses"] == runs[1][name]["losses"]
+        assert runs[0][name]["losses"][-1] < runs[0][name]["losses"][0]
+
+
+def test_a_budget_nothing_fits_is_a_clear_error_on_every_worker(runs):
+    for worker in runs:
+        assert worker["impossible"]["error"].startswith("no plan fits: the smallest needs ")
