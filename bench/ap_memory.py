@@ -1,6 +1,6 @@
 """A model whose DDP plan exceeds the per-worker memory budget trains under Advanced Parallelization.
 
-    python bench/ap_memory.py [--budget-gb 1.0]
+    python bench/ap_memory.py [--budget-gb 1.25]
 
 Trains a 23M-parameter Llama on 2 CPU workers with onegpu.enable_advanced_parallelization() and
 a per-worker budget that replicating the model (DDP) would exceed, then prints the plan chosen,
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget-gb", type=float, default=1.0)
+    parser.add_argument("--budget-gb", type=float, default=1.25, help="GiB per worker")
     args = parser.parse_args()
     command = [
         sys.executable,
@@ -43,14 +43,17 @@ def main() -> None:
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     r = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-    print(f"budget per worker:      {args.budget_gb:.2f} GB")
+    print(f"budget per worker:      {args.budget_gb:.2f} GiB = {args.budget_gb * 2**30 / 1e9:.2f} GB")
     print(f"plan chosen:            {r['plan']}")
     for other in r["others"]:
         print(f"  lost: {other}")
-    print(f"predicted peak:         {r['predicted_peak_bytes'] / 1e9:.2f} GB per worker")
+    print(
+        f"predicted peak:         {r['predicted_peak_bytes'] / 1e9:.2f} GB per worker: "
+        + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in r["breakdown"].items())
+    )
     print(
         f"measured peak (max RSS): {r['measured_peak_bytes'] / 1e9:.2f} GB per worker "
-        f"({'inside' if r['measured_peak_bytes'] <= args.budget_gb * 1e9 else 'OVER'} the budget)"
+        f"({'inside' if r['measured_peak_bytes'] <= args.budget_gb * 2**30 else 'OVER'} the budget)"
     )
     print(
         f"loss: {r['losses'][0]:.3f} -> {r['losses'][1]:.3f}; step {r['measured_step_s']:.2f} s "

@@ -109,6 +109,8 @@ if onegpu.is_main_process():
                 "measured_peak_bytes": max(peaks),
                 "predicted_peak_bytes": predicted.memory_per_device_bytes,
                 "losses": [losses[0], losses[-1]],
+                "others": [f"{r.plan.describe()}: {r.why}" for r in plan.rejected],
+                "breakdown": predicted.memory_breakdown,
             }
         )
     )

@@ -26,8 +26,13 @@ CPU_GEMM_EFFICIENCY = 1.0
 # What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
 GPU_RUNTIME_BYTES = 1.5e9
 CPU_RUNTIME_BYTES = 0.6e9  # a Python process with torch and transformers imported
-# Allocator fragmentation on dynamic memory (activations, gathered parameters).
+# Allocator fragmentation on dynamic memory (activations, gathered parameters). On a CPU "device"
+# the peak resident set also keeps what glibc's per-thread arenas freed but did not return.
 FRAGMENTATION = 1.10
+CPU_FRAGMENTATION = 1.25
+# PyTorch's multi-tensor (foreach) optimizers allocate temporaries of about two parameter-sized
+# tensors per step (e.g. Adam's denominator and update).
+OPTIMIZER_WORKSPACE_SLOTS = 2
 # Host link for offload: PCIe 4.0 x16 (32 GB/s per direction, about 25 usable), and the
 # host's share of memory bandwidth for a CPU optimizer step, per device.
 HOST_LINK = Link(bandwidth_gbps=25.0, latency_us=10.0)
@@ -110,10 +115,13 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
         framework += stage_params * MASTER_BYTES  # DDP's gradient buckets
     else:
         framework += 2 * DDP_BUCKET_BYTES
-    if plan.offload == "optimizer":
-        optimizer = 0.0
+    workspace = stage_params * MASTER_BYTES * OPTIMIZER_WORKSPACE_SLOTS / so
+    if is_cpu(cluster):
+        pass  # a CPU device's host memory is its own memory: offloading frees nothing
+    elif plan.offload == "optimizer":
+        optimizer = workspace = 0.0
     elif plan.offload == "parameters":
-        params = grads = optimizer = 0.0
+        params = grads = optimizer = workspace = 0.0
 
     b = micro_batch_size(plan, work.global_batch)
     c = plan.checkpointed_blocks(n)
@@ -124,12 +132,14 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     last_stage = per_micro + head if plan.pp > 1 else first_stage + head
     activations = b * (max(first_stage, last_stage) + recompute_peak + block.activation_bytes / tp)
     runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
+    fragmentation = CPU_FRAGMENTATION if is_cpu(cluster) else FRAGMENTATION
     return {
         "parameters": int(params),
         "gradients": int(grads),
         "optimizer": int(optimizer),
-        "framework_buffers": int(framework * FRAGMENTATION),
-        "activations": int(activations * FRAGMENTATION),
+        "optimizer_workspace": int(workspace),
+        "framework_buffers": int(framework * fragmentation),
+        "activations": int(activations * fragmentation),
         "runtime": int(runtime),
     }
 

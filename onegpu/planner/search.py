@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -325,7 +324,3 @@ def _fits(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget) 
         return any(p.predicted.memory_per_device_bytes <= budget for p in scored)
     except UsageError:
         return False
-
-
-def minimum_devices(plan_memory_bytes: float, budget_bytes: float) -> int:
-    return max(1, math.ceil(plan_memory_bytes / budget_bytes))
