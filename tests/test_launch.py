@@ -50,7 +50,8 @@ def test_external_torchrun_launch_is_respected():
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.splitlines()) == ["hello from rank 0 of 2", "hello from rank 1 of 2"]
+    # both workers print (torchrun's own choice); their lines may interleave in one pipe
+    assert result.stdout.count("hello from rank 0 of 2") == 1 and result.stdout.count("hello from rank 1 of 2") == 1
 
 
 def test_a_crashing_worker_stops_the_job_with_its_traceback():

@@ -1,18 +1,43 @@
 """Entry point of every worker process: ``python -m onegpu.launch.worker SCRIPT ARGS...``.
 
 Sets CPU threads, keeps only rank 0's printed lines (every rank's errors still reach
-stderr), then runs the user's script as ``__main__``.
+stderr), runs the user's script as ``__main__``, and ends the process itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import sys
+import traceback
 
 from onegpu.errors import UsageError
 from onegpu.launch.failures import record_failure
 from onegpu.launch.workers import threads_per_worker
+
+
+def run_script(script: str, args: list[str]) -> int:
+    """Run the user's script; returns the process's exit code, after recording any failure."""
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except UsageError as error:  # the launcher prints it once, without a traceback
+        record_failure(f"{error}", usage=True)
+        return 1
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if code:
+            if not isinstance(exit_.code, int):
+                print(exit_.code, file=sys.stderr)
+            record_failure(f"exited with {exit_.code}")
+        return code
+    except BaseException as error:
+        traceback.print_exc()
+        record_failure(f"{type(error).__name__}: {error}")
+        return 1
+    return 0
 
 
 def main(argv: list[str]) -> None:
@@ -24,20 +49,14 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(threads_per_worker(local_world))
     if rank != 0 and os.environ.get("ONEGPU_PRINT_ALL_RANKS") != "1":
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
-    sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except UsageError as error:  # the launcher prints it once, without a traceback
-        record_failure(f"{error}", usage=True)
-        sys.exit(1)
-    except SystemExit as exit_:
-        if exit_.code not in (None, 0):
-            record_failure(f"exited with {exit_.code}")
-        raise
-    except BaseException as error:
-        record_failure(f"{type(error).__name__}: {error}")
-        raise
+    code = run_script(script, args)
+    # End like a normal exit (atexit handlers, flushed streams) but skip C++ static destructors:
+    # torch's background threads can abort a finished worker there ("terminate called without an
+    # active exception"), turning a successful job into a failed one.
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
