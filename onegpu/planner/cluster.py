@@ -396,13 +396,13 @@ def measure_local_cluster(*, workers: int = 2, cache: bool = True) -> Cluster:
     return cluster
 
 
-def _cache_key(workers: int) -> dict:
+def _cache_key(workers: int | str) -> dict:
     import torch
 
     return {"workers": workers, "torch": torch.__version__, "host": platform.node()}
 
 
-def _cache_path(workers: int) -> Path:
+def _cache_path(workers: int | str) -> Path:
     home = os.environ.get("ONEGPU_HOME")
     root = Path(home).expanduser() / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
     key = _cache_key(workers)
@@ -410,7 +410,7 @@ def _cache_path(workers: int) -> Path:
     return root / f"{stem}.json"
 
 
-def _read_cache(path: Path, workers: int) -> Cluster | None:
+def _read_cache(path: Path, workers: int | str) -> Cluster | None:
     """The cached cluster, or None when there is none or it is unreadable (it is then measured again)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -421,7 +421,7 @@ def _read_cache(path: Path, workers: int) -> Cluster | None:
         return None
 
 
-def _write_cache(path: Path, workers: int, cluster: Cluster) -> None:
+def _write_cache(path: Path, workers: int | str, cluster: Cluster) -> None:
     """Best effort: a read-only cache directory only costs a new measurement next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -539,38 +539,49 @@ def _measure_worker(rank: int, port: int, nprocs: int, workers: int, threads: in
         dist.destroy_process_group()
 
 
-def _seconds(fn) -> float:
+def _seconds(fn, device=None) -> float:
+    """Wall time of ``fn``; on an accelerator, until its queued kernels have finished."""
+    import torch
+
+    sync = (lambda: torch.accelerator.synchronize(device)) if device is not None and device.type != "cpu" else None
+    if sync:
+        sync()
     start = time.perf_counter()
     fn()
+    if sync:
+        sync()
     return time.perf_counter() - start
 
 
-def _matmul_flops(target_s: float = 0.2, repeats: int = 3) -> float:
-    """Best fp32 FLOP/s of square matmuls sized to take about ``target_s`` each."""
+def _matmul_flops(target_s: float = 0.2, repeats: int = 3, *, device=None, dtype=None) -> float:
+    """Best FLOP/s (fp32 unless ``dtype``) of square matmuls sized to take about ``target_s`` each."""
     import torch
 
+    options = {"device": device or torch.device("cpu"), "dtype": dtype or torch.float32}
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, **options), torch.randn(n, n, **options)
     a @ b  # warm-up: thread pool, kernels
-    took = _seconds(lambda: a @ b)
-    n = int(min(4096, max(256, n * (target_s / took) ** (1 / 3)))) // 64 * 64
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    best = min(_seconds(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
+    took = _seconds(lambda: a @ b, device)
+    limit = 4096 if options["device"].type == "cpu" else 16384
+    n = int(min(limit, max(256, n * (target_s / took) ** (1 / 3)))) // 64 * 64
+    a, b = torch.randn(n, n, **options), torch.randn(n, n, **options)
+    out = torch.empty(n, n, **options)
+    best = min(_seconds(lambda: torch.mm(a, b, out=out), device) for _ in range(repeats))
     return 2 * n**3 / best
 
 
-def _copy_bytes_per_s(nbytes: int, repeats: int = 3) -> float:
+def _copy_bytes_per_s(nbytes: int, repeats: int = 3, *, device=None) -> float:
     """Best memory bandwidth of a large tensor copy, counting the bytes read and the bytes written."""
     import torch
 
-    src = torch.ones(nbytes // 4)
+    src = torch.ones(nbytes // 4, device=device or torch.device("cpu"))
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: fault the pages in
-    best = min(_seconds(lambda: dst.copy_(src)) for _ in range(repeats))
+    best = min(_seconds(lambda: dst.copy_(src), device) for _ in range(repeats))
     return 2 * src.nbytes / best
 
 
-def _ping_pong_latency(rank: int, rounds: int = 100) -> float:
+def _ping_pong_latency(rank: int, rounds: int = 100, *, device=None) -> float:
     """One-way time of a 4-byte message between ranks 0 and 1: half a fast round trip.
 
     The 10th percentile, not the median: on a busy machine a round trip often waits a scheduler
@@ -579,7 +590,7 @@ def _ping_pong_latency(rank: int, rounds: int = 100) -> float:
     import torch
     import torch.distributed as dist
 
-    message = torch.zeros(1)
+    message = torch.zeros(1, device=device or torch.device("cpu"))
     times = []
     if rank in (0, 1):
         peer = 1 - rank
@@ -597,33 +608,38 @@ def _ping_pong_latency(rank: int, rounds: int = 100) -> float:
     return sorted(times)[len(times) // 10] / 2 if times else math.inf
 
 
-def _all_reduce_bus_bandwidth(nprocs: int, nbytes: int = 32 * 2**20, repeats: int = 3) -> float:
+def _all_reduce_bus_bandwidth(nprocs: int, nbytes: int = 32 * 2**20, repeats: int = 3, *, device=None) -> float:
     """Per-device, per-direction bytes/s of a large all-reduce (the ring's 2(n-1)/n bus bandwidth)."""
     import torch
     import torch.distributed as dist
 
-    tensor = torch.ones(nbytes // 4)
+    tensor = torch.ones(nbytes // 4, device=device or torch.device("cpu"))
     dist.all_reduce(tensor)  # warm-up
     best = math.inf
     for _ in range(repeats):
         dist.barrier()
-        best = min(best, _seconds(lambda: dist.all_reduce(tensor)))
+        best = min(best, _seconds(lambda: dist.all_reduce(tensor), device))
     return 2 * (nprocs - 1) / nprocs * tensor.nbytes / best
 
 
-def measure_job_cluster(*, rank: int, world_size: int, cache: bool = True) -> Cluster:
+def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool = True) -> Cluster:
     """This machine as the running job sees it, measured with the job's own workers and process group.
 
-    Collective: every worker calls it (inside ``prepare``). Same figures and cache as
-    ``measure_local_cluster``, without spawning processes. A one-worker job has no link to
+    Collective: every worker calls it (inside ``prepare``). ``device`` is the worker's device: a
+    CPU (each worker's share of the cores and memory) or an accelerator (its matmul FLOP/s in fp32
+    and bf16, its memory and bandwidth, and the links of the job's backend, e.g. NCCL). Same cache
+    as ``measure_local_cluster``, without spawning processes. A one-worker job has no link to
     measure; its link figures are placeholders that no one-worker plan uses.
     """
     import torch
     import torch.distributed as dist
 
+    device = device or torch.device("cpu")
+    accelerator = device.type != "cpu"
     distributed = dist.is_available() and dist.is_initialized() and world_size > 1
-    path = _cache_path(world_size)
-    cached = _read_cache(path, world_size) if cache and rank == 0 else None
+    key = world_size if not accelerator else f"{world_size}-{device.type}"
+    path = _cache_path(key)
+    cached = _read_cache(path, key) if cache and rank == 0 else None
     shared: list[Any] = [None if cached is None else cached.to_dict()]  # plain data: it is pickled
     if distributed:
         dist.broadcast_object_list(shared, src=0)
@@ -631,30 +647,41 @@ def measure_job_cluster(*, rank: int, world_size: int, cache: bool = True) -> Cl
         return _cluster_from_dict(shared[0], name="local")
     if distributed:
         dist.barrier()
-    flops = _matmul_flops()
+    flops = _matmul_flops(device=device)
+    bf16 = _matmul_flops(device=device, dtype=torch.bfloat16) if accelerator else 0.0
     if distributed:
         dist.barrier()
-    copy = _copy_bytes_per_s(min(128 * 2**20, _machine_memory_bytes() // (8 * world_size)))
-    slowest = torch.tensor([flops, copy], dtype=torch.float64)
+    if accelerator:
+        free, total = torch.accelerator.get_memory_info(device.index)
+        memory, copy_bytes = total, min(1 << 30, free // 8)
+    else:
+        memory = _machine_memory_bytes() // world_size
+        copy_bytes = min(128 * 2**20, _machine_memory_bytes() // (8 * world_size))
+    copy = _copy_bytes_per_s(copy_bytes, device=device)
+    slowest = torch.tensor([flops, bf16, copy], dtype=torch.float64, device=device)
     latency, link = 50e-6, 1e9  # placeholders for one worker: no plan of one worker communicates
     if distributed:
         dist.all_reduce(slowest, op=dist.ReduceOp.MIN)  # synchronous training runs at the slowest worker
-        latency = _ping_pong_latency(rank)
-        link = _all_reduce_bus_bandwidth(world_size)
+        latency = _ping_pong_latency(rank, device=device)
+        link = _all_reduce_bus_bandwidth(world_size, device=device)
     shared = [None]
     if rank == 0:  # only ranks 0 and 1 measured the latency
         threads = torch.get_num_threads()
+        peaks = {"fp32": _sig(slowest[0].item() / 1e12)}
+        if accelerator:
+            peaks["bf16"] = _sig(slowest[1].item() / 1e12)
         figure = Link(bandwidth_gbps=_sig(link / 1e9), latency_us=_sig(latency * 1e6))
-        device = DeviceSpec(
-            name=f"cpu ({threads} thread{'s' if threads > 1 else ''})",
-            memory_gb=_sig(_machine_memory_bytes() / world_size / 1e9),
-            peak_tflops={"fp32": _sig(slowest[0].item() / 1e12)},
-            memory_bandwidth_gbps=_sig(slowest[1].item() / 1e9),
+        name = f"{device.type} (measured)" if accelerator else f"cpu ({threads} thread{'s' if threads > 1 else ''})"
+        spec = DeviceSpec(
+            name=name,
+            memory_gb=_sig(memory / 1e9),
+            peak_tflops=peaks,
+            memory_bandwidth_gbps=_sig(slowest[2].item() / 1e9),
         )
         cluster = Cluster(
-            device=device, nodes=1, devices_per_node=world_size, intra_node=figure, inter_node=figure, name="local"
+            device=spec, nodes=1, devices_per_node=world_size, intra_node=figure, inter_node=figure, name="local"
         )
-        _write_cache(path, world_size, cluster)
+        _write_cache(path, key, cluster)
         shared = [cluster.to_dict()]
     if distributed:
         dist.broadcast_object_list(shared, src=0)

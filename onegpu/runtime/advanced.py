@@ -57,7 +57,10 @@ def plan_for_runtime(
     from onegpu.planner.cluster import measure_job_cluster
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    cluster = measure_job_cluster(rank=rank, world_size=world_size)  # every worker takes part
+    from onegpu.runtime.distributed import current_worker
+
+    device = current_worker().device
+    cluster = measure_job_cluster(rank=rank, world_size=world_size, device=device)  # every worker takes part
     chosen: list[Plan | BaseException | None] = [None]
     if rank == 0:
         try:
