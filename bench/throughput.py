@@ -30,8 +30,8 @@ def configs(steps: int, warmup: int) -> dict[str, list[str]]:
         "(b) onegpu, 1 worker": [*onegpu, "1", "bench/onegpu_train.py", *timing],
         "(c) onegpu, 2 workers (auto)": [*onegpu, "2", "bench/onegpu_train.py", *timing],
         "(c') onegpu, 2 workers, fsdp": [*onegpu, "2", "bench/onegpu_train.py", *timing, "--strategy", "fsdp"],
-        "(d) torchrun DDP, 2 workers": [*torchrun, "bench/baseline_ddp.py", *timing],
-        "(d) torchrun FSDP2, 2 workers": [*torchrun, "bench/baseline_fsdp.py", *timing],
+        "(d) torchrun DDP, 2 workers": [*torchrun, "bench/baseline_torchrun.py", "--strategy", "ddp", *timing],
+        "(d) torchrun FSDP2, 2 workers": [*torchrun, "bench/baseline_torchrun.py", "--strategy", "fsdp", *timing],
     }
 
 

@@ -1,10 +1,10 @@
-"""Hand-written data-parallel baseline: torchrun + DistributedDataParallel.
+"""Hand-written torchrun baselines: DistributedDataParallel, or FSDP2 (`fully_shard`) per decoder layer.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
-        bench/baseline_ddp.py [--steps 30] [--warmup 5]
+        bench/baseline_torchrun.py --strategy ddp|fsdp [--steps 30] [--warmup 5]
 
 GLOBAL_BATCH is split evenly over the ranks. Rank 0 prints one JSON line:
-{"name": "torchrun-ddp", "workers": N, "tokens_per_s": ..., "step_time_s": ...}
+{"name": "torchrun-<strategy>", "workers": N, "tokens_per_s": ..., "step_time_s": ...}
 where tokens_per_s counts the tokens of the whole global batch.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -35,6 +36,7 @@ from examples.demo_data import (  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--steps", type=int, default=30, help="total optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="leading steps not timed")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,11 +62,15 @@ def main() -> None:
     dataset = TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler, drop_last=True)
-    # Same seed on every rank; DDP also broadcasts rank 0's weights.
+    # Same seed on every rank: identical weights (DDP also broadcasts rank 0's).
     model = build_demo_model(vocab_size=len(tokenizer), seed=args.seed).to(device)
     model.train()
-    device_ids = [local_rank] if device.type == "cuda" else None
-    model = DistributedDataParallel(model, device_ids=device_ids)
+    if args.strategy == "ddp":
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    else:
+        for layer in model.model.layers:  # one all-gather / reduce-scatter unit per decoder layer
+            fully_shard(layer)
+        fully_shard(model)  # the root holds the embeddings, final norm and LM head
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 
     def batches():
@@ -81,7 +87,7 @@ def main() -> None:
             start = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
         loss = model(**batch).loss
-        loss.backward()  # DDP averages the gradients over the ranks here
+        loss.backward()  # DDP all-reduces, FSDP reduce-scatters (averages) the gradients here
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -94,7 +100,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "name": "torchrun-ddp",
+                    "name": f"torchrun-{args.strategy}",
                     "workers": world,
                     "tokens_per_s": timed * GLOBAL_BATCH * SEQ_LEN / elapsed,
                     "step_time_s": elapsed / timed,
