@@ -95,10 +95,24 @@ def build(scenario: str):
             max_position_embeddings=64,
         )
         return LlamaForCausalLM(config), PaddedTokens()
+    if scenario == "gpt2":  # tied input and output embeddings
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        return GPT2LMHeadModel(config), PaddedTokens()
     return SkipNet(), Pairs()
 
 
-def train(scenario: str, *, prepare=None, **how) -> dict:
+def train(scenario: str, *, prepare=None, clip: bool = True, evaluate: bool = True, **how) -> dict:
     """Two epochs of single-device training; returns losses, grad norms, eval loss and the model."""
     model, data = build(scenario)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -110,24 +124,31 @@ def train(scenario: str, *, prepare=None, **how) -> dict:
     for _epoch in range(2):
         model.train()
         for batch in loader:
-            local_sizes.append(len(batch["input_ids"]) if scenario == "hf" else len(batch[0]))
-            if scenario == "hf":
+            local_sizes.append(len(batch["input_ids"]) if isinstance(batch, dict) else len(batch[0]))
+            if scenario in ("hf", "gpt2"):
                 loss = model(**batch).loss
             elif scenario == "custom":
                 loss = model(*batch)
+                loss = getattr(loss, "loss", loss)  # a pipeline returns the loss as .loss
             else:  # "external": the loss is computed by the user from the model's outputs
                 x, y = batch
                 loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+            if clip:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
             losses.append(loss.item())
-    model.eval()
-    with torch.no_grad():
-        batch = next(iter(loader))
-        eval_loss = model(**batch).loss if scenario == "hf" else model(*batch) if scenario == "custom" else None
+    eval_loss = None
+    if evaluate:
+        model.eval()
+        with torch.no_grad():
+            batch = next(iter(loader))
+            if scenario in ("hf", "gpt2"):
+                eval_loss = model(**batch).loss
+            elif scenario == "custom":
+                eval_loss = model(*batch)
     return {
         "losses": losses,
         "grad_norms": norms,

@@ -28,6 +28,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     worker = current_worker()
     if worker.world_size == 1:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from onegpu.runtime.pipelined import PipelinedModel, pipeline_state_dict
+
+    if isinstance(model, PipelinedModel):
+        return pipeline_state_dict(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # 1 s to import
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -47,7 +51,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     error = None
     if worker.is_main:
         try:
-            _write_atomically(model, state, target)
+            _write_atomically(_whole(model), state, target)
         except Exception as exc:  # tell the other workers, then raise on rank 0
             error = exc
     if worker.world_size > 1:
@@ -58,6 +62,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     if error is not None:
         raise error
     return target
+
+
+def _whole(model: nn.Module) -> nn.Module:
+    """The user's model behind a pipeline stage (its class and config are what a checkpoint records)."""
+    from onegpu.runtime.pipelined import PipelinedModel
+
+    return model.model if isinstance(model, PipelinedModel) else model
 
 
 def _write_atomically(model: nn.Module, state: dict[str, torch.Tensor], target: Path) -> None:

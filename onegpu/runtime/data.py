@@ -42,17 +42,18 @@ def sync_rng(generator: torch.Generator | None, *, worker: Worker) -> None:
 class SlicedBatchSampler(Sampler[list[int]]):
     """Yields this worker's slice of each global batch of indices drawn by the user's batch sampler."""
 
-    def __init__(self, batch_sampler: Any, *, worker: Worker) -> None:
-        self.batch_sampler, self.worker = batch_sampler, worker
+    def __init__(self, batch_sampler: Any, *, worker: Worker, shard: tuple[int, int]) -> None:
+        self.batch_sampler, self.worker, self.shard = batch_sampler, worker, shard
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
         sync_rng(getattr(getattr(self.batch_sampler, "sampler", None), "generator", None), worker=self.worker)
+        rank, size = self.shard
         for indices in self.batch_sampler:
             indices = list(indices)
-            start, end = slice_bounds(len(indices), rank=self.worker.rank, world_size=self.worker.world_size)
+            start, end = slice_bounds(len(indices), rank=rank, world_size=size)
             yield indices[start:end]
 
 
@@ -99,17 +100,21 @@ def leading_size(batch: Any) -> int:
 
 
 class GlobalBatchLoader(DataLoader):
-    """The user's DataLoader, yielding this worker's slice of every global batch on its device."""
+    """The user's DataLoader, yielding this worker's slice of every global batch on its device.
 
-    def __init__(self, loader: DataLoader, *, worker: Worker) -> None:
+    ``shard`` is (index, count) among the data-parallel replicas; by default every worker is one.
+    """
+
+    def __init__(self, loader: DataLoader, *, worker: Worker, shard: tuple[int, int] | None = None) -> None:
         self.worker, self.original = worker, loader
+        self.shard = shard or (worker.rank, worker.world_size)
         self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
         if loader.batch_size is not None:  # fail now, not at the first batch
-            slice_bounds(loader.batch_size, rank=worker.rank, world_size=worker.world_size)
+            slice_bounds(loader.batch_size, rank=self.shard[0], world_size=self.shard[1])
         if self.slices_indices:
             super().__init__(
                 loader.dataset,
-                batch_sampler=SlicedBatchSampler(loader.batch_sampler, worker=worker),
+                batch_sampler=SlicedBatchSampler(loader.batch_sampler, worker=worker, shard=self.shard),
                 num_workers=loader.num_workers,
                 collate_fn=loader.collate_fn,
                 pin_memory=loader.pin_memory,
@@ -137,5 +142,5 @@ class GlobalBatchLoader(DataLoader):
     def _sliced(self, batches: Iterator[Any]) -> Iterator[Any]:
         sync_rng(self.original.generator, worker=self.worker)
         for batch in batches:
-            start, end = slice_bounds(leading_size(batch), rank=self.worker.rank, world_size=self.worker.world_size)
+            start, end = slice_bounds(leading_size(batch), rank=self.shard[0], world_size=self.shard[1])
             yield slice_batch(batch, start, end)

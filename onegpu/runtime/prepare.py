@@ -46,7 +46,9 @@ def prepare(
     worker = current_worker()
     names = [parameter_names(model, optimizer) for optimizer in optimizers]
     # loaders first: a batch the workers cannot share fails before any heavy work
-    prepared = [GlobalBatchLoader(o, worker=worker) if isinstance(o, DataLoader) else o for o in objects]
+    one_pipeline = plan is not None and plan.pp > 1  # every stage of one pipeline reads the whole batch
+    shard = (0, 1) if one_pipeline else None
+    prepared = [GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects]
 
     if plan is None:
         plan = _choose_plan(model, optimizers, loaders, worker=worker, strategy=strategy, budget_gb=memory_budget_gb)
@@ -65,6 +67,11 @@ def prepare(
             file=sys.stderr,
             flush=True,
         )
+    if plan.pp > 1:
+        pipelined = _pipeline(model, plan, worker=worker)
+        pipelined.onegpu_plan = plan
+        prepared = [pipelined if o is model else o for o in prepared]
+        return prepared[0] if len(prepared) == 1 else tuple(prepared)
     _parallelize(model, plan, worker=worker)
     for optimizer, groups in zip(optimizers, names):
         repoint(optimizer, model, groups)
@@ -118,8 +125,14 @@ def _check_executable(plan: Plan) -> None:
         what
         for what, needed in (
             (f"tp={plan.tp}", plan.tp > 1),
-            (f"pp={plan.pp}", plan.pp > 1),
-            (f"{plan.microbatches} micro-batches", plan.microbatches > 1),
+            (f"pp={plan.pp} with dp={plan.dp}", plan.pp > 1 and plan.dp > 1),
+            (f"schedule={plan.schedule}", plan.schedule not in ("none", "gpipe", "1f1b")),
+            (
+                f"pp={plan.pp} with checkpointing, sharding or offload",
+                plan.pp > 1
+                and (plan.activation_checkpointing != "none" or plan.sharding != "none" or plan.offload != "none"),
+            ),
+            (f"{plan.microbatches} accumulation steps", plan.pp == 1 and plan.microbatches > 1),
             (f"sharding={plan.sharding}", plan.sharding in ("optimizer", "hybrid")),
             (f"offload={plan.offload}", plan.offload == "optimizer"),
             (f"precision={plan.precision}", plan.precision != "fp32"),
@@ -131,6 +144,23 @@ def _check_executable(plan: Plan) -> None:
         raise UsageError(
             f"this plan needs {', '.join(missing)}, which the runtime cannot execute yet: use {EXECUTABLE}"
         )
+
+
+def _pipeline(model: nn.Module, plan: Plan, *, worker: Worker) -> nn.Module:
+    """This worker's pipeline stage of ``model``, cut where the blocks' parameters balance the stages."""
+    from onegpu.parallel.pipeline import balanced_cuts
+    from onegpu.runtime.pipelined import PipelinedModel
+
+    _check_executable(plan)
+    blocks = repeated_blocks(model)
+    costs = [float(sum(p.numel() for p in b.parameters())) for b in blocks]
+    rest = float(sum(p.numel() for p in model.parameters())) - sum(costs)
+    cuts = balanced_cuts(costs, stages=plan.pp, first_extra=rest / 2, last_extra=rest / 2)
+    if is_on_meta(model):
+        raise UsageError("a pipeline plan cannot start from a meta-device model yet: build the model on the CPU")
+    model.to(worker.device)
+    broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts)
 
 
 def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:

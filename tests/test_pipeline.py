@@ -1,0 +1,58 @@
+"""A 2-stage pipeline trains like one device, with the user's loop unchanged.
+
+HF Llama and a hand-written model whose skip connection spans every block (its input projection
+is used on both stages: their gradients are summed); GPipe and 1F1B; each against the same code
+run as a plain single process: the same per-step losses (rtol 1e-5) and final parameters (atol 1e-5).
+GPT-2 is not here yet: its pipelined losses differ (see the session note).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_onegpu
+from scenarios import build, train
+from test_single_device_equivalence import load_checkpoint
+
+SCENARIOS = ("hf", "custom")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    result = run_onegpu("run", "--workers", "2", "tests/scripts/train_pipeline.py", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "strategy: dp1-tp1-pp2" in result.stderr
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pipeline_trains_like_one_device(pipeline_run, scenario, schedule):
+    out, results = pipeline_run
+    reference = train(scenario, clip=False, evaluate=False)
+    run = results[f"{scenario}-{schedule}"]
+    assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert run["model_class"] == "PipelinedModel"
+    trained = load_checkpoint(scenario, out / f"{scenario}-{schedule}")
+    expected = dict(reference["model"].named_parameters())
+    for name, param in trained.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-5, msg=f"{name} differs")
+
+
+def test_a_loss_changed_after_the_forward_is_reported(pipeline_run):
+    _, results = pipeline_run
+    assert results["changed_loss"].startswith("under a pipeline plan the backward runs inside the pipeline")
+
+
+def test_stages_are_balanced_by_cost():
+    from onegpu.parallel.pipeline import balanced_cuts
+
+    assert balanced_cuts([1.0] * 8, stages=2) == [4]
+    assert balanced_cuts([1.0] * 8, stages=2, first_extra=0.0, last_extra=4.0) == [6]  # a heavy LM head
+    assert balanced_cuts([1.0] * 6, stages=3) == [2, 4]
+    model, _ = build("custom")
+    assert len(model.blocks) == 3
