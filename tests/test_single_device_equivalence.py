@@ -15,7 +15,7 @@ from conftest import run_onegpu
 from safetensors.torch import load_file
 from scenarios import build, train
 
-SCENARIOS = ("hf", "custom", "external")
+SCENARIOS = ("hf", "gpt2", "custom", "external")
 STRATEGIES = ("ddp", "fsdp")
 WORKERS = (1, 2, 3)
 # activation checkpointing and offload (run on 2 workers; see tests/scripts/train_scenarios.py)
@@ -39,7 +39,7 @@ def onegpu_runs(tmp_path_factory):
 
 
 def load_checkpoint(scenario: str, path):
-    if scenario == "hf":
+    if scenario in ("hf", "gpt2"):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(path)
@@ -64,9 +64,9 @@ def test_same_training_as_one_device(reference, onegpu_runs, scenario, strategy,
     if workers > 1:
         assert run["model_class"].startswith("DDP" if "ddp" in strategy else "FSDP")
     expected_checkpointed = {
-        "fsdp-checkpoint-offload": 2 if scenario == "hf" else 3,
+        "fsdp-checkpoint-offload": 2 if scenario in ("hf", "gpt2") else 3,
         "zero2-checkpoint-1": 1,
-        "ddp-checkpoint-full": 2 if scenario == "hf" else 3,
+        "ddp-checkpoint-full": 2 if scenario in ("hf", "gpt2") else 3,
     }.get(strategy, 0)
     assert run["checkpointed_blocks"] == expected_checkpointed
     trained = load_checkpoint(scenario, out / f"{scenario}-{strategy}")

@@ -37,6 +37,8 @@ def counted_label_tokens(module: nn.Module, kwargs: dict[str, Any]) -> int | Non
     """Label tokens a Hugging Face token-level loss averages over, or None for other models."""
     labels = kwargs.get("labels")
     loss_type = getattr(module, "loss_type", None)
+    if loss_type is None and hasattr(module, "loss_function") and type(module).__name__.endswith("LMHeadModel"):
+        loss_type = "ForCausalLM"  # what HF itself falls back to for these (GPT-2 and its kind)
     if not torch.is_tensor(labels) or loss_type not in TOKEN_LOSSES or "num_items_in_batch" in kwargs:
         return None
     if loss_type in SHIFTED_LOSSES:

@@ -16,7 +16,7 @@ from onegpu.planner.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
 results = {}
-for scenario in ("hf", "custom"):
+for scenario in ("hf", "gpt2", "custom"):
     for schedule in ("gpipe", "1f1b"):
         run = train(
             scenario,

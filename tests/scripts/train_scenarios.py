@@ -22,7 +22,7 @@ MEMORY_PLANS = {
     "ddp-checkpoint-full": Plan(dp=2, sharding="none", activation_checkpointing="full"),
 }
 results = {}
-for scenario in ("hf", "custom", "external"):
+for scenario in ("hf", "gpt2", "custom", "external"):
     hows = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"}}
     if world == 2:
         hows.update({name: {"plan": plan} for name, plan in MEMORY_PLANS.items()})
