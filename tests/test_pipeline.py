@@ -20,27 +20,50 @@ SCENARIOS = ("hf", "gpt2", "custom")
 pytestmark = pytest.mark.slow
 
 
+def launch(tmp_path_factory, workers: int):
+    out = tmp_path_factory.mktemp(f"pipeline{workers}")
+    result = run_onegpu("run", "--workers", str(workers), "tests/scripts/train_pipeline.py", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"strategy: dp{workers // 2}-tp1-pp2" in result.stderr
+    return out, json.loads((out / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    result = run_onegpu("run", "--workers", "2", "tests/scripts/train_pipeline.py", str(out), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "strategy: dp1-tp1-pp2" in result.stderr
-    return out, json.loads((out / "results.json").read_text())
+    return launch(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def pipeline_by_data_run(tmp_path_factory):
+    return launch(tmp_path_factory, 4)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {s: train(s, clip=False, evaluate=False) for s in SCENARIOS}
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_pipeline_trains_like_one_device(pipeline_run, scenario, schedule):
-    out, results = pipeline_run
-    reference = train(scenario, clip=False, evaluate=False)
-    run = results[f"{scenario}-{schedule}"]
+def test_pipeline_trains_like_one_device(pipeline_run, reference, scenario, schedule):
+    check(pipeline_run, reference[scenario], scenario, schedule)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pipeline_times_data_parallel_trains_like_one_device(pipeline_by_data_run, reference, scenario):
+    check(pipeline_by_data_run, reference[scenario], scenario, "dp2-gpipe")
+    assert pipeline_by_data_run[1][f"{scenario}-dp2-gpipe"]["local_batch_sizes"] == [3] * 8  # replica 0's slice
+
+
+def check(launched, reference, scenario: str, name: str) -> None:
+    out, results = launched
+    run = results[f"{scenario}-{name}"]
     assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     assert run["model_class"] == "PipelinedModel"
-    trained = load_checkpoint("hf" if scenario == "gpt2" else scenario, out / f"{scenario}-{schedule}")
+    trained = load_checkpoint("hf" if scenario == "gpt2" else scenario, out / f"{scenario}-{name}")
     expected = dict(reference["model"].named_parameters())
-    for name, param in trained.named_parameters():
-        torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-5, msg=f"{name} differs")
+    for key, param in trained.named_parameters():
+        torch.testing.assert_close(param, expected[key], rtol=0, atol=1e-5, msg=f"{key} differs")
 
 
 def test_a_loss_changed_after_the_forward_is_reported(pipeline_run):

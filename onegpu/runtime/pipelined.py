@@ -46,29 +46,42 @@ class MicroBatchLoss:
     then already a share); other models' mean losses are weighted by their number of samples.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.samples, self.counted = model, 1, False
+    def __init__(self, model: nn.Module, *, data_group=None) -> None:
+        self.model, self.data_group = model, data_group
+        self.samples, self.global_samples, self.counted = 1, 1, False
 
     def inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-        """The model's inputs for the schedule, and a per-sample target that carries micro-batch sizes."""
+        """The model's inputs for the schedule, and a per-sample target that carries micro-batch sizes.
+
+        Counts are summed over the data-parallel replicas: each pipeline's loss is its share of the
+        global batch's.
+        """
         first = next(v for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0)
         self.samples = first.shape[0]
         count = counted_label_tokens(self.model, inputs)
         self.counted = count is not None
+        totals = torch.tensor([float(count or 0), float(self.samples)], dtype=torch.float64, device=first.device)
+        if self.data_group is not None:
+            dist.all_reduce(totals, group=self.data_group)
+        self.global_samples = int(totals[1])
         if self.counted:
-            inputs = {**inputs, "num_items_in_batch": torch.tensor(count, device=first.device)}
+            inputs = {**inputs, "num_items_in_batch": torch.tensor(int(totals[0]), device=first.device)}
         return inputs, torch.ones(self.samples, device=first.device)
 
     def __call__(self, loss: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-        return loss if self.counted else loss * (samples.numel() / self.samples)
+        return loss if self.counted else loss * (samples.numel() / self.global_samples)
 
 
 class PipelinedModel(nn.Module):
     """This worker's pipeline stage, called like the whole model."""
 
-    def __init__(self, model: nn.Module, *, plan, worker, cuts: list[int]) -> None:
+    def __init__(self, model: nn.Module, *, plan, worker, cuts: list[int], mesh) -> None:
         super().__init__()
-        self.loss = MicroBatchLoss(model)
+        self.pipe_group = mesh["pp"].get_group()
+        self.data_group = mesh["dp"].get_group() if plan.dp > 1 else None
+        self.stage_index = mesh["pp"].get_local_rank()
+        self.last_rank = dist.get_global_rank(self.pipe_group, plan.pp - 1)
+        self.loss = MicroBatchLoss(model, data_group=self.data_group)
         self.plan, self.worker, self.cuts = plan, worker, cuts
         self.parts: pp.PipelineParts | None = None  # built at the first batch, which shows the inputs
         self.model = model
@@ -107,33 +120,39 @@ class PipelinedModel(nn.Module):
             self.parts = pp.build(
                 self.model,
                 cuts=self.cuts,
-                stage_index=self.worker.rank,
+                stage_index=self.stage_index,
                 num_stages=self.plan.pp,
                 device=self.worker.device,
-                group=None,
+                group=self.pipe_group,
                 schedule=self.plan.schedule,
                 microbatches=self.plan.microbatches,
                 loss_fn=self.loss,
                 inputs=inputs,
             )
-        last = self.worker.rank == self.plan.pp - 1
+        last = self.stage_index == self.plan.pp - 1
         losses: list[torch.Tensor] = []
         self._in_step = True
         try:
-            if self.worker.rank == 0:
+            if self.stage_index == 0:
                 self.parts.schedule.step(**inputs, return_outputs=False)
             else:
                 self.parts.schedule.step(
                     **inputs, target=target if last else None, losses=losses if last else None, return_outputs=False
                 )
-            pp.sum_shared_gradients(self.model)
+            pp.sum_shared_gradients(self.model, group=self.pipe_group)
+            if self.data_group is not None:  # each replica's gradient is its share: sum them
+                for param in self.model.parameters():
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad, group=self.data_group)
             self.used |= {name for name, p in self.model.named_parameters() if p.grad is not None}
         finally:
             self._in_step = False
         total = torch.zeros((), dtype=torch.float64, device=self.anchor.device)
         if last:
             total += sum(loss.detach().double() for loss in losses)
-        dist.broadcast(total, src=self.plan.pp - 1)
+        dist.broadcast(total, src=self.last_rank, group=self.pipe_group)
+        if self.data_group is not None:
+            dist.all_reduce(total, group=self.data_group)
         return SimpleNamespace(loss=_PipelineLoss.apply(self.anchor, float(total)))
 
 

@@ -46,8 +46,9 @@ def prepare(
     worker = current_worker()
     names = [parameter_names(model, optimizer) for optimizer in optimizers]
     # loaders first: a batch the workers cannot share fails before any heavy work
-    one_pipeline = plan is not None and plan.pp > 1  # every stage of one pipeline reads the whole batch
-    shard = (0, 1) if one_pipeline else None
+    shard = None
+    if plan is not None and plan.pp > 1:  # every stage of one pipeline reads its replica's whole slice
+        shard = (worker.rank // plan.pp, plan.dp)
     prepared = [GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects]
 
     if plan is None:
@@ -125,7 +126,6 @@ def _check_executable(plan: Plan) -> None:
         what
         for what, needed in (
             (f"tp={plan.tp}", plan.tp > 1),
-            (f"pp={plan.pp} with dp={plan.dp}", plan.pp > 1 and plan.dp > 1),
             (f"schedule={plan.schedule}", plan.schedule not in ("none", "gpipe", "1f1b")),
             (
                 f"pp={plan.pp} with checkpointing, sharding or offload",
@@ -158,9 +158,13 @@ def _pipeline(model: nn.Module, plan: Plan, *, worker: Worker) -> nn.Module:
     cuts = balanced_cuts(costs, stages=plan.pp, first_extra=rest / 2, last_extra=rest / 2)
     if is_on_meta(model):
         raise UsageError("a pipeline plan cannot start from a meta-device model yet: build the model on the CPU")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # pipeline stages are neighbours (inside a node), data-parallel replicas outermost
+    mesh = init_device_mesh(worker.device.type, (plan.dp, plan.pp), mesh_dim_names=("dp", "pp"))
     model.to(worker.device)
     broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
-    return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts)
+    return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts, mesh=mesh)
 
 
 def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:

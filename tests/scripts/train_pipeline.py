@@ -1,6 +1,11 @@
-"""Worker script: the scenarios on a 2-stage pipeline (GPipe and 1F1B); rank 0 writes results.json + checkpoints."""
+"""Worker script: the scenarios on a 2-stage pipeline; rank 0 writes results.json + checkpoints.
+
+2 workers: one pipeline, GPipe and 1F1B, 5 micro-batches of 1 sample. 4 workers: two data-parallel
+replicas of it (slices of 3 and 2 samples, one micro-batch each) on one 2D mesh.
+"""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,26 +20,24 @@ from onegpu.errors import UsageError  # noqa: E402
 from onegpu.planner.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world == 4:
+    plans = {"dp2-gpipe": Plan(dp=2, pp=2, microbatches=1, schedule="gpipe")}
+else:
+    plans = {schedule: Plan(dp=1, pp=2, microbatches=5, schedule=schedule) for schedule in ("gpipe", "1f1b")}
 results = {}
 for scenario in ("hf", "gpt2", "custom"):
-    for schedule in ("gpipe", "1f1b"):
-        run = train(
-            scenario,
-            prepare=onegpu.prepare,
-            plan=Plan(dp=1, pp=2, microbatches=5, schedule=schedule),
-            clip=False,
-            evaluate=False,
-        )
-        onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{schedule}")
-        results[f"{scenario}-{schedule}"] = run
+    for name, plan in plans.items():
+        run = train(scenario, prepare=onegpu.prepare, plan=plan, clip=False, evaluate=False)
+        onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{name}")
+        results[f"{scenario}-{name}"] = run
 
 # a loss changed after the forward cannot be honoured by a pipeline: it is reported, not silently wrong
 model, data = build("custom")
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 loader = torch.utils.data.DataLoader(data, batch_size=4)
-model, optimizer, loader = onegpu.prepare(
-    model, optimizer, loader, plan=Plan(dp=1, pp=2, microbatches=2, schedule="gpipe")
-)
+plan = Plan(dp=world // 2, pp=2, microbatches=1, schedule="gpipe")
+model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
 x, y = next(iter(loader))
 try:
     (model(x, y).loss * 2).backward()
