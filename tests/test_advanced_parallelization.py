@@ -16,7 +16,7 @@ def runs(tmp_path_factory):
         "run", "--workers", "2", "tests/scripts/advanced.py", str(out), timeout=600, env={"ONEGPU_HOME": str(home)}
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("advanced parallelization:") == 3  # logged once per prepare(), by rank 0
+    assert result.stderr.count("advanced parallelization:") == 4  # logged once per prepare(), by rank 0
     return json.loads(out.read_text())
 
 
@@ -40,7 +40,7 @@ def test_pins_reach_the_runtime(runs):
 
 
 def test_every_worker_trains_the_same_plan_and_sees_the_same_global_loss(runs):
-    for name in ("generous", "tight", "pinned"):
+    for name in ("generous", "tight", "pinned", "pipeline"):
         assert runs[0][name]["plan"] == runs[1][name]["plan"]
         assert runs[0][name]["losses"] == runs[1][name]["losses"]
         assert runs[0][name]["losses"][-1] < runs[0][name]["losses"][0]
@@ -49,3 +49,9 @@ def test_every_worker_trains_the_same_plan_and_sees_the_same_global_loss(runs):
 def test_a_budget_nothing_fits_is_a_clear_error_on_every_worker(runs):
     for worker in runs:
         assert worker["impossible"]["error"].startswith("no plan fits: the smallest needs ")
+
+
+def test_a_pinned_pipeline_runs_on_the_pipeline_runtime(runs):
+    plan = runs[0]["pipeline"]["plan"]
+    assert (plan["pp"], plan["dp"]) == (2, 1) and plan["schedule"] in ("gpipe", "1f1b")
+    assert plan["sharding"] == "none" and plan["activation_checkpointing"] == "none"  # all pp>1 runs with today

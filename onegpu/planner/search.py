@@ -31,6 +31,8 @@ class Capabilities:
     offloads: tuple[str, ...] = OFFLOADS
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     accumulation: bool = True
+    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
+    pipeline_with_memory_techniques: bool = True  # sharding, checkpointing or offload together with pp > 1
 
 
 EVERYTHING = Capabilities()
@@ -182,19 +184,26 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         for dp, tp, pp in layouts:
             for m in _microbatches(global_batch // dp, pp, pins, caps):
                 any_microbatches = True
-                schedules = ["none"] if pp == 1 else ["gpipe", "1f1b", "interleaved"]
+                schedules = (
+                    ["none"] if pp == 1 else [s for s in ("gpipe", "1f1b", "interleaved") if s in caps.schedules]
+                )
                 if pins.schedule is not None:
-                    schedules = [pins.schedule] if pp > 1 else []
+                    schedules = [pins.schedule] if pp > 1 and pins.schedule in caps.schedules else []
                 for schedule in schedules:
                     if schedule == "interleaved" and (stage_blocks(profile, pp) < 2 or m % pp):
                         continue
+                    plain_pipeline = pp > 1 and not caps.pipeline_with_memory_techniques
+                    if plain_pipeline and pins.activation_checkpointing not in (None, "none", 0):
+                        continue
                     for sharding in shardings:
-                        if dp == 1 and sharding != "none":
+                        if (dp == 1 or plain_pipeline) and sharding != "none":
                             continue
                         if sharding == "hybrid" and (cluster.nodes == 1 or dp <= cluster.devices_per_node // (tp * pp)):
                             continue
                         for offload in offloads:
                             if offload == "parameters" and sharding not in ("parameters", "hybrid"):
+                                continue
+                            if plain_pipeline and offload != "none":
                                 continue
                             base = Plan(
                                 dp=dp,
@@ -206,7 +215,9 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
                                 offload=offload,
                                 precision=precision,
                             )
-                            found = _with_checkpointing(base, work, cluster, pins, budget, tally)
+                            found = _with_checkpointing(
+                                base, work, cluster, pins, budget, tally, allowed=not plain_pipeline
+                            )
                             yield found
                             if found.predicted.memory_per_device_bytes <= budget:
                                 break  # offloading more is only slower
@@ -217,7 +228,9 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         )
 
 
-def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
+def _with_checkpointing(
+    base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally, *, allowed: bool = True
+) -> Plan:
     """The plan with the fewest checkpointed blocks that fits (more only costs recomputation)."""
     blocks = stage_blocks(work.profile, base.pp)
 
@@ -229,7 +242,10 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
         tally.candidates += 1
         return sum(memory(candidate, work, cluster).values())
 
-    if pins.activation_checkpointing is not None:
+    if not allowed:
+        chosen = base
+        size(chosen)
+    elif pins.activation_checkpointing is not None:
         chosen = replace(base, activation_checkpointing=pins.activation_checkpointing)
         if isinstance(pins.activation_checkpointing, int) and pins.activation_checkpointing > blocks:
             raise UsageError(

@@ -17,11 +17,13 @@ from onegpu.planner.search import Capabilities
 # What the runtime can execute today; the planner offers nothing else to prepare().
 RUNTIME = Capabilities(
     tp=False,
-    pp=False,
+    pp=True,
     shardings=("none", "gradients", "parameters"),
     offloads=("none", "parameters"),
     precisions=("fp32",),
     accumulation=False,
+    schedules=("gpipe", "1f1b"),
+    pipeline_with_memory_techniques=False,
 )
 
 _pins: dict[str, Any] | None = None

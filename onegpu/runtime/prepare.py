@@ -69,6 +69,11 @@ def prepare(
             flush=True,
         )
     if plan.pp > 1:
+        if shard is None:  # the planner chose a pipeline: each replica's stages read the replica's slice
+            shard = (worker.rank // plan.pp, plan.dp)
+            prepared = [
+                GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects
+            ]
         pipelined = _pipeline(model, plan, worker=worker)
         pipelined.onegpu_plan = plan
         prepared = [pipelined if o is model else o for o in prepared]
