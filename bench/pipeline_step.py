@@ -1,0 +1,52 @@
+"""One timed configuration for bench/pipeline_bubble.py: the demo model, plain (1 worker) or as a 2-stage pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+import onegpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, build_demo_model, load_tokenizer  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--schedule", default="gpipe")
+parser.add_argument("--microbatches", type=int, default=4)
+parser.add_argument("--steps", type=int, default=12)
+parser.add_argument("--warmup", type=int, default=3)
+args = parser.parse_args()
+tokenizer = load_tokenizer()
+loader = DataLoader(
+    TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer, max_bytes=2_000_000),
+    batch_size=GLOBAL_BATCH,
+    shuffle=True,
+    drop_last=True,
+    generator=torch.Generator().manual_seed(0),
+)
+model = build_demo_model(vocab_size=len(tokenizer))
+optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+world = int(os.environ.get("WORLD_SIZE", "1"))
+plan = onegpu.Plan(dp=1, pp=world, microbatches=args.microbatches, schedule=args.schedule) if world > 1 else None
+model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
+batches = iter(loader)
+for step in range(args.steps):
+    if step == args.warmup:
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+    loss = model(**next(batches)).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+if dist.is_initialized():
+    dist.barrier()
+print(json.dumps({"step_s": (time.perf_counter() - start) / (args.steps - args.warmup)}))
