@@ -14,7 +14,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import onegpu
 from onegpu.planner.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import time_steps  # noqa: E402
 from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -69,21 +69,7 @@ else:
     model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
 plan = model.onegpu_plan
 
-batches = iter(loader)
-losses = []
-for step in range(args.steps):
-    if step == args.warmup:
-        if dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-    loss = model(**next(batches)).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    losses.append(loss.item())
-if dist.is_initialized():
-    dist.barrier()
-step_time = (time.perf_counter() - start) / (args.steps - args.warmup)
+step_time, losses = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 peaks = [peak]
 if dist.is_initialized():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 import onegpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import time_steps  # noqa: E402
 from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, build_demo_model, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
@@ -41,36 +41,15 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, strategy=args.strategy)
 
 
-def batches():
-    while True:
-        yield from loader
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-stream = batches()
-for step in range(args.steps):
-    if step == args.warmup:
-        barrier()
-        start = time.perf_counter()
-    loss = model(**next(stream)).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-barrier()
-elapsed = time.perf_counter() - start
-timed = args.steps - args.warmup
+step_time, _ = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
 world = dist.get_world_size() if dist.is_initialized() else 1
 print(
     json.dumps(
         {
             "name": f"onegpu-{model.onegpu_plan.strategy}",
             "workers": world,
-            "tokens_per_s": timed * GLOBAL_BATCH * SEQ_LEN / elapsed,
-            "step_time_s": elapsed / timed,
+            "tokens_per_s": GLOBAL_BATCH * SEQ_LEN / step_time,
+            "step_time_s": step_time,
         }
     )
 )

@@ -6,16 +6,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import onegpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import time_steps  # noqa: E402
 from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, build_demo_model, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -37,16 +36,5 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 world = int(os.environ.get("WORLD_SIZE", "1"))
 plan = onegpu.Plan(dp=1, pp=world, microbatches=args.microbatches, schedule=args.schedule) if world > 1 else None
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
-batches = iter(loader)
-for step in range(args.steps):
-    if step == args.warmup:
-        if dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-    loss = model(**next(batches)).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-if dist.is_initialized():
-    dist.barrier()
-print(json.dumps({"step_s": (time.perf_counter() - start) / (args.steps - args.warmup)}))
+step_time, _ = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
+print(json.dumps({"step_s": step_time}))
