@@ -79,3 +79,26 @@ def test_stages_are_balanced_by_cost():
     assert balanced_cuts([1.0] * 6, stages=3) == [2, 4]
     model, _ = build("custom")
     assert len(model.blocks) == 3
+
+
+def test_a_heavy_head_leaves_fewer_blocks_on_the_last_stage():
+    """Cuts follow the planner's FLOPs: a large vocabulary's head and loss weigh on the last stage."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from onegpu.runtime.prepare import pipeline_cuts
+
+    def cut(vocab: int) -> list[int]:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        ids = torch.zeros(2, 32, dtype=torch.long)
+        return pipeline_cuts(LlamaForCausalLM(config), stages=2, sample={"input_ids": ids, "labels": ids})
+
+    assert cut(64) == [4]
+    assert cut(32000)[0] > 4

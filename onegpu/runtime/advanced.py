@@ -89,8 +89,8 @@ def _search(model, *, cluster, optimizer, sample, global_batch, budget_bytes, pi
     from onegpu.planner.search import plan
 
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget_bytes / 1e9))
-    seq_len = _seq_len(sample)
-    one = _first_sample(sample)
+    seq_len = sequence_length(sample)
+    one = first_sample(sample)
     profile = analyze(model, seq_len=seq_len, precision="fp32", sample=None if hasattr(model, "config") else one)
     return plan(
         profile,
@@ -104,18 +104,18 @@ def _search(model, *, cluster, optimizer, sample, global_batch, budget_bytes, pi
     )
 
 
-def _seq_len(sample: Any) -> int:
+def sequence_length(sample: Any) -> int:
     ids = sample.get("input_ids") if isinstance(sample, dict) else None
     return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() > 1 else 1
 
 
-def _first_sample(sample: Any) -> Any:
+def first_sample(sample: Any) -> Any:
     if torch.is_tensor(sample):
         return sample[:1]
     if isinstance(sample, dict):
-        return {k: _first_sample(v) for k, v in sample.items()}
+        return {k: first_sample(v) for k, v in sample.items()}
     if isinstance(sample, (list, tuple)):
-        return type(sample)(_first_sample(v) for v in sample)
+        return type(sample)(first_sample(v) for v in sample)
     return sample
 
 

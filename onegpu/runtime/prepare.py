@@ -74,7 +74,7 @@ def prepare(
             prepared = [
                 GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects
             ]
-        pipelined = _pipeline(model, plan, worker=worker)
+        pipelined = _pipeline(model, plan, loaders, worker=worker)
         pipelined.onegpu_plan = plan
         prepared = [pipelined if o is model else o for o in prepared]
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
@@ -151,16 +151,37 @@ def _check_executable(plan: Plan) -> None:
         )
 
 
-def _pipeline(model: nn.Module, plan: Plan, *, worker: Worker) -> nn.Module:
-    """This worker's pipeline stage of ``model``, cut where the blocks' parameters balance the stages."""
+def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[int]:
+    """Where to cut ``model`` into ``stages``: balanced by the planner's per-block FLOPs (forward and
+    backward; the head and loss on the last stage), or by parameter counts when it cannot be analysed."""
     from onegpu.parallel.pipeline import balanced_cuts
+    from onegpu.planner.analysis import analyze
+    from onegpu.runtime.advanced import first_sample, sequence_length
+
+    blocks = repeated_blocks(model)
+    if sample is not None:
+        try:
+            config_only = hasattr(model, "config")
+            profile = analyze(
+                model, seq_len=sequence_length(sample), sample=None if config_only else first_sample(sample)
+            )
+        except UsageError:
+            profile = None
+        if profile is not None and len(profile.blocks) == len(blocks):
+            costs = [b.fwd_flops + b.bwd_flops for b in profile.blocks]
+            return balanced_cuts(costs, stages=stages, last_extra=profile.rest.fwd_flops + profile.rest.bwd_flops)
+    costs = [float(sum(p.numel() for p in b.parameters())) for b in blocks]
+    rest = float(sum(p.numel() for p in model.parameters())) - sum(costs)
+    return balanced_cuts(costs, stages=stages, first_extra=rest / 2, last_extra=rest / 2)
+
+
+def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker: Worker) -> nn.Module:
+    """This worker's pipeline stage of ``model``."""
     from onegpu.runtime.pipelined import PipelinedModel
 
     _check_executable(plan)
-    blocks = repeated_blocks(model)
-    costs = [float(sum(p.numel() for p in b.parameters())) for b in blocks]
-    rest = float(sum(p.numel() for p in model.parameters())) - sum(costs)
-    cuts = balanced_cuts(costs, stages=plan.pp, first_extra=rest / 2, last_extra=rest / 2)
+    sample = _sample_slice(loaders[0], world_size=plan.dp) if loaders else None
+    cuts = pipeline_cuts(model, stages=plan.pp, sample=sample)
     if is_on_meta(model):
         raise UsageError("a pipeline plan cannot start from a meta-device model yet: build the model on the CPU")
     from torch.distributed.device_mesh import init_device_mesh
