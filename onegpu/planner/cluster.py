@@ -489,14 +489,40 @@ def _measure(workers: int) -> Cluster:
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
-    link = Link(bandwidth_gbps=_sig(figures["link_bytes_per_s"] / 1e9), latency_us=_sig(figures["latency_s"] * 1e6))
-    device = DeviceSpec(
-        name=f"cpu ({threads} thread{'s' if threads > 1 else ''})",
-        memory_gb=_sig(memory / workers / 1e9),
-        peak_tflops={"fp32": _sig(figures["flops"] / 1e12)},
-        memory_bandwidth_gbps=_sig(figures["memory_bytes_per_s"] / 1e9),
+    return _measured_node(
+        name=_cpu_name(threads),
+        devices=workers,
+        device_memory_bytes=memory / workers,
+        flops_per_s={"fp32": figures["flops"]},
+        memory_bytes_per_s=figures["memory_bytes_per_s"],
+        link_bytes_per_s=figures["link_bytes_per_s"],
+        latency_s=figures["latency_s"],
     )
-    return Cluster(device=device, nodes=1, devices_per_node=workers, intra_node=link, inter_node=link, name="local")
+
+
+def _cpu_name(threads: int) -> str:
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def _measured_node(
+    *,
+    name: str,
+    devices: int,
+    device_memory_bytes: float,
+    flops_per_s: dict[str, float],
+    memory_bytes_per_s: float,
+    link_bytes_per_s: float,
+    latency_s: float,
+) -> Cluster:
+    """One node of ``devices`` measured devices; its one link serves inside and across nodes."""
+    link = Link(bandwidth_gbps=_sig(link_bytes_per_s / 1e9), latency_us=_sig(latency_s * 1e6))
+    device = DeviceSpec(
+        name=name,
+        memory_gb=_sig(device_memory_bytes / 1e9),
+        peak_tflops={precision: _sig(flops / 1e12) for precision, flops in flops_per_s.items()},
+        memory_bandwidth_gbps=_sig(memory_bytes_per_s / 1e9),
+    )
+    return Cluster(device=device, nodes=1, devices_per_node=devices, intra_node=link, inter_node=link, name="local")
 
 
 def _sig(value: float) -> float:
@@ -666,20 +692,17 @@ def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool 
         link = _all_reduce_bus_bandwidth(world_size, device=device)
     shared = [None]
     if rank == 0:  # only ranks 0 and 1 measured the latency
-        threads = torch.get_num_threads()
-        peaks = {"fp32": _sig(slowest[0].item() / 1e12)}
+        peaks = {"fp32": slowest[0].item()}
         if accelerator:
-            peaks["bf16"] = _sig(slowest[1].item() / 1e12)
-        figure = Link(bandwidth_gbps=_sig(link / 1e9), latency_us=_sig(latency * 1e6))
-        name = f"{device.type} (measured)" if accelerator else f"cpu ({threads} thread{'s' if threads > 1 else ''})"
-        spec = DeviceSpec(
-            name=name,
-            memory_gb=_sig(memory / 1e9),
-            peak_tflops=peaks,
-            memory_bandwidth_gbps=_sig(slowest[2].item() / 1e9),
-        )
-        cluster = Cluster(
-            device=spec, nodes=1, devices_per_node=world_size, intra_node=figure, inter_node=figure, name="local"
+            peaks["bf16"] = slowest[1].item()
+        cluster = _measured_node(
+            name=f"{device.type} (measured)" if accelerator else _cpu_name(torch.get_num_threads()),
+            devices=world_size,
+            device_memory_bytes=memory,
+            flops_per_s=peaks,
+            memory_bytes_per_s=slowest[2].item(),
+            link_bytes_per_s=link,
+            latency_s=latency,
         )
         _write_cache(path, key, cluster)
         shared = [cluster.to_dict()]
