@@ -10,12 +10,9 @@ why DDP lost, and every worker's measured peak resident memory against the budge
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import json_result
 
 
 def main() -> None:
@@ -39,10 +36,7 @@ def main() -> None:
         "--warmup",
         "2",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    r = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    r = json_result(command)
     print(f"budget per worker:      {args.budget_gb:.2f} GiB = {args.budget_gb * 2**30 / 1e9:.2f} GB")
     print(f"plan chosen:            {r['plan']}")
     for other in r["others"]:

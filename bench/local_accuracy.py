@@ -10,12 +10,9 @@ worker's peak resident set, the largest over workers).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import json_result
 
 
 def main() -> None:
@@ -42,11 +39,11 @@ def main() -> None:
                     checkpointing,
                     *(["--large"] if args.large else []),
                 ]
-                result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-                if result.returncode != 0:
-                    print(f"{workers:>7}  {sharding}/{checkpointing} failed: {result.stderr.strip().splitlines()[-1]}")
+                try:
+                    r = json_result(command)
+                except SystemExit as failure:
+                    print(f"{workers:>7}  {sharding}/{checkpointing} failed: {str(failure).strip().splitlines()[-1]}")
                     continue
-                r = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
                 print(
                     f"{workers:>7}  {r['plan']:46} {r['measured_step_s']:11.3f} {r['predicted_step_s']:7.3f} "
                     f"{r['predicted_step_s'] / r['measured_step_s']:6.2f} {r['measured_peak_bytes'] / 1e9:12.2f} "

@@ -9,21 +9,16 @@ theoretical bubble (p-1)/(m+p-1). CPU workers share 2 cores, so communication is
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import ROOT, json_result
+
 STEP = ROOT / "bench" / "pipeline_step.py"
 
 
 def run(workers: int, *args: str) -> float:
     command = [sys.executable, "-m", "onegpu", "run", "--workers", str(workers), str(STEP), *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-2000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])["step_s"]
+    return json_result(command, timeout=900)["step_s"]
 
 
 def main() -> None:

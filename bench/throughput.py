@@ -10,14 +10,12 @@ better of the torchrun scripts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import json_result
+
 PY = sys.executable
 
 
@@ -41,11 +39,7 @@ def measure(command: list[str]) -> float:
         "OMP_NUM_THREADS": "1" if "torch.distributed.run" in command else os.environ.get("OMP_NUM_THREADS", ""),
     }
     env = {k: v for k, v in env.items() if v != ""}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    line = [row for row in result.stdout.splitlines() if row.startswith("{")][-1]
-    return json.loads(line)["tokens_per_s"]
+    return json_result(command, env=env, timeout=900)["tokens_per_s"]
 
 
 def main() -> None:
