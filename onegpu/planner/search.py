@@ -33,6 +33,7 @@ class Capabilities:
     accumulation: bool = True
     schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
     pipeline_with_memory_techniques: bool = True  # sharding, checkpointing or offload together with pp > 1
+    whole_model_per_stage: bool = False  # every pipeline stage holds every parameter
 
 
 EVERYTHING = Capabilities()
@@ -180,7 +181,12 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         )
     any_microbatches = False
     for precision, profile in profiles.items():
-        work = Workload(profile=profile, global_batch=global_batch, optimizer_slots=optimizer_slots)
+        work = Workload(
+            profile=profile,
+            global_batch=global_batch,
+            optimizer_slots=optimizer_slots,
+            whole_model_per_stage=caps.whole_model_per_stage,
+        )
         for dp, tp, pp in layouts:
             for m in _microbatches(global_batch // dp, pp, pins, caps):
                 any_microbatches = True

@@ -24,6 +24,7 @@ RUNTIME = Capabilities(
     accumulation=False,
     schedules=("gpipe", "1f1b"),
     pipeline_with_memory_techniques=False,
+    whole_model_per_stage=True,
 )
 
 _pins: dict[str, Any] | None = None
