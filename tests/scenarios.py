@@ -134,7 +134,6 @@ def train(scenario: str, *, prepare=None, clip: bool = True, evaluate: bool = Tr
                 loss = model(**batch).loss
             elif scenario == "custom":
                 loss = model(*batch)
-                loss = getattr(loss, "loss", loss)  # a pipeline returns the loss as .loss
             else:  # "external": the loss is computed by the user from the model's outputs
                 x, y = batch
                 loss = nn.functional.mse_loss(model(x), y)

@@ -40,10 +40,10 @@ def pipeline_by_data_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    return {s: train(s, clip=False, evaluate=False) for s in SCENARIOS}
+    return {s: train(s) for s in SCENARIOS}
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "1f1b-checkpointed"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_pipeline_trains_like_one_device(pipeline_run, reference, scenario, schedule):
     check(pipeline_run, reference[scenario], scenario, schedule)
@@ -55,11 +55,37 @@ def test_pipeline_times_data_parallel_trains_like_one_device(pipeline_by_data_ru
     assert pipeline_by_data_run[1][f"{scenario}-dp2-gpipe"]["local_batch_sizes"] == [3] * 8  # replica 0's slice
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pipeline_times_fsdp_trains_like_one_device(pipeline_by_data_run, reference, scenario):
+    """Each stage sharded over its 2 replicas (ZeRO-3, offload), every block checkpointed."""
+    check(pipeline_by_data_run, reference[scenario], scenario, "fsdp2-gpipe")
+    held = pipeline_by_data_run[1][f"{scenario}-fsdp2-gpipe"]["held"]
+    assert held < 0.7 * pipeline_by_data_run[1][f"{scenario}-dp2-gpipe"]["held"]  # a shard of its stage
+
+
+def test_each_worker_allocates_only_its_stage(tmp_path):
+    """A 128 MB Llama built on the meta device: each of 2 stages materializes and trains its half."""
+    result = run_onegpu("run", "--workers", "2", "tests/scripts/pipeline_memory.py", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    first, last = json.loads((tmp_path / "r.json").read_text())
+    whole = first["whole"]
+    assert first["held"] + last["held"] == pytest.approx(whole, rel=0.01)  # nothing held twice, nothing lost
+    for worker in (first, last):
+        assert worker["held"] < 0.55 * whole and worker["on_meta"] == 0
+        assert worker["optimized"] == worker["held"]  # the optimizer steps exactly the stage's parameters
+        assert worker["grown"] < 0.75 * whole  # resident memory: the stage, not the whole model
+    assert first["losses"] == last["losses"] and first["losses"][-1] < first["losses"][0]
+
+
 def check(launched, reference, scenario: str, name: str) -> None:
     out, results = launched
     run = results[f"{scenario}-{name}"]
     assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5)  # clipped by the norm over stages
+    assert run["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)  # forward only, under no_grad
     assert run["model_class"] == "PipelinedModel"
+    assert run["held"] < 0.8  # rank 0 holds its stage's parameters, not the whole model
+    assert (run["checkpointed_blocks"] > 0) == (name in ("1f1b-checkpointed", "fsdp2-gpipe"))
     trained = load_checkpoint("hf" if scenario == "gpt2" else scenario, out / f"{scenario}-{name}")
     expected = dict(reference["model"].named_parameters())
     for key, param in trained.named_parameters():

@@ -212,11 +212,3 @@ def test_a_batch_no_degree_divides_is_an_error():
             cluster=cluster(nodes=1, per_node=8, memory_gb=80),
             dp=8,
         )
-
-
-def test_a_runtime_that_keeps_the_whole_model_on_each_stage_is_charged_for_it():
-    profile, devices = transformer(layers=8, hidden=1024), cluster(nodes=1, per_node=2, memory_gb=80)
-    plan_ = Plan(dp=1, pp=2, microbatches=2, schedule="1f1b")
-    stage_only = memory(plan_, Workload(profile=profile, global_batch=4), devices)["parameters"]
-    whole = memory(plan_, Workload(profile=profile, global_batch=4, whole_model_per_stage=True), devices)["parameters"]
-    assert whole == profile.params * 4 and stage_only < whole

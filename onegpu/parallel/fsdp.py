@@ -10,16 +10,21 @@ from onegpu.parallel.blocks import repeated_blocks
 
 
 def apply_fsdp(
-    model: nn.Module, *, mesh: DeviceMesh, shard_parameters: bool = True, offload: bool = False
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh,
+    shard_parameters: bool = True,
+    offload: bool = False,
+    blocks: list[nn.Module] | None = None,
 ) -> nn.Module:
-    """Shard each repeated block, then the rest of the model, in place.
+    """Shard each block (by default the repeated ones), then the rest of the model, in place.
 
     ``shard_parameters=False`` keeps parameters gathered from forward to backward (ZeRO-2:
     only gradients and optimizer state stay sharded); ``offload`` keeps the shards of
     parameters, gradients and optimizer state in host memory.
     """
     policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload else OffloadPolicy()
-    blocks = repeated_blocks(model)
+    blocks = repeated_blocks(model) if blocks is None else blocks
     for index, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
         reshard = shard_parameters and index < len(blocks) - 1

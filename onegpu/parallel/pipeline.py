@@ -5,22 +5,29 @@ input through untouched, the first block of its range takes the activation recei
 previous stage, and the last block of its range ends the forward and hands its output to the
 next stage. Values the model computes around its blocks (embeddings, attention masks, rotary
 position embeddings, skip connections) are recomputed by each stage from the micro-batch's own
-inputs, so nothing but block activations crosses a cut. A parameter used on several stages
-(tied embeddings, a skip connection's projection) has its gradients summed across them.
+inputs, so nothing but block activations crosses a cut.
+
+Each worker keeps only the parameters its stage uses, found by running the stage once on the
+meta device; the modules around the blocks whose parameters it does not use (the embedding on
+later stages, the head on earlier ones) only produce tensors of the right shape. A parameter
+several stages use (tied embeddings, a skip connection's projection) is held by each of them,
+with one value and its gradients summed across them.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
 from onegpu.parallel.blocks import repeated_blocks
@@ -69,51 +76,144 @@ class _StageDone(Exception):
         self.output = output
 
 
+class Passthrough(nn.Module):
+    """A block of another stage: hands its input on."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class ShapeOnly(nn.Module):
+    """A module whose parameters this stage does not use, e.g. the embedding on a later stage.
+
+    Its parameters move to the meta device and leave the model; it still returns zeros of the
+    shapes and dtypes it would return, for the code around it (mask shapes, dtypes), which does
+    not depend on their values.
+    """
+
+    def __init__(self, module: nn.Module, *, device: torch.device) -> None:
+        super().__init__()
+        self.__dict__["original"] = module.to("meta")  # not registered: its parameters are no longer the model's
+        self.__dict__["device"] = device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = tree_map(lambda t: t.to("meta") if torch.is_tensor(t) else t, (args, kwargs))
+        output = self.original(*args, **kwargs)
+        return tree_map(
+            lambda t: torch.zeros(t.shape, dtype=t.dtype, device=self.device) if torch.is_tensor(t) else t, output
+        )
+
+
 class BlockRangeStage(nn.Module):
-    """Blocks ``[start, end)`` of ``model``, run through the model's own forward."""
+    """Blocks ``[start, end)`` of ``model``, run through the model's own forward.
+
+    The other stages' blocks are replaced by :class:`Passthrough`; :meth:`keep_only` then drops
+    every other parameter this stage does not use.
+    """
 
     def __init__(self, model: nn.Module, *, start: int, end: int) -> None:
         super().__init__()
-        self.model = model
         blocks = repeated_blocks(model)
+        if not blocks:
+            raise UsageError(
+                f"{type(model).__name__} cannot be cut into pipeline stages: it keeps no repeated blocks in an "
+                "nn.ModuleList or nn.Sequential; keep its layers in one, or train it with pp=1"
+            )
+        self.model = model
         self.first, self.last = start == 0, end == len(blocks)
+        self.blocks = blocks[start:end]
+        self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
+        container = next(
+            m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and list(m.children()) == blocks
+        )
+        for index in [*range(start), *range(end, len(blocks))]:
+            container[index] = Passthrough()
         self._received: torch.Tensor | None = None
-        for index, block in enumerate(blocks):
-            if not start <= index < end:
-                block.forward = _passthrough  # instance attribute: only this worker's copy skips it
+        self._running = False
+        self._hooks: list[Any] = []
+        self.connect()
+
+    def connect(self) -> None:
+        """(Re-)join this stage to its neighbours; call again after wrapping the blocks (checkpointing,
+        sharding), so that the received activation is what they see and the handed-over one what they made."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if not self.first:
-            blocks[start].register_forward_pre_hook(self._take_received, with_kwargs=True)
+            self._hooks.append(
+                self.blocks[0].register_forward_pre_hook(self._take_received, with_kwargs=True, prepend=True)
+            )
         if not self.last:
-            blocks[end - 1].register_forward_hook(self._hand_over)
+            self._hooks.append(self.blocks[-1].register_forward_hook(self._hand_over))
 
     def _take_received(self, module, args, kwargs):
+        if not self._running:  # recomputation in backward: the block reuses the inputs it saved
+            return None
+        received = self._received
+        if received is None:  # finding the used parameters: a fresh input in the received activation's place
+            received = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_()
         if args:
-            return (self._received, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self._received}
+            return (received, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": received}
 
     def _hand_over(self, module, args, output):
-        raise _StageDone(output[0] if isinstance(output, (tuple, list)) else output)
+        if self._running:
+            raise _StageDone(output[0] if isinstance(output, (tuple, list)) else output)
 
     def forward(self, *received: torch.Tensor, **inputs: Any):
         self._received = received[0] if received else None
         if hasattr(self.model, "config"):  # a KV cache would see only this stage's layers
             inputs = {**inputs, "use_cache": False}
+        self._running = True
         try:
             output = self.model(**inputs)
         except _StageDone as done:
             return done.output
         finally:
-            self._received = None
+            self._running, self._received = False, None
         loss = getattr(output, "loss", None)
-        if loss is None and torch.is_tensor(output) and output.dim() == 0:
+        self.returned_tensor = loss is None and torch.is_tensor(output) and output.dim() == 0
+        if self.returned_tensor:
             loss = output
         if loss is None:
             raise UsageError("under a pipeline plan the model must compute its loss (pass labels, or return the loss)")
         return loss
 
+    def used_parameters(self, inputs: dict[str, Any], *, device: torch.device) -> set[str]:
+        """Names of the parameters this stage's forward and backward use, found with fake tensors
+        (shapes and dtypes only: nothing is allocated, and the model may be on the meta device)."""
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.enable_grad():  # even when built in eval
+            params = {
+                f"model.{name}": torch.empty(p.shape, dtype=p.dtype, device=device).requires_grad_(
+                    p.is_floating_point()
+                )
+                for name, p in self.model.named_parameters()
+            }
+            buffers = {
+                f"model.{name}": torch.empty(b.shape, dtype=b.dtype, device=device)
+                for name, b in self.model.named_buffers()
+            }
+            fake_inputs = tree_map(lambda t: fake.from_tensor(t) if torch.is_tensor(t) else t, inputs)
+            output = functional_call(self, {**params, **buffers}, args=(), kwargs=fake_inputs)
+            if output.requires_grad:
+                output.sum().backward()
+        return {name.removeprefix("model.") for name, p in params.items() if p.grad is not None}
 
-def _passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return hidden_states
+    def keep_only(self, names: set[str], *, device: torch.device) -> None:
+        """Replace each module none of whose parameters is in ``names`` by a :class:`ShapeOnly`."""
+        kept = {id(p) for name, p in self.model.named_parameters() if name in names}
+
+        def strip(parent: nn.Module) -> None:
+            for name, child in list(parent.named_children()):
+                params = list(child.parameters())
+                if not params:
+                    continue
+                if any(id(p) in kept for p in params):
+                    strip(child)
+                else:
+                    setattr(parent, name, ShapeOnly(child, device=device))
+
+        strip(self.model)
 
 
 def as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -124,45 +224,73 @@ def as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[s
     return {**dict(zip(names, args)), **kwargs}
 
 
-@dataclass
-class PipelineParts:
-    stage: PipelineStage
-    schedule: Any
-    module: BlockRangeStage
-
-
-def build(
-    model: nn.Module,
+def schedule(
+    stage: BlockRangeStage,
     *,
-    cuts: list[int],
     stage_index: int,
     num_stages: int,
     device: torch.device,
     group,
-    schedule: str,
+    name: str,
     microbatches: int,
     loss_fn: Callable,
     inputs: dict[str, Any],
-) -> PipelineParts:
-    """This worker's stage of ``model`` and the schedule that runs it; ``inputs`` shows the batch's keys."""
-    if schedule not in SCHEDULES:
-        raise UsageError(f"schedule {schedule!r} is not executable yet: use one of {', '.join(SCHEDULES)}")
-    bounds = [0, *cuts, len(repeated_blocks(model))]
-    module = BlockRangeStage(model, start=bounds[stage_index], end=bounds[stage_index + 1])
-    stage = PipelineStage(module, stage_index, num_stages, device, group=group)
+):
+    """The schedule ``name`` running this worker's ``stage``; ``inputs`` shows the batch's keys."""
+    if name not in SCHEDULES:
+        raise UsageError(f"schedule {name!r} is not executable yet: use one of {', '.join(SCHEDULES)}")
+    if name != "gpipe" and microbatches < num_stages:
+        raise UsageError(
+            f"the {name} schedule needs at least as many micro-batches as stages ({microbatches} < {num_stages}): "
+            "use more micro-batches, or the gpipe schedule"
+        )
+    runner = PipelineStage(stage, stage_index, num_stages, device, group=group)
     spec = {k: TensorChunkSpec(0) if torch.is_tensor(v) and v.dim() > 0 else _Replicate() for k, v in inputs.items()}
-    runner = SCHEDULES[schedule](
-        stage, n_microbatches=microbatches, loss_fn=loss_fn, kwargs_chunk_spec=spec, scale_grads=False
+    return SCHEDULES[name](
+        runner, n_microbatches=microbatches, loss_fn=loss_fn, kwargs_chunk_spec=spec, scale_grads=False
     )
-    return PipelineParts(stage=stage, schedule=runner, module=module)
 
 
-def sum_shared_gradients(model: nn.Module, *, group=None) -> None:
-    """Sum the gradients of parameters that several stages used (every stage holds every parameter)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-    used = torch.tensor([float(p.grad is not None) for p in model.parameters()], device=grads[0].device)
-    dist.all_reduce(used, group=group)
-    for param, grad, users in zip(model.parameters(), grads, used.tolist()):
-        if users > 1:
-            dist.all_reduce(grad, group=group)
-            param.grad = grad
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter's or gradient's own shard; a plain tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+class SharedParameters:
+    """Parameters several stages hold (tied embeddings, a skip connection's input projection).
+
+    ``holders`` maps each parameter name to the stages that hold it; every worker passes the
+    same map, since every worker creates every group.
+    """
+
+    def __init__(self, model: nn.Module, *, holders: dict[str, list[int]], stage_index: int, mesh) -> None:
+        ranks = mesh.mesh.tolist()  # [replica][stage] -> global rank
+        me = dist.get_rank()
+        groups = {}
+        for stages in sorted({tuple(s) for s in holders.values() if len(s) > 1}):
+            for replica in ranks:
+                members = [replica[s] for s in stages]
+                group = dist.new_group(members)
+                if me in members:
+                    groups[stages] = (group, members[0])
+        named = dict(model.named_parameters())
+        self.entries = [
+            (named[name], *groups[tuple(stages)])
+            for name, stages in holders.items()
+            if len(stages) > 1 and stage_index in stages
+        ]
+        self.foreign = {id(named[name]) for name, stages in holders.items() if stage_index in stages[1:]}
+
+    def counted_here(self, param: torch.Tensor) -> bool:
+        """Whether this stage counts ``param`` in a global norm (the first stage holding it does)."""
+        return id(param) not in self.foreign
+
+    def synchronize_values(self) -> None:
+        for param, group, first in self.entries:
+            dist.broadcast(_local(param.data), src=first, group=group)
+
+    def sum_gradients(self) -> None:
+        for param, group, _first in self.entries:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(_local(param.grad), group=group)

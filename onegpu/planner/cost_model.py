@@ -52,7 +52,6 @@ class Workload:
     profile: ModelProfile
     global_batch: int
     optimizer_slots: int = 2  # AdamW
-    whole_model_per_stage: bool = False  # the runtime keeps every parameter on every pipeline stage
 
 
 def is_cpu(cluster: Cluster) -> bool:
@@ -105,8 +104,6 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     sharded_params = plan.sharding in ("parameters", "hybrid")
 
     params = stage_params * MASTER_BYTES / sp
-    if plan.pp > 1 and work.whole_model_per_stage:  # the other stages' parameters, held but not trained
-        params += (prof.params / tp - stage_params) * MASTER_BYTES
     grads = stage_params * MASTER_BYTES / sg
     optimizer = stage_params * MASTER_BYTES * work.optimizer_slots / so
     framework = 0.0

@@ -32,8 +32,6 @@ class Capabilities:
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     accumulation: bool = True
     schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
-    pipeline_with_memory_techniques: bool = True  # sharding, checkpointing or offload together with pp > 1
-    whole_model_per_stage: bool = False  # every pipeline stage holds every parameter
 
 
 EVERYTHING = Capabilities()
@@ -181,12 +179,7 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         )
     any_microbatches = False
     for precision, profile in profiles.items():
-        work = Workload(
-            profile=profile,
-            global_batch=global_batch,
-            optimizer_slots=optimizer_slots,
-            whole_model_per_stage=caps.whole_model_per_stage,
-        )
+        work = Workload(profile=profile, global_batch=global_batch, optimizer_slots=optimizer_slots)
         for dp, tp, pp in layouts:
             for m in _microbatches(global_batch // dp, pp, pins, caps):
                 any_microbatches = True
@@ -198,18 +191,13 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
                 for schedule in schedules:
                     if schedule == "interleaved" and (stage_blocks(profile, pp) < 2 or m % pp):
                         continue
-                    plain_pipeline = pp > 1 and not caps.pipeline_with_memory_techniques
-                    if plain_pipeline and pins.activation_checkpointing not in (None, "none", 0):
-                        continue
                     for sharding in shardings:
-                        if (dp == 1 or plain_pipeline) and sharding != "none":
+                        if dp == 1 and sharding != "none":
                             continue
                         if sharding == "hybrid" and (cluster.nodes == 1 or dp <= cluster.devices_per_node // (tp * pp)):
                             continue
                         for offload in offloads:
                             if offload == "parameters" and sharding not in ("parameters", "hybrid"):
-                                continue
-                            if plain_pipeline and offload != "none":
                                 continue
                             base = Plan(
                                 dp=dp,
@@ -221,9 +209,7 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
                                 offload=offload,
                                 precision=precision,
                             )
-                            found = _with_checkpointing(
-                                base, work, cluster, pins, budget, tally, allowed=not plain_pipeline
-                            )
+                            found = _with_checkpointing(base, work, cluster, pins, budget, tally)
                             yield found
                             if found.predicted.memory_per_device_bytes <= budget:
                                 break  # offloading more is only slower
@@ -234,9 +220,7 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         )
 
 
-def _with_checkpointing(
-    base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally, *, allowed: bool = True
-) -> Plan:
+def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
     """The plan with the fewest checkpointed blocks that fits (more only costs recomputation)."""
     blocks = stage_blocks(work.profile, base.pp)
 
@@ -248,10 +232,7 @@ def _with_checkpointing(
         tally.candidates += 1
         return sum(memory(candidate, work, cluster).values())
 
-    if not allowed:
-        chosen = base
-        size(chosen)
-    elif pins.activation_checkpointing is not None:
+    if pins.activation_checkpointing is not None:
         chosen = replace(base, activation_checkpointing=pins.activation_checkpointing)
         if isinstance(pins.activation_checkpointing, int) and pins.activation_checkpointing > blocks:
             raise UsageError(

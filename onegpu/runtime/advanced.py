@@ -23,8 +23,6 @@ RUNTIME = Capabilities(
     precisions=("fp32",),
     accumulation=False,
     schedules=("gpipe", "1f1b"),
-    pipeline_with_memory_techniques=False,
-    whole_model_per_stage=True,
 )
 
 _pins: dict[str, Any] | None = None

@@ -31,7 +31,10 @@ def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[
 
 
 def repoint(optimizer: torch.optim.Optimizer, model: nn.Module, groups: list[list[str]]) -> None:
-    """Replace each group's parameters by the model's current parameters of the same names."""
+    """Replace each group's parameters by the model's current parameters of the same names.
+
+    Names the model no longer holds (another pipeline stage's parameters) leave the optimizer.
+    """
     current = dict(model.named_parameters())
     for group, names in zip(optimizer.param_groups, groups):
-        group["params"] = [current[name] for name in names]
+        group["params"] = [current[name] for name in names if name in current]

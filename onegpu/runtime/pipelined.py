@@ -3,21 +3,30 @@
 ``loss = model(**batch).loss`` runs the whole schedule (every micro-batch's forward and
 backward) and returns the global-batch loss; ``loss.backward()`` only confirms the gradients the
 pipeline already made. A loss changed before ``backward`` (a term added, a scale) cannot be
-honoured and is reported.
+honoured and is reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation).
+``torch.nn.utils.clip_grad_norm_`` on the stage's parameters clips by the norm over all stages.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import math
+import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.utils import clip_grad
 
 from onegpu.errors import UsageError
 from onegpu.parallel import pipeline as pp
+from onegpu.parallel.blocks import repeated_blocks
+from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.fsdp import apply_fsdp
 from onegpu.runtime.global_batch import counted_label_tokens
+from onegpu.runtime.materialize import materialize
+from onegpu.runtime.optimizer import repoint
 
 CHANGED_LOSS = (
     "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added, "
@@ -72,24 +81,62 @@ class MicroBatchLoss:
         return loss if self.counted else loss * (samples.numel() / self.global_samples)
 
 
-class PipelinedModel(nn.Module):
-    """This worker's pipeline stage, called like the whole model."""
+class PipelineOutput:
+    """What a pipelined model returns: the global-batch loss (the other outputs stay on the last stage)."""
 
-    def __init__(self, model: nn.Module, *, plan, worker, cuts: list[int], mesh) -> None:
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = loss
+
+    def __getitem__(self, key: int | str) -> torch.Tensor:
+        if key in (0, "loss"):
+            return self.loss
+        return self.__getattr__(str(key))
+
+    def __getattr__(self, name: str) -> Any:
+        raise UsageError(
+            f"under a pipeline plan the model returns only its loss, not {name!r}: "
+            "compute what you need from it inside the model, or evaluate with a plan of pp=1"
+        )
+
+
+_pipelines: weakref.WeakSet[PipelinedModel] = weakref.WeakSet()
+_LOCAL_TOTAL_NORM = clip_grad._get_total_norm
+
+
+def _global_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """``clip_grad_norm_``'s total norm, over every stage when the gradients are a pipeline stage's."""
+    grads = [tensors] if torch.is_tensor(tensors) else list(tensors)
+    for model in list(_pipelines):
+        if grads and model.holds_gradients(grads):
+            return model.gradient_norm(grads, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite)
+    return _LOCAL_TOTAL_NORM(grads, norm_type, error_if_nonfinite, foreach)
+
+
+class PipelinedModel(nn.Module):
+    """This worker's pipeline stage, called like the whole model.
+
+    The stage is built at the first batch, which shows the inputs: only then is it known which
+    parameters the stage uses; the optimizers are re-pointed at those.
+    """
+
+    def __init__(self, model: nn.Module, *, plan, worker, cuts: list[int], mesh, optimizers, on_meta: bool) -> None:
         super().__init__()
+        self.mesh = mesh
         self.pipe_group = mesh["pp"].get_group()
         self.data_group = mesh["dp"].get_group() if plan.dp > 1 else None
         self.stage_index = mesh["pp"].get_local_rank()
         self.last_rank = dist.get_global_rank(self.pipe_group, plan.pp - 1)
         self.loss = MicroBatchLoss(model, data_group=self.data_group)
         self.plan, self.worker, self.cuts = plan, worker, cuts
-        self.parts: pp.PipelineParts | None = None  # built at the first batch, which shows the inputs
+        self.optimizers, self.on_meta = optimizers, on_meta
         self.model = model
         self.anchor = nn.Parameter(torch.zeros((), device=worker.device))
+        self.__dict__["stage"] = None  # pp.BlockRangeStage, not registered: it wraps self.model
+        self.schedule: Any = None
+        self.shared: pp.SharedParameters | None = None
         self._in_step = False
-        self.used: set[str] = set()  # parameters this stage trains (its blocks, and what it shares)
-        for param in model.parameters():
-            param.register_post_accumulate_grad_hook(self._check_inside_step)
+        _pipelines.add(self)
+        clip_grad._get_total_norm = _global_total_norm
 
     def _check_inside_step(self, param: torch.Tensor) -> None:
         if not self._in_step:
@@ -107,63 +154,145 @@ class PipelinedModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
+    def _build(self, inputs: dict[str, Any]) -> None:
+        """This worker's stage: its blocks, the parameters it uses (materialized when the model is on the
+        meta device), checkpointing and sharding as planned, and the schedule."""
+        plan, device = self.plan, self.worker.device
+        names = [name for name, _ in self.model.named_parameters()]
+        bounds = [0, *self.cuts, len(repeated_blocks(self.model))]
+        stage = pp.BlockRangeStage(self.model, start=bounds[self.stage_index], end=bounds[self.stage_index + 1])
+        used: list[list[str] | None] = [None] * plan.pp
+        dist.all_gather_object(used, sorted(stage.used_parameters(inputs, device=device)), group=self.pipe_group)
+        unused = set(names).difference(*used)  # kept by the first stage, so that checkpoints hold them
+        keep = [set(u) | (unused if s == 0 else set()) for s, u in enumerate(used)]
+        stage.keep_only(keep[self.stage_index], device=device)
+        if self.on_meta:
+            materialize(self.model, device=device)
+            if self.data_group is not None:  # every replica of a stage starts from the same values
+                first = dist.get_global_rank(self.data_group, 0)
+                for tensor in (*self.model.parameters(), *self.model.buffers()):
+                    dist.broadcast(tensor.data, src=first, group=self.data_group)
+        apply_activation_checkpointing(stage.blocks[: plan.checkpointed_blocks(len(stage.blocks))])
+        if plan.sharding != "none":
+            apply_fsdp(
+                stage,
+                mesh=self.mesh["dp"],
+                shard_parameters=plan.sharding == "parameters",
+                offload=plan.offload == "parameters",
+                blocks=stage.blocks,
+            )
+            for module in stage.modules():
+                if isinstance(module, FSDPModule):  # each micro-batch's loss is its share: sum, do not average
+                    module.set_gradient_divide_factor(1.0)
+                    module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+        stage.connect()
+        holders = {name: [s for s in range(plan.pp) if name in keep[s]] for name in names}
+        self.shared = pp.SharedParameters(self.model, holders=holders, stage_index=self.stage_index, mesh=self.mesh)
+        if self.on_meta:
+            self.shared.synchronize_values()
+        self.__dict__["stage"] = stage
+        self.schedule = pp.schedule(
+            stage,
+            stage_index=self.stage_index,
+            num_stages=plan.pp,
+            device=device,
+            group=self.pipe_group,
+            name=plan.schedule,
+            microbatches=plan.microbatches,
+            loss_fn=self.loss,
+            inputs=inputs,
+        )
+        for optimizer, groups in self.optimizers:
+            repoint(optimizer, self.model, groups)
+        for param in self.model.parameters():
+            param.register_post_accumulate_grad_hook(self._check_inside_step)
+
     def forward(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            raise UsageError("inference under a pipeline plan is not supported yet: evaluate with a plan of pp=1")
         inputs, target = self.loss.inputs(pp.as_keywords(self.model, args, kwargs))
         if self.loss.samples % self.plan.microbatches:
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "
                 f"micro-batches: use a batch size that is a multiple of {self.plan.microbatches} (drop_last=True)"
             )
-        if self.parts is None:
-            self.parts = pp.build(
-                self.model,
-                cuts=self.cuts,
-                stage_index=self.stage_index,
-                num_stages=self.plan.pp,
-                device=self.worker.device,
-                group=self.pipe_group,
-                schedule=self.plan.schedule,
-                microbatches=self.plan.microbatches,
-                loss_fn=self.loss,
-                inputs=inputs,
-            )
+        if self.schedule is None:
+            self._build(inputs)
         last = self.stage_index == self.plan.pp - 1
         losses: list[torch.Tensor] = []
-        self._in_step = True
-        try:
-            if self.stage_index == 0:
-                self.parts.schedule.step(**inputs, return_outputs=False)
-            else:
-                self.parts.schedule.step(
-                    **inputs, target=target if last else None, losses=losses if last else None, return_outputs=False
-                )
-            pp.sum_shared_gradients(self.model, group=self.pipe_group)
-            if self.data_group is not None:  # each replica's gradient is its share: sum them
-                for param in self.model.parameters():
-                    if param.grad is not None:
-                        dist.all_reduce(param.grad, group=self.data_group)
-            self.used |= {name for name, p in self.model.named_parameters() if p.grad is not None}
-        finally:
-            self._in_step = False
-        total = torch.zeros((), dtype=torch.float64, device=self.anchor.device)
+        extra = (
+            {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        )
+        training = torch.is_grad_enabled()
+        if training:
+            self._in_step = True
+            try:
+                self.schedule.step(**inputs, **extra, return_outputs=False)
+                self.shared.sum_gradients()
+                if self.data_group is not None and self.plan.sharding == "none":  # each replica's is its share
+                    for param in self.model.parameters():
+                        if param.grad is not None:
+                            dist.all_reduce(param.grad, group=self.data_group)
+            finally:
+                self._in_step = False
+        else:
+            self.schedule.eval(**inputs, **extra, return_outputs=False)
+        total = torch.zeros(2, dtype=torch.float64, device=self.anchor.device)
         if last:
-            total += sum(loss.detach().double() for loss in losses)
+            total[0] = sum(loss.detach().double() for loss in losses)
+            total[1] = float(self.stage.returned_tensor)
         dist.broadcast(total, src=self.last_rank, group=self.pipe_group)
         if self.data_group is not None:
             dist.all_reduce(total, group=self.data_group)
-        return SimpleNamespace(loss=_PipelineLoss.apply(self.anchor, float(total)))
+        loss = _PipelineLoss.apply(self.anchor, float(total[0]))
+        return loss if total[1] > 0 else PipelineOutput(loss)
+
+    def holds_gradients(self, grads: list[torch.Tensor]) -> bool:
+        mine = {id(p.grad) for p in self.model.parameters() if p.grad is not None}
+        return all(id(g) in mine for g in grads)
+
+    def gradient_norm(self, grads: list[torch.Tensor], *, norm_type: float, error_if_nonfinite: bool):
+        """The norm of ``grads`` over every stage, a parameter several stages hold counted once."""
+        counted_elsewhere = {
+            id(p.grad) for p in self.model.parameters() if p.grad is not None and not self.shared.counted_here(p)
+        }
+        counted = [g for g in grads if id(g) not in counted_elsewhere]
+        order = float(norm_type)
+        local = _LOCAL_TOTAL_NORM(counted, order) if counted else torch.zeros((), device=self.anchor.device)
+        local = local.full_tensor() if hasattr(local, "full_tensor") else local  # sharded: over the replicas too
+        if math.isinf(order):
+            total = local.double()
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.pipe_group)
+        else:
+            total = local.double() ** order
+            dist.all_reduce(total, group=self.pipe_group)
+            total = total ** (1.0 / order)
+        total = total.to(local.dtype)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be clipped; "
+                "pass error_if_nonfinite=False to clip_grad_norm_ to skip this check"
+            )
+        mesh = getattr(grads[0], "device_mesh", None)
+        if mesh is not None:  # sharded gradients are scaled by a replicated norm
+            from torch.distributed.tensor import DTensor, Replicate
+
+            total = DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim)
+        return total
 
 
 def pipeline_state_dict(model: PipelinedModel) -> dict[str, torch.Tensor]:
-    """The whole model's state on rank 0: each parameter from a stage that trains it; empty elsewhere."""
-    own = {name: t.detach().cpu() for name, t in model.model.named_parameters() if name in model.used}
+    """The whole model's state on rank 0, from the first replica of every stage; empty elsewhere."""
+    own = {}
+    for name, tensor in model.model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # a sharded stage: gathered over its replicas, in the same order on each
+            tensor = tensor.full_tensor()
+        own[name] = tensor.detach().cpu()
+    if model.data_group is not None and dist.get_rank(model.data_group) != 0:
+        own = {}
     gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)
     if dist.get_rank() != 0:
         return {}
-    state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
     for part in gathered:
         state.update(part)
     return state

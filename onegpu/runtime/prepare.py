@@ -74,7 +74,7 @@ def prepare(
             prepared = [
                 GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects
             ]
-        pipelined = _pipeline(model, plan, loaders, worker=worker)
+        pipelined = _pipeline(model, plan, loaders, worker=worker, optimizers=list(zip(optimizers, names)))
         pipelined.onegpu_plan = plan
         prepared = [pipelined if o is model else o for o in prepared]
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
@@ -123,7 +123,7 @@ def _sample_slice(loader: DataLoader, *, world_size: int) -> Any | None:
     return loader.collate_fn([loader.dataset[i] for i in range(size)])
 
 
-EXECUTABLE = "dp workers, sharding none/gradients/parameters, activation checkpointing, offload of parameters, fp32"
+EXECUTABLE = "dp workers and pp stages (gpipe, 1f1b), sharding none/gradients/parameters, activation checkpointing, offload of parameters, fp32"
 
 
 def _check_executable(plan: Plan) -> None:
@@ -132,11 +132,6 @@ def _check_executable(plan: Plan) -> None:
         for what, needed in (
             (f"tp={plan.tp}", plan.tp > 1),
             (f"schedule={plan.schedule}", plan.schedule not in ("none", "gpipe", "1f1b")),
-            (
-                f"pp={plan.pp} with checkpointing, sharding or offload",
-                plan.pp > 1
-                and (plan.activation_checkpointing != "none" or plan.sharding != "none" or plan.offload != "none"),
-            ),
             (f"{plan.microbatches} accumulation steps", plan.pp == 1 and plan.microbatches > 1),
             (f"sharding={plan.sharding}", plan.sharding in ("optimizer", "hybrid")),
             (f"offload={plan.offload}", plan.offload == "optimizer"),
@@ -175,22 +170,22 @@ def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[
     return balanced_cuts(costs, stages=stages, first_extra=rest / 2, last_extra=rest / 2)
 
 
-def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker: Worker) -> nn.Module:
-    """This worker's pipeline stage of ``model``."""
+def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker: Worker, optimizers) -> nn.Module:
+    """This worker's pipeline stage of ``model`` (built at the first batch)."""
     from onegpu.runtime.pipelined import PipelinedModel
 
     _check_executable(plan)
     sample = _sample_slice(loaders[0], world_size=plan.dp) if loaders else None
     cuts = pipeline_cuts(model, stages=plan.pp, sample=sample)
-    if is_on_meta(model):
-        raise UsageError("a pipeline plan cannot start from a meta-device model yet: build the model on the CPU")
     from torch.distributed.device_mesh import init_device_mesh
 
     # pipeline stages are neighbours (inside a node), data-parallel replicas outermost
     mesh = init_device_mesh(worker.device.type, (plan.dp, plan.pp), mesh_dim_names=("dp", "pp"))
-    model.to(worker.device)
-    broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
-    return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts, mesh=mesh)
+    on_meta = is_on_meta(model)
+    if not on_meta:
+        model.to(worker.device)
+        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts, mesh=mesh, optimizers=optimizers, on_meta=on_meta)
 
 
 def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
@@ -203,7 +198,8 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
 
     _check_executable(plan)
     if plan.activation_checkpointing != "none":
-        apply_activation_checkpointing(model, blocks=plan.checkpointed_blocks(len(repeated_blocks(model))))
+        blocks = repeated_blocks(model)
+        apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
     on_meta = is_on_meta(model)
     if worker.world_size == 1 or plan.sharding == "none":
         if on_meta:

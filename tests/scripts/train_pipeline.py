@@ -1,7 +1,8 @@
 """Worker script: the scenarios on a 2-stage pipeline; rank 0 writes results.json + checkpoints.
 
-2 workers: one pipeline, GPipe and 1F1B, 5 micro-batches of 1 sample. 4 workers: two data-parallel
-replicas of it (slices of 3 and 2 samples, one micro-batch each) on one 2D mesh.
+2 workers: one pipeline, 5 micro-batches of 1 sample: GPipe, 1F1B, and 1F1B with every block
+checkpointed. 4 workers: two replicas of it (slices of 3 and 2 samples, one micro-batch each) on
+one 2D mesh, data-parallel (GPipe) or sharded with FSDP (GPipe, checkpointing, offload).
 """
 
 import json
@@ -22,13 +23,28 @@ from onegpu.planner.plan import Plan  # noqa: E402
 out = Path(sys.argv[1])
 world = int(os.environ.get("WORLD_SIZE", "1"))
 if world == 4:
-    plans = {"dp2-gpipe": Plan(dp=2, pp=2, microbatches=1, schedule="gpipe")}
+    plans = {
+        "dp2-gpipe": Plan(dp=2, pp=2, microbatches=1, schedule="gpipe"),
+        "fsdp2-gpipe": Plan(
+            dp=2,
+            pp=2,
+            microbatches=1,
+            schedule="gpipe",
+            sharding="parameters",
+            activation_checkpointing="full",
+            offload="parameters",
+        ),
+    }
 else:
     plans = {schedule: Plan(dp=1, pp=2, microbatches=5, schedule=schedule) for schedule in ("gpipe", "1f1b")}
+    plans["1f1b-checkpointed"] = Plan(dp=1, pp=2, microbatches=5, schedule="1f1b", activation_checkpointing="full")
 results = {}
 for scenario in ("hf", "gpt2", "custom"):
     for name, plan in plans.items():
-        run = train(scenario, prepare=onegpu.prepare, plan=plan, clip=False, evaluate=False)
+        run = train(scenario, prepare=onegpu.prepare, plan=plan)
+        # the share of the model's parameters this worker holds (its stage's; its shard of them under FSDP)
+        held = sum(getattr(p, "_local_tensor", p).numel() for p in run["model"].parameters())
+        run["held"] = held / sum(p.numel() for p in build(scenario)[0].parameters())
         onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{name}")
         results[f"{scenario}-{name}"] = run
 
@@ -40,7 +56,7 @@ plan = Plan(dp=world // 2, pp=2, microbatches=1, schedule="gpipe")
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
 x, y = next(iter(loader))
 try:
-    (model(x, y).loss * 2).backward()
+    (model(x, y) * 2).backward()
     results["changed_loss"] = "not detected"
 except UsageError as error:
     results["changed_loss"] = str(error)
