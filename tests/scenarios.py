@@ -80,7 +80,8 @@ def checkpointed_blocks(model: nn.Module) -> int:
     return sum("checkpoint" in (_get_registry(m) or {}) for m in model.modules())
 
 
-def build(scenario: str):
+def build(scenario: str, *, layers: int = 2):
+    """The scenario's model (``layers`` blocks; SkipNet has one more) and its data set."""
     torch.manual_seed(0)
     if scenario == "hf":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -89,7 +90,7 @@ def build(scenario: str):
             vocab_size=64,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
@@ -101,7 +102,7 @@ def build(scenario: str):
         config = GPT2Config(
             vocab_size=64,
             n_embd=32,
-            n_layer=2,
+            n_layer=layers,
             n_head=4,
             n_positions=64,
             resid_pdrop=0.0,
@@ -109,19 +110,21 @@ def build(scenario: str):
             attn_pdrop=0.0,
         )
         return GPT2LMHeadModel(config), PaddedTokens()
-    return SkipNet(), Pairs()
+    return SkipNet(depth=layers + 1), Pairs()
 
 
-def train(scenario: str, *, prepare=None, clip: bool = True, evaluate: bool = True, **how) -> dict:
+def train(
+    scenario: str, *, prepare=None, clip: bool = True, evaluate: bool = True, layers: int = 2, batch: int = BATCH, **how
+) -> dict:
     """Two epochs of single-device training; returns losses, grad norms, eval loss and the model."""
-    model, data = build(scenario)
+    model, data = build(scenario, layers=layers)
     if scenario == "gpt2":
         # GPT-2's key bias gets a gradient that is zero in exact arithmetic (softmax ignores it); Adam
         # would scale the rounding noise in it to full-size steps, so this model trains with SGD
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loader = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(1))
     if prepare is not None:
         model, optimizer, loader = prepare(model, optimizer, loader, **how)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)

@@ -23,13 +23,14 @@ def runs(tmp_path_factory):
 def test_with_room_to_spare_nothing_is_spent_on_memory(runs):
     generous = runs[0]["generous"]
     assert generous["plan"]["activation_checkpointing"] == "none" and generous["plan"]["offload"] == "none"
-    assert generous["plan"]["dp"] == 2 and generous["plan"]["precision"] == "fp32"  # executable here
+    assert generous["plan"]["dp"] * generous["plan"]["pp"] == 2 and generous["plan"]["precision"] == "fp32"
+    assert len(generous["losses"]) == 4  # it ran
     assert "candidates" in generous["reason"] and "fit" in generous["reason"]
 
 
-def test_a_tight_budget_shards_and_stays_inside_it(runs):
+def test_a_tight_budget_splits_the_model_and_stays_inside_it(runs):
     tight = runs[0]["tight"]
-    assert tight["plan"]["sharding"] in ("gradients", "parameters")
+    assert tight["plan"]["sharding"] in ("gradients", "parameters") or tight["plan"]["pp"] == 2
     assert tight["predicted_bytes"] <= 0.70 * 2**30  # memory_budget_gb is in GiB
 
 
@@ -53,5 +54,6 @@ def test_a_budget_nothing_fits_is_a_clear_error_on_every_worker(runs):
 
 def test_a_pinned_pipeline_runs_on_the_pipeline_runtime(runs):
     plan = runs[0]["pipeline"]["plan"]
-    assert (plan["pp"], plan["dp"]) == (2, 1) and plan["schedule"] in ("gpipe", "1f1b")
-    assert plan["sharding"] == "none" and plan["activation_checkpointing"] == "none"  # all pp>1 runs with today
+    assert (plan["pp"], plan["dp"]) == (2, 1) and plan["schedule"] != "none"
+    pipeline = runs[0]["pipeline"]
+    assert len(pipeline["losses"]) == 4 and pipeline["losses"] == runs[1]["pipeline"]["losses"]

@@ -43,10 +43,22 @@ def reference():
     return {s: train(s) for s in SCENARIOS}
 
 
+@pytest.fixture(scope="module")
+def deeper_reference():
+    return {s: train(s, layers=4, batch=4) for s in SCENARIOS}
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "1f1b-checkpointed"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_pipeline_trains_like_one_device(pipeline_run, reference, scenario, schedule):
     check(pipeline_run, reference[scenario], scenario, schedule)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved", "zero-bubble"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_interleaved_pipeline_trains_like_one_device(pipeline_run, deeper_reference, scenario, schedule):
+    """4 stages on 2 workers, each running stages i and i + 2; zero-bubble splits backward in two."""
+    check(pipeline_run, deeper_reference[scenario], scenario, schedule)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -86,7 +98,8 @@ def check(launched, reference, scenario: str, name: str) -> None:
     assert run["model_class"] == "PipelinedModel"
     assert run["held"] < 0.8  # rank 0 holds its stage's parameters, not the whole model
     assert (run["checkpointed_blocks"] > 0) == (name in ("1f1b-checkpointed", "fsdp2-gpipe"))
-    trained = load_checkpoint("hf" if scenario == "gpt2" else scenario, out / f"{scenario}-{name}")
+    layers = 4 if name in ("interleaved", "zero-bubble") else 2
+    trained = load_checkpoint("hf" if scenario == "gpt2" else scenario, out / f"{scenario}-{name}", layers=layers)
     expected = dict(reference["model"].named_parameters())
     for key, param in trained.named_parameters():
         torch.testing.assert_close(param, expected[key], rtol=0, atol=1e-5, msg=f"{key} differs")

@@ -38,12 +38,12 @@ def onegpu_runs(tmp_path_factory):
     return runs
 
 
-def load_checkpoint(scenario: str, path):
+def load_checkpoint(scenario: str, path, *, layers: int = 2):
     if scenario in ("hf", "gpt2"):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(path)
-    model, _ = build(scenario)
+    model, _ = build(scenario, layers=layers)
     model.load_state_dict(load_file(path / "model.safetensors"))
     return model
 

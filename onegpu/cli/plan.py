@@ -34,7 +34,9 @@ def plan(
     tp: Annotated[int | None, typer.Option(help="Pin the tensor-parallel degree.")] = None,
     pp: Annotated[int | None, typer.Option(help="Pin the pipeline stages.")] = None,
     microbatches: Annotated[int | None, typer.Option(help="Pin micro-batches per step.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="Pin the pipeline schedule: gpipe, 1f1b, interleaved.")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="Pin the pipeline schedule: gpipe, 1f1b, interleaved, zero-bubble.")
+    ] = None,
     sharding: Annotated[
         str | None, typer.Option(help="Pin sharding: none, optimizer, gradients, parameters, hybrid.")
     ] = None,

@@ -16,6 +16,7 @@ with one value and its gradients summed across them.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -24,15 +25,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
 from onegpu.parallel.blocks import repeated_blocks
+from onegpu.planner.plan import INTERLEAVED
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved": ScheduleInterleaved1F1B,
+    "zero-bubble": ScheduleInterleavedZeroBubble,  # backward split in input and weight gradients
+}
+
+
+def worker_stages(schedule: str, *, pp: int, rank: int) -> list[int]:
+    """The stages worker ``rank`` of ``pp`` runs: its own, or two (``rank`` and ``rank + pp``) interleaved."""
+    return [rank, rank + pp] if schedule in INTERLEAVED else [rank]
 
 
 def balanced_cuts(costs: list[float], *, stages: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:
@@ -104,41 +122,95 @@ class ShapeOnly(nn.Module):
         )
 
 
-class BlockRangeStage(nn.Module):
-    """Blocks ``[start, end)`` of ``model``, run through the model's own forward.
+class BlockLayout:
+    """Where a model keeps its repeated blocks, found before any of them is replaced."""
 
-    The other stages' blocks are replaced by :class:`Passthrough`; :meth:`keep_only` then drops
-    every other parameter this stage does not use.
-    """
-
-    def __init__(self, model: nn.Module, *, start: int, end: int) -> None:
-        super().__init__()
+    def __init__(self, model: nn.Module) -> None:
         blocks = repeated_blocks(model)
         if not blocks:
             raise UsageError(
                 f"{type(model).__name__} cannot be cut into pipeline stages: it keeps no repeated blocks in an "
                 "nn.ModuleList or nn.Sequential; keep its layers in one, or train it with pp=1"
             )
-        self.model = model
-        self.first, self.last = start == 0, end == len(blocks)
-        self.blocks = blocks[start:end]
-        self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
-        container = next(
-            m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and list(m.children()) == blocks
+        self.model, self.blocks = model, blocks
+        self.path = next(
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.ModuleList, nn.Sequential)) and list(m.children()) == blocks
         )
-        for index in [*range(start), *range(end, len(blocks))]:
-            container[index] = Passthrough()
+
+    def hold_only(self, held: set[int]) -> None:
+        """Replace the blocks outside ``held`` (other workers' stages) by :class:`Passthrough`, in place."""
+        container = self.model.get_submodule(self.path)
+        for index in range(len(self.blocks)):
+            if index not in held:
+                container[index] = Passthrough()
+
+    def view(self, passing: set[int]) -> nn.Module:
+        """The model with blocks ``passing`` passed through: a copy of the modules on the way to the
+        blocks; every other module, and so every parameter, is shared with the model."""
+        if not passing:
+            return self.model
+        root = node = _shallow_copy(self.model)
+        for name in self.path.split(".") if self.path else []:
+            child = _shallow_copy(node._modules[name])
+            node._modules[name] = child
+            node = child
+        for index in passing:
+            node._modules[str(index)] = Passthrough()
+        return root
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    copied = copy.copy(module)
+    copied._modules = dict(module._modules)  # its own children; parameters and buffers stay shared
+    return copied
+
+
+def keep_only(model: nn.Module, names: set[str], *, device: torch.device) -> None:
+    """Replace each module none of whose parameters is in ``names`` by a :class:`ShapeOnly`, in place."""
+    kept = {id(p) for name, p in model.named_parameters() if name in names}
+
+    def strip(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            params = list(child.parameters())
+            if not params:
+                continue
+            if any(id(p) in kept for p in params):
+                strip(child)
+            else:
+                setattr(parent, name, ShapeOnly(child, device=device))
+
+    strip(model)
+
+
+class BlockRangeStage(nn.Module):
+    """Blocks ``[start, end)`` of a model, run through the model's own forward.
+
+    Blocks that are not the worker's are :class:`Passthrough` already (:meth:`BlockLayout.hold_only`);
+    the worker's other stage's blocks (interleaved schedules) pass through in this stage's view.
+    """
+
+    def __init__(self, layout: BlockLayout, *, start: int, end: int, held: set[int]) -> None:
+        super().__init__()
+        self.model = layout.view(held - set(range(start, end)))
+        self.first, self.last = start == 0, end == len(layout.blocks)
+        self.blocks = layout.blocks[start:end]
+        self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
         self._received: torch.Tensor | None = None
         self._running = False
         self._hooks: list[Any] = []
         self.connect()
 
-    def connect(self) -> None:
-        """(Re-)join this stage to its neighbours; call again after wrapping the blocks (checkpointing,
-        sharding), so that the received activation is what they see and the handed-over one what they made."""
+    def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def connect(self) -> None:
+        """(Re-)join this stage to its neighbours; call again after wrapping the blocks (checkpointing,
+        sharding), so that the received activation is what they see and the handed-over one what they made."""
+        self.close()
         if not self.first:
             self._hooks.append(
                 self.blocks[0].register_forward_pre_hook(self._take_received, with_kwargs=True, prepend=True)
@@ -199,22 +271,6 @@ class BlockRangeStage(nn.Module):
                 output.sum().backward()
         return {name.removeprefix("model.") for name, p in params.items() if p.grad is not None}
 
-    def keep_only(self, names: set[str], *, device: torch.device) -> None:
-        """Replace each module none of whose parameters is in ``names`` by a :class:`ShapeOnly`."""
-        kept = {id(p) for name, p in self.model.named_parameters() if name in names}
-
-        def strip(parent: nn.Module) -> None:
-            for name, child in list(parent.named_children()):
-                params = list(child.parameters())
-                if not params:
-                    continue
-                if any(id(p) in kept for p in params):
-                    strip(child)
-                else:
-                    setattr(parent, name, ShapeOnly(child, device=device))
-
-        strip(self.model)
-
 
 def as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional inputs named after the model's forward parameters."""
@@ -225,9 +281,8 @@ def as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[s
 
 
 def schedule(
-    stage: BlockRangeStage,
+    stages: dict[int, BlockRangeStage],
     *,
-    stage_index: int,
     num_stages: int,
     device: torch.device,
     group,
@@ -236,18 +291,28 @@ def schedule(
     loss_fn: Callable,
     inputs: dict[str, Any],
 ):
-    """The schedule ``name`` running this worker's ``stage``; ``inputs`` shows the batch's keys."""
+    """The schedule ``name`` running this worker's ``stages`` (by stage index); ``inputs`` shows the batch's keys."""
     if name not in SCHEDULES:
         raise UsageError(f"schedule {name!r} is not executable yet: use one of {', '.join(SCHEDULES)}")
-    if name != "gpipe" and microbatches < num_stages:
+    workers = dist.get_world_size(group)
+    if name != "gpipe" and microbatches < workers:
         raise UsageError(
-            f"the {name} schedule needs at least as many micro-batches as stages ({microbatches} < {num_stages}): "
-            "use more micro-batches, or the gpipe schedule"
+            f"the {name} schedule needs at least as many micro-batches as pipeline workers ({microbatches} < "
+            f"{workers}): use more micro-batches, or the gpipe schedule"
         )
-    runner = PipelineStage(stage, stage_index, num_stages, device, group=group)
+    if len(stages) > 1 and microbatches % workers:
+        raise UsageError(
+            f"the {name} schedule needs a multiple of {workers} micro-batches (one per pipeline worker), "
+            f"not {microbatches}"
+        )
+    runners = [PipelineStage(stage, index, num_stages, device, group=group) for index, stage in stages.items()]
     spec = {k: TensorChunkSpec(0) if torch.is_tensor(v) and v.dim() > 0 else _Replicate() for k, v in inputs.items()}
     return SCHEDULES[name](
-        runner, n_microbatches=microbatches, loss_fn=loss_fn, kwargs_chunk_spec=spec, scale_grads=False
+        runners if len(runners) > 1 else runners[0],
+        n_microbatches=microbatches,
+        loss_fn=loss_fn,
+        kwargs_chunk_spec=spec,
+        scale_grads=False,
     )
 
 
@@ -257,32 +322,32 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class SharedParameters:
-    """Parameters several stages hold (tied embeddings, a skip connection's input projection).
+    """Parameters several pipeline workers hold (tied embeddings, a skip connection's input projection).
 
-    ``holders`` maps each parameter name to the stages that hold it; every worker passes the
-    same map, since every worker creates every group.
+    ``holders`` maps each parameter name to the workers (ranks in the pipeline) that hold it; every
+    worker passes the same map, since every worker creates every group.
     """
 
-    def __init__(self, model: nn.Module, *, holders: dict[str, list[int]], stage_index: int, mesh) -> None:
-        ranks = mesh.mesh.tolist()  # [replica][stage] -> global rank
+    def __init__(self, model: nn.Module, *, holders: dict[str, list[int]], pp_rank: int, mesh) -> None:
+        ranks = mesh.mesh.tolist()  # [replica][pipeline rank] -> global rank
         me = dist.get_rank()
         groups = {}
-        for stages in sorted({tuple(s) for s in holders.values() if len(s) > 1}):
+        for workers in sorted({tuple(w) for w in holders.values() if len(w) > 1}):
             for replica in ranks:
-                members = [replica[s] for s in stages]
+                members = [replica[w] for w in workers]
                 group = dist.new_group(members)
                 if me in members:
-                    groups[stages] = (group, members[0])
+                    groups[workers] = (group, members[0])
         named = dict(model.named_parameters())
         self.entries = [
-            (named[name], *groups[tuple(stages)])
-            for name, stages in holders.items()
-            if len(stages) > 1 and stage_index in stages
+            (named[name], *groups[tuple(workers)])
+            for name, workers in holders.items()
+            if len(workers) > 1 and pp_rank in workers
         ]
-        self.foreign = {id(named[name]) for name, stages in holders.items() if stage_index in stages[1:]}
+        self.foreign = {id(named[name]) for name, workers in holders.items() if pp_rank in workers[1:]}
 
     def counted_here(self, param: torch.Tensor) -> bool:
-        """Whether this stage counts ``param`` in a global norm (the first stage holding it does)."""
+        """Whether this worker counts ``param`` in a global norm (the first worker holding it does)."""
         return id(param) not in self.foreign
 
     def synchronize_values(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from onegpu.planner.analysis import ModelProfile
 from onegpu.planner.cluster import Cluster, Link
-from onegpu.planner.plan import Plan, Prediction
+from onegpu.planner.plan import INTERLEAVED, Plan, Prediction
 
 # Fraction of dense peak that GEMMs of transformer shapes reach in training (cuBLAS/rocBLAS reach
 # 70-80% on large square bf16 matrices, less on the thinner projections of real layers).
@@ -74,7 +74,7 @@ def in_flight(plan: Plan) -> float:
     if plan.schedule == "gpipe":
         return plan.microbatches
     held = min(plan.pp, plan.microbatches)
-    if plan.schedule == "interleaved":  # Narayanan et al. 2021, section 2.2.2: (1 + (p-1)/(p*v)) more
+    if plan.schedule in INTERLEAVED:  # Narayanan et al. 2021, section 2.2.2: (1 + (p-1)/(p*v)) more
         return held * (1 + (plan.pp - 1) / (plan.pp * 2))
     return held
 
@@ -195,8 +195,10 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     stage_micro = stage_compute + tp_comm
 
     # pipeline: (m + bubble) micro-batch slots of the slowest stage, plus activation sends
-    virtual = 2 if plan.schedule == "interleaved" else 1
+    virtual = 2 if plan.schedule in INTERLEAVED else 1
     bubble = (pp - 1) / virtual
+    if plan.schedule == "zero-bubble":  # Qi et al. 2024: weight gradients fill the bubble, about a third is left
+        bubble /= 3
     p2p = 0.0
     if pp > 1:
         link = cluster.inter_node if tp * pp > cluster.devices_per_node else cluster.intra_node

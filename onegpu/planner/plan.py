@@ -7,7 +7,8 @@ from typing import Any
 
 from onegpu.errors import UsageError
 
-SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
+SCHEDULES = ("none", "gpipe", "1f1b", "interleaved", "zero-bubble")
+INTERLEAVED = ("interleaved", "zero-bubble")  # schedules that run two stages on each device
 SHARDINGS = ("none", "optimizer", "gradients", "parameters", "hybrid")
 OFFLOADS = ("none", "optimizer", "parameters")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -101,7 +102,7 @@ class Plan:
                 f"Plan.activation_checkpointing must be 'none', 'full' or a number of blocks, got {ckpt!r}"
             )
         if self.pp > 1 and self.schedule == "none":
-            raise UsageError("a pipeline plan (pp > 1) needs a schedule: gpipe, 1f1b or interleaved")
+            raise UsageError("a pipeline plan (pp > 1) needs a schedule: gpipe, 1f1b, interleaved or zero-bubble")
 
     @property
     def world_size(self) -> int:

@@ -12,7 +12,7 @@ from onegpu.planner.analysis import ModelProfile, analyze
 from onegpu.planner.cluster import Cluster, load_cluster
 from onegpu.planner.cost_model import Workload, memory, predict, stage_blocks
 from onegpu.planner.pins import Pins, parse_pins
-from onegpu.planner.plan import GB, OFFLOADS, SHARDINGS, Plan, Rejection, SearchStats
+from onegpu.planner.plan import GB, INTERLEAVED, OFFLOADS, SCHEDULES, SHARDINGS, Plan, Rejection, SearchStats
 
 DEFAULT_BUDGET_FRACTION = 0.9
 
@@ -31,7 +31,8 @@ class Capabilities:
     offloads: tuple[str, ...] = OFFLOADS
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     accumulation: bool = True
-    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
+    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zero-bubble")
+    interleaving_with_sharding: bool = True  # an interleaved schedule over sharded stages
 
 
 EVERYTHING = Capabilities()
@@ -183,16 +184,18 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         for dp, tp, pp in layouts:
             for m in _microbatches(global_batch // dp, pp, pins, caps):
                 any_microbatches = True
-                schedules = (
-                    ["none"] if pp == 1 else [s for s in ("gpipe", "1f1b", "interleaved") if s in caps.schedules]
-                )
+                schedules = ["none"] if pp == 1 else [s for s in SCHEDULES[1:] if s in caps.schedules]
                 if pins.schedule is not None:
                     schedules = [pins.schedule] if pp > 1 and pins.schedule in caps.schedules else []
                 for schedule in schedules:
-                    if schedule == "interleaved" and (stage_blocks(profile, pp) < 2 or m % pp):
+                    if schedule in INTERLEAVED and (stage_blocks(profile, pp) < 2 or m % pp):
+                        continue
+                    if schedule != "gpipe" and m < pp:  # 1F1B's steady state needs a micro-batch per stage
                         continue
                     for sharding in shardings:
                         if dp == 1 and sharding != "none":
+                            continue
+                        if schedule in INTERLEAVED and sharding != "none" and not caps.interleaving_with_sharding:
                             continue
                         if sharding == "hybrid" and (cluster.nodes == 1 or dp <= cluster.devices_per_node // (tp * pp)):
                             continue

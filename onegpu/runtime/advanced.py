@@ -22,7 +22,8 @@ RUNTIME = Capabilities(
     offloads=("none", "parameters"),
     precisions=("fp32",),
     accumulation=False,
-    schedules=("gpipe", "1f1b"),
+    schedules=("gpipe", "1f1b", "interleaved", "zero-bubble"),
+    interleaving_with_sharding=False,
 )
 
 _pins: dict[str, Any] | None = None

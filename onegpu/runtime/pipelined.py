@@ -21,7 +21,6 @@ from torch.nn.utils import clip_grad
 
 from onegpu.errors import UsageError
 from onegpu.parallel import pipeline as pp
-from onegpu.parallel.blocks import repeated_blocks
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.fsdp import apply_fsdp
 from onegpu.runtime.global_batch import counted_label_tokens
@@ -131,7 +130,7 @@ class PipelinedModel(nn.Module):
         self.optimizers, self.on_meta = optimizers, on_meta
         self.model = model
         self.anchor = nn.Parameter(torch.zeros((), device=worker.device))
-        self.__dict__["stage"] = None  # pp.BlockRangeStage, not registered: it wraps self.model
+        self.__dict__["stages"] = {}  # stage index -> pp.BlockRangeStage, not registered: they view self.model
         self.schedule: Any = None
         self.shared: pp.SharedParameters | None = None
         self._in_step = False
@@ -155,46 +154,58 @@ class PipelinedModel(nn.Module):
             return getattr(self._modules["model"], name)
 
     def _build(self, inputs: dict[str, Any]) -> None:
-        """This worker's stage: its blocks, the parameters it uses (materialized when the model is on the
-        meta device), checkpointing and sharding as planned, and the schedule."""
+        """This worker's stages: their blocks, the parameters they use (materialized when the model is on
+        the meta device), checkpointing and sharding as planned, and the schedule."""
         plan, device = self.plan, self.worker.device
         names = [name for name, _ in self.model.named_parameters()]
-        bounds = [0, *self.cuts, len(repeated_blocks(self.model))]
-        stage = pp.BlockRangeStage(self.model, start=bounds[self.stage_index], end=bounds[self.stage_index + 1])
+        layout = pp.BlockLayout(self.model)
+        indices = pp.worker_stages(plan.schedule, pp=plan.pp, rank=self.stage_index)
+        bounds = [0, *self.cuts, len(layout.blocks)]
+        held = {b for i in indices for b in range(bounds[i], bounds[i + 1])}
+        layout.hold_only(held)
+
+        def build_stages() -> dict[int, pp.BlockRangeStage]:
+            return {i: pp.BlockRangeStage(layout, start=bounds[i], end=bounds[i + 1], held=held) for i in indices}
+
+        probes = build_stages()
+        mine = set().union(*(stage.used_parameters(inputs, device=device) for stage in probes.values()))
+        for stage in probes.values():
+            stage.close()
         used: list[list[str] | None] = [None] * plan.pp
-        dist.all_gather_object(used, sorted(stage.used_parameters(inputs, device=device)), group=self.pipe_group)
-        unused = set(names).difference(*used)  # kept by the first stage, so that checkpoints hold them
-        keep = [set(u) | (unused if s == 0 else set()) for s, u in enumerate(used)]
-        stage.keep_only(keep[self.stage_index], device=device)
+        dist.all_gather_object(used, sorted(mine), group=self.pipe_group)
+        unused = set(names).difference(*used)  # kept by the first worker, so that checkpoints hold them
+        keep = [set(u) | (unused if w == 0 else set()) for w, u in enumerate(used)]
+        pp.keep_only(self.model, keep[self.stage_index], device=device)
         if self.on_meta:
             materialize(self.model, device=device)
             if self.data_group is not None:  # every replica of a stage starts from the same values
                 first = dist.get_global_rank(self.data_group, 0)
                 for tensor in (*self.model.parameters(), *self.model.buffers()):
                     dist.broadcast(tensor.data, src=first, group=self.data_group)
-        apply_activation_checkpointing(stage.blocks[: plan.checkpointed_blocks(len(stage.blocks))])
-        if plan.sharding != "none":
-            apply_fsdp(
-                stage,
-                mesh=self.mesh["dp"],
-                shard_parameters=plan.sharding == "parameters",
-                offload=plan.offload == "parameters",
-                blocks=stage.blocks,
-            )
-            for module in stage.modules():
-                if isinstance(module, FSDPModule):  # each micro-batch's loss is its share: sum, do not average
-                    module.set_gradient_divide_factor(1.0)
-                    module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
-        stage.connect()
-        holders = {name: [s for s in range(plan.pp) if name in keep[s]] for name in names}
-        self.shared = pp.SharedParameters(self.model, holders=holders, stage_index=self.stage_index, mesh=self.mesh)
+        stages = build_stages()  # views of the model as it now is
+        for stage in stages.values():
+            apply_activation_checkpointing(stage.blocks[: plan.checkpointed_blocks(len(stage.blocks))])
+            if plan.sharding != "none":
+                apply_fsdp(
+                    stage,
+                    mesh=self.mesh["dp"],
+                    shard_parameters=plan.sharding == "parameters",
+                    offload=plan.offload == "parameters",
+                    blocks=stage.blocks,
+                )
+                for module in stage.modules():
+                    if isinstance(module, FSDPModule):  # each micro-batch's loss is its share: sum, do not average
+                        module.set_gradient_divide_factor(1.0)
+                        module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+            stage.connect()
+        holders = {name: [w for w in range(plan.pp) if name in keep[w]] for name in names}
+        self.shared = pp.SharedParameters(self.model, holders=holders, pp_rank=self.stage_index, mesh=self.mesh)
         if self.on_meta:
             self.shared.synchronize_values()
-        self.__dict__["stage"] = stage
+        self.__dict__["stages"] = stages
         self.schedule = pp.schedule(
-            stage,
-            stage_index=self.stage_index,
-            num_stages=plan.pp,
+            stages,
+            num_stages=len(bounds) - 1,
             device=device,
             group=self.pipe_group,
             name=plan.schedule,
@@ -238,7 +249,7 @@ class PipelinedModel(nn.Module):
         total = torch.zeros(2, dtype=torch.float64, device=self.anchor.device)
         if last:
             total[0] = sum(loss.detach().double() for loss in losses)
-            total[1] = float(self.stage.returned_tensor)
+            total[1] = float(self.stages[max(self.stages)].returned_tensor)
         dist.broadcast(total, src=self.last_rank, group=self.pipe_group)
         if self.data_group is not None:
             dist.all_reduce(total, group=self.data_group)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from onegpu.errors import UsageError
 from onegpu.parallel.blocks import repeated_blocks
 from onegpu.planner.memory import estimate_memory
-from onegpu.planner.plan import Plan
+from onegpu.planner.plan import INTERLEAVED, SCHEDULES, Plan
 from onegpu.planner.simple_rule import choose_plan
 from onegpu.runtime.advanced import advanced_pins, describe, plan_for_runtime
 from onegpu.runtime.budget import memory_budget_bytes
@@ -123,7 +123,7 @@ def _sample_slice(loader: DataLoader, *, world_size: int) -> Any | None:
     return loader.collate_fn([loader.dataset[i] for i in range(size)])
 
 
-EXECUTABLE = "dp workers and pp stages (gpipe, 1f1b), sharding none/gradients/parameters, activation checkpointing, offload of parameters, fp32"
+EXECUTABLE = "dp workers and pp stages (gpipe, 1f1b; interleaved and zero-bubble without sharding), sharding none/gradients/parameters, activation checkpointing, offload of parameters, fp32"
 
 
 def _check_executable(plan: Plan) -> None:
@@ -131,9 +131,10 @@ def _check_executable(plan: Plan) -> None:
         what
         for what, needed in (
             (f"tp={plan.tp}", plan.tp > 1),
-            (f"schedule={plan.schedule}", plan.schedule not in ("none", "gpipe", "1f1b")),
+            (f"schedule={plan.schedule}", plan.schedule not in SCHEDULES),
             (f"{plan.microbatches} accumulation steps", plan.pp == 1 and plan.microbatches > 1),
             (f"sharding={plan.sharding}", plan.sharding in ("optimizer", "hybrid")),
+            (f"sharding with the {plan.schedule} schedule", plan.schedule in INTERLEAVED and plan.sharding != "none"),
             (f"offload={plan.offload}", plan.offload == "optimizer"),
             (f"precision={plan.precision}", plan.precision != "fp32"),
             ("offload without sharded parameters", plan.offload == "parameters" and plan.sharding != "parameters"),
@@ -176,7 +177,10 @@ def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker
 
     _check_executable(plan)
     sample = _sample_slice(loaders[0], world_size=plan.dp) if loaders else None
-    cuts = pipeline_cuts(model, stages=plan.pp, sample=sample)
+    from onegpu.parallel.pipeline import worker_stages
+
+    stages = plan.pp * len(worker_stages(plan.schedule, pp=plan.pp, rank=0))
+    cuts = pipeline_cuts(model, stages=stages, sample=sample)
     from torch.distributed.device_mesh import init_device_mesh
 
     # pipeline stages are neighbours (inside a node), data-parallel replicas outermost

@@ -1,7 +1,7 @@
 """Worker script: the scenarios on a 2-stage pipeline; rank 0 writes results.json + checkpoints.
 
 2 workers: one pipeline, 5 micro-batches of 1 sample: GPipe, 1F1B, and 1F1B with every block
-checkpointed. 4 workers: two replicas of it (slices of 3 and 2 samples, one micro-batch each) on
+checkpointed; interleaved 1F1B and interleaved zero-bubble (2 stages per worker) on 4-block models. 4 workers: two replicas of it (slices of 3 and 2 samples, one micro-batch each) on
 one 2D mesh, data-parallel (GPipe) or sharded with FSDP (GPipe, checkpointing, offload).
 """
 
@@ -38,13 +38,19 @@ if world == 4:
 else:
     plans = {schedule: Plan(dp=1, pp=2, microbatches=5, schedule=schedule) for schedule in ("gpipe", "1f1b")}
     plans["1f1b-checkpointed"] = Plan(dp=1, pp=2, microbatches=5, schedule="1f1b", activation_checkpointing="full")
+    for schedule in ("interleaved", "zero-bubble"):
+        plans[schedule] = Plan(dp=1, pp=2, microbatches=4, schedule=schedule)
+# interleaving runs 2 stages per worker: deeper models (4 stages), a batch of 4 micro-batches
+OPTIONS = {"interleaved": {"layers": 4, "batch": 4}, "zero-bubble": {"layers": 4, "batch": 4}}
 results = {}
 for scenario in ("hf", "gpt2", "custom"):
     for name, plan in plans.items():
-        run = train(scenario, prepare=onegpu.prepare, plan=plan)
+        options = OPTIONS.get(name, {})
+        run = train(scenario, prepare=onegpu.prepare, plan=plan, **options)
         # the share of the model's parameters this worker holds (its stage's; its shard of them under FSDP)
         held = sum(getattr(p, "_local_tensor", p).numel() for p in run["model"].parameters())
-        run["held"] = held / sum(p.numel() for p in build(scenario)[0].parameters())
+        whole = build(scenario, layers=options.get("layers", 2))[0]
+        run["held"] = held / sum(p.numel() for p in whole.parameters())
         onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{name}")
         results[f"{scenario}-{name}"] = run
 
