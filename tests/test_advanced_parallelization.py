@@ -52,8 +52,8 @@ def test_a_budget_nothing_fits_is_a_clear_error_on_every_worker(runs):
         assert worker["impossible"]["error"].startswith("no plan fits: the smallest needs ")
 
 
-def test_a_pinned_pipeline_runs_on_the_pipeline_runtime(runs):
+def test_pinned_stages_micro_batches_and_schedule_run_on_the_pipeline_runtime(runs):
     plan = runs[0]["pipeline"]["plan"]
-    assert (plan["pp"], plan["dp"]) == (2, 1) and plan["schedule"] != "none"
+    assert (plan["pp"], plan["dp"], plan["microbatches"], plan["schedule"]) == (2, 1, 4, "1f1b")
     pipeline = runs[0]["pipeline"]
     assert len(pipeline["losses"]) == 4 and pipeline["losses"] == runs[1]["pipeline"]["losses"]

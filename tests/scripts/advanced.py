@@ -61,7 +61,7 @@ results = {
     "tight": train(0.70),
     "pinned": train(8.0, activation_checkpointing="full", sharding="parameters"),
     "impossible": train(0.05),
-    "pipeline": train(8.0, num_stages=2),
+    "pipeline": train(8.0, num_stages=2, num_micro_batches=4, schedule="1f1b"),
 }
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, results)
