@@ -1,7 +1,7 @@
 """One measured configuration for bench/local_accuracy.py (launch with onegpu run).
 
     onegpu run --workers N bench/local_step.py --sharding none|gradients|parameters --checkpointing none|full
-        [--offload none|parameters] [--budget-gb G] [--steps 12] [--warmup 4] [--advanced]
+        [--offload none|parameters] [--tp T] [--budget-gb G] [--steps 12] [--warmup 4] [--advanced]
 
 Trains the demo model (or a larger one with --large) through onegpu with the given Plan (or the
 planner's choice with --advanced), and prints one JSON line from rank 0 with the measured step time
@@ -31,6 +31,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--sharding", default="none")
 parser.add_argument("--checkpointing", default="none")
 parser.add_argument("--offload", default="none")
+parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (the rest of the workers: data parallel)")
 parser.add_argument("--steps", type=int, default=12)
 parser.add_argument("--warmup", type=int, default=4)
 parser.add_argument("--large", action="store_true", help="a 30M-parameter Llama instead of the 0.8M demo model")
@@ -65,7 +66,13 @@ if args.advanced:
     onegpu.enable_advanced_parallelization()
     model, optimizer, loader = onegpu.prepare(model, optimizer, loader, memory_budget_gb=args.budget_gb)
 else:
-    plan = Plan(dp=world, sharding=args.sharding, activation_checkpointing=args.checkpointing, offload=args.offload)
+    plan = Plan(
+        dp=world // args.tp,
+        tp=args.tp,
+        sharding=args.sharding,
+        activation_checkpointing=args.checkpointing,
+        offload=args.offload,
+    )
     model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
 plan = model.onegpu_plan
 

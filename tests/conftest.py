@@ -23,6 +23,16 @@ def run_onegpu(
     )
 
 
+def launch_script(tmp_path_factory, script: str, *, workers: int) -> tuple[Path, dict]:
+    """Run ``tests/scripts/<script>`` on ``workers`` workers; its output directory and results.json."""
+    import json
+
+    out = tmp_path_factory.mktemp(f"{Path(script).stem}{workers}")
+    result = run_onegpu("run", "--workers", str(workers), f"tests/scripts/{script}", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "results.json").read_text())
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_environment():
     """A test must not leave distributed variables behind for the next one."""

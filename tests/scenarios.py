@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 STEPS_PER_EPOCH = 4
 BATCH = 5  # uneven over 2 and 3 workers
+HF = ("hf", "gpt2", "qwen2", "bert")  # Hugging Face models: batches are dicts, the loss is output.loss
 
 
 class PaddedTokens(Dataset):
@@ -80,22 +81,26 @@ def checkpointed_blocks(model: nn.Module) -> int:
     return sum("checkpoint" in (_get_registry(m) or {}) for m in model.modules())
 
 
+def decoder_size(layers: int) -> dict:
+    """A tiny decoder with grouped-query attention (4 query heads, 2 key/value heads)."""
+    return dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
 def build(scenario: str, *, layers: int = 2):
     """The scenario's model (``layers`` blocks; SkipNet has one more) and its data set."""
     torch.manual_seed(0)
     if scenario == "hf":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config), PaddedTokens()
+        return LlamaForCausalLM(LlamaConfig(**decoder_size(layers))), PaddedTokens()
     if scenario == "gpt2":  # tied input and output embeddings
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -110,6 +115,24 @@ def build(scenario: str, *, layers: int = 2):
             attn_pdrop=0.0,
         )
         return GPT2LMHeadModel(config), PaddedTokens()
+    if scenario == "qwen2":  # grouped-query attention with q/k/v biases
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(**decoder_size(layers))), PaddedTokens()
+    if scenario == "bert":  # an encoder, masked-LM head tied to the word embeddings
+        from transformers import BertConfig, BertForMaskedLM
+
+        config = BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        return BertForMaskedLM(config), PaddedTokens()
     return SkipNet(depth=layers + 1), Pairs()
 
 
@@ -133,7 +156,7 @@ def train(
         model.train()
         for batch in loader:
             local_sizes.append(len(batch["input_ids"]) if isinstance(batch, dict) else len(batch[0]))
-            if scenario in ("hf", "gpt2"):
+            if scenario in HF:
                 loss = model(**batch).loss
             elif scenario == "custom":
                 loss = model(*batch)
@@ -152,7 +175,7 @@ def train(
         model.eval()
         with torch.no_grad():
             batch = next(iter(loader))
-            if scenario in ("hf", "gpt2"):
+            if scenario in HF:
                 eval_loss = model(**batch).loss
             elif scenario == "custom":
                 eval_loss = model(*batch)

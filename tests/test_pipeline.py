@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_onegpu
+from conftest import launch_script, run_onegpu
 from scenarios import build, train
 from test_single_device_equivalence import load_checkpoint
 
@@ -20,22 +20,14 @@ SCENARIOS = ("hf", "gpt2", "custom")
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp_path_factory, workers: int):
-    out = tmp_path_factory.mktemp(f"pipeline{workers}")
-    result = run_onegpu("run", "--workers", str(workers), "tests/scripts/train_pipeline.py", str(out), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert f"strategy: dp{workers // 2}-tp1-pp2" in result.stderr
-    return out, json.loads((out / "results.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    return launch(tmp_path_factory, 2)
+    return launch_script(tmp_path_factory, "train_pipeline.py", workers=2)
 
 
 @pytest.fixture(scope="module")
 def pipeline_by_data_run(tmp_path_factory):
-    return launch(tmp_path_factory, 4)
+    return launch_script(tmp_path_factory, "train_pipeline.py", workers=4)
 
 
 @pytest.fixture(scope="module")

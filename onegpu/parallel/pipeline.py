@@ -329,12 +329,15 @@ class SharedParameters:
     """
 
     def __init__(self, model: nn.Module, *, holders: dict[str, list[int]], pp_rank: int, mesh) -> None:
-        ranks = mesh.mesh.tolist()  # [replica][pipeline rank] -> global rank
+        pipeline_dim = mesh.mesh_dim_names.index("pp")
+        ranks = (
+            mesh.mesh.movedim(pipeline_dim, -1).reshape(-1, mesh.mesh.shape[pipeline_dim]).tolist()
+        )  # [pipeline][rank]
         me = dist.get_rank()
         groups = {}
         for workers in sorted({tuple(w) for w in holders.values() if len(w) > 1}):
-            for replica in ranks:
-                members = [replica[w] for w in workers]
+            for pipeline in ranks:
+                members = [pipeline[w] for w in workers]
                 group = dist.new_group(members)
                 if me in members:
                     groups[workers] = (group, members[0])
@@ -358,4 +361,7 @@ class SharedParameters:
         for param, group, _first in self.entries:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+            placements = getattr(param, "placements", None)
+            if placements is not None and param.grad.placements != placements:  # e.g. a split embedding's
+                param.grad = param.grad.redistribute(param.device_mesh, placements)
             dist.all_reduce(_local(param.grad), group=group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +17,7 @@ from onegpu.planner.search import Capabilities
 
 # What the runtime can execute today; the planner offers nothing else to prepare().
 RUNTIME = Capabilities(
-    tp=False,
+    tp=True,
     pp=True,
     shardings=("none", "gradients", "parameters"),
     offloads=("none", "parameters"),
@@ -92,6 +93,18 @@ def _search(model, *, cluster, optimizer, sample, global_batch, budget_bytes, pi
     seq_len = sequence_length(sample)
     one = first_sample(sample)
     profile = analyze(model, seq_len=seq_len, precision="fp32", sample=None if hasattr(model, "config") else one)
+    capabilities = RUNTIME
+    tp = parse_pins(**pins).tp
+    if cluster.world_size > 1 and tp != 1:  # tensor parallelism only where the model's structure allows it
+        from onegpu.parallel.tp_structure import find_tensor_parallel, require_tensor_parallel
+
+        if tp is not None:
+            require_tensor_parallel(model, sample, tp=tp)
+        else:
+            structure = find_tensor_parallel(model, sample, tp=2)
+            if not structure.found:
+                print(f"onegpu: no tensor parallelism: {'; '.join(structure.reasons)}", file=sys.stderr, flush=True)
+                capabilities = replace(RUNTIME, tp=False)
     return plan(
         profile,
         global_batch_size=global_batch,
@@ -99,7 +112,7 @@ def _search(model, *, cluster, optimizer, sample, global_batch, budget_bytes, pi
         cluster=cluster,
         budget_fraction=1.0,
         optimizer_slots=optimizer_state_slots(optimizer),
-        capabilities=RUNTIME,
+        capabilities=capabilities,
         **pins,
     )
 

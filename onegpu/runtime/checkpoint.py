@@ -35,7 +35,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # 1 s to import
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    orders = getattr(model, "onegpu_fused_orders", None)
+    if orders and state:  # tensor parallelism permuted fused layers' outputs: back to the model's order
+        from onegpu.parallel.tensor_parallel import unpermuted
+
+        state = unpermuted(state, orders)
+    return state
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -95,12 +95,12 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], *, worker: Worker) -> list[float]:
-    """Sum a few numbers over all workers (float64, so token counts stay exact)."""
+def all_reduce_sum(values: list[float], *, worker: Worker, group=None) -> list[float]:
+    """Sum a few numbers over all workers, or ``group`` (float64, so token counts stay exact)."""
     if worker.world_size == 1:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=worker.device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 
 

@@ -109,8 +109,13 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 class GlobalBatchHooks:
     """Forward hooks on the user's model that turn per-slice losses into the global-batch loss."""
 
-    def __init__(self, module: nn.Module, *, worker: Worker, watchdog: Watchdog) -> None:
+    def __init__(
+        self, module: nn.Module, *, worker: Worker, watchdog: Watchdog, data_group=None, replicas: int | None = None
+    ) -> None:
+        """``data_group`` and ``replicas``: the workers that read different slices, and how many there are
+        (default: all of them; under tensor parallelism, one per replica)."""
         self.worker, self.watchdog = worker, watchdog
+        self.group, self.replicas = data_group, replicas or worker.world_size
         self._tokens: float | None = None
         self._samples = 0
         module.register_forward_pre_hook(self._before, with_kwargs=True, prepend=True)
@@ -122,22 +127,24 @@ class GlobalBatchHooks:
         count = counted_label_tokens(module, kwargs)
         self._tokens = None
         if count is not None:
-            (self._tokens,) = all_reduce_sum([count], worker=self.worker)
+            (self._tokens,) = all_reduce_sum([count], worker=self.worker, group=self.group)
             kwargs = {**kwargs, "num_items_in_batch": torch.tensor(int(self._tokens), device=self.worker.device)}
         return args, kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        world, loss = self.worker.world_size, find_loss(output)
+        world, loss = self.replicas, find_loss(output)
         if loss is not None and self._tokens is not None:
             # each worker's loss is already (its token sum) / (global token count)
-            (global_value,) = all_reduce_sum([loss.item()], worker=self.worker)
+            (global_value,) = all_reduce_sum([loss.item()], worker=self.worker, group=self.group)
             output = replace_loss(output, _GlobalLoss.apply(loss, global_value, float(world), self.watchdog))
         elif loss is not None:
-            weighted, total = all_reduce_sum([loss.item() * self._samples, self._samples], worker=self.worker)
+            weighted, total = all_reduce_sum(
+                [loss.item() * self._samples, self._samples], worker=self.worker, group=self.group
+            )
             scale = self._samples * world / total
             output = replace_loss(output, _GlobalLoss.apply(loss, weighted / total, scale, self.watchdog))
         elif torch.is_grad_enabled():
-            (total,) = all_reduce_sum([self._samples], worker=self.worker)
+            (total,) = all_reduce_sum([self._samples], worker=self.worker, group=self.group)
             self._weight_output_gradients(output, self._samples * world / total)
         self.watchdog.leave()
         return output

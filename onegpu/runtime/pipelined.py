@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from onegpu.errors import UsageError
 from onegpu.parallel import pipeline as pp
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.fsdp import apply_fsdp
+from onegpu.parallel.tensor_parallel import apply_tensor_parallel, unpermuted
+from onegpu.parallel.tp_structure import require_tensor_parallel
 from onegpu.runtime.global_batch import counted_label_tokens
 from onegpu.runtime.materialize import materialize
 from onegpu.runtime.optimizer import repoint
@@ -123,6 +126,8 @@ class PipelinedModel(nn.Module):
         self.mesh = mesh
         self.pipe_group = mesh["pp"].get_group()
         self.data_group = mesh["dp"].get_group() if plan.dp > 1 else None
+        self.tensor_group = mesh["tp"].get_group() if plan.tp > 1 else None
+        self.fused_orders: dict = {}  # tensor parallelism's permuted fused layers, undone in checkpoints
         self.stage_index = mesh["pp"].get_local_rank()
         self.last_rank = dist.get_global_rank(self.pipe_group, plan.pp - 1)
         self.loss = MicroBatchLoss(model, data_group=self.data_group)
@@ -158,6 +163,9 @@ class PipelinedModel(nn.Module):
         the meta device), checkpointing and sharding as planned, and the schedule."""
         plan, device = self.plan, self.worker.device
         names = [name for name, _ in self.model.named_parameters()]
+        structure = None
+        if plan.tp > 1:  # found on the whole model, before it is cut
+            structure = require_tensor_parallel(self.model, inputs, tp=plan.tp)
         layout = pp.BlockLayout(self.model)
         indices = pp.worker_stages(plan.schedule, pp=plan.pp, rank=self.stage_index)
         bounds = [0, *self.cuts, len(layout.blocks)]
@@ -178,10 +186,21 @@ class PipelinedModel(nn.Module):
         pp.keep_only(self.model, keep[self.stage_index], device=device)
         if self.on_meta:
             materialize(self.model, device=device)
-            if self.data_group is not None:  # every replica of a stage starts from the same values
-                first = dist.get_global_rank(self.data_group, 0)
-                for tensor in (*self.model.parameters(), *self.model.buffers()):
-                    dist.broadcast(tensor.data, src=first, group=self.data_group)
+            # every replica of a stage, and every tensor-parallel rank, starts from the same values
+            for group in (self.data_group, self.tensor_group):
+                if group is not None:
+                    first = dist.get_global_rank(group, 0)
+                    for tensor in (*self.model.parameters(), *self.model.buffers()):
+                        dist.broadcast(tensor.data, src=first, group=group)
+        if structure is not None:
+            kept = lambda name: name is not None and not isinstance(self.model.get_submodule(name), pp.ShapeOnly)
+            mine = replace(
+                structure,
+                blocks=tuple(n for i, n in enumerate(structure.blocks) if i in held),
+                embedding=structure.embedding if kept(structure.embedding) else None,
+                head=structure.head if kept(structure.head) else None,
+            )
+            self.fused_orders = apply_tensor_parallel(self.model, mine, mesh=self.mesh["tp"])
         stages = build_stages()  # views of the model as it now is
         for stage in stages.values():
             apply_activation_checkpointing(stage.blocks[: plan.checkpointed_blocks(len(stage.blocks))])
@@ -297,8 +316,10 @@ def pipeline_state_dict(model: PipelinedModel) -> dict[str, torch.Tensor]:
         if hasattr(tensor, "full_tensor"):  # a sharded stage: gathered over its replicas, in the same order on each
             tensor = tensor.full_tensor()
         own[name] = tensor.detach().cpu()
-    if model.data_group is not None and dist.get_rank(model.data_group) != 0:
-        own = {}
+    if any(group is not None and dist.get_rank(group) != 0 for group in (model.data_group, model.tensor_group)):
+        own = {}  # one copy of each stage
+    elif model.fused_orders:
+        own = unpermuted(own, model.fused_orders)
     gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)
     if dist.get_rank() != 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -45,11 +46,13 @@ def prepare(
     loaders = [o for o in objects if isinstance(o, DataLoader)]
     worker = current_worker()
     names = [parameter_names(model, optimizer) for optimizer in optimizers]
+
+    def wrap(shard):  # the workers of one replica (its stages, its tensor-parallel ranks) read the same slice
+        return [GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects]
+
     # loaders first: a batch the workers cannot share fails before any heavy work
-    shard = None
-    if plan is not None and plan.pp > 1:  # every stage of one pipeline reads its replica's whole slice
-        shard = (worker.rank // plan.pp, plan.dp)
-    prepared = [GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects]
+    shard = None if plan is None else _replica_slice(plan, worker=worker)
+    prepared = wrap(shard)
 
     if plan is None:
         plan = _choose_plan(model, optimizers, loaders, worker=worker, strategy=strategy, budget_gb=memory_budget_gb)
@@ -68,27 +71,30 @@ def prepare(
             file=sys.stderr,
             flush=True,
         )
+    if _replica_slice(plan, worker=worker) != shard:
+        prepared = wrap(_replica_slice(plan, worker=worker))
     if plan.pp > 1:
-        if shard is None:  # the planner chose a pipeline: each replica's stages read the replica's slice
-            shard = (worker.rank // plan.pp, plan.dp)
-            prepared = [
-                GlobalBatchLoader(o, worker=worker, shard=shard) if isinstance(o, DataLoader) else o for o in objects
-            ]
         pipelined = _pipeline(model, plan, loaders, worker=worker, optimizers=list(zip(optimizers, names)))
         pipelined.onegpu_plan = plan
         prepared = [pipelined if o is model else o for o in prepared]
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
-    _parallelize(model, plan, worker=worker)
+    data_group = _parallelize(model, plan, worker=worker, loaders=loaders)
     for optimizer, groups in zip(optimizers, names):
         repoint(optimizer, model, groups)
     if worker.world_size > 1:
         watchdog = process_watchdog(rank=worker.rank, timeout_s=collective_timeout())
-        GlobalBatchHooks(model, worker=worker, watchdog=watchdog)
+        GlobalBatchHooks(model, worker=worker, watchdog=watchdog, data_group=data_group, replicas=plan.dp)
         for optimizer in optimizers:
             optimizer.register_step_pre_hook(lambda *_: watchdog.enter("optimizer.step"))
             optimizer.register_step_post_hook(lambda *_: watchdog.leave())
     model.onegpu_plan = plan
     return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def _replica_slice(plan: Plan, *, worker: Worker) -> tuple[int, int] | None:
+    """Which slice of the batch this worker loads, and of how many: its data-parallel replica's."""
+    per_replica = plan.pp * plan.tp
+    return None if per_replica == 1 else (worker.rank // per_replica, plan.dp)
 
 
 def _choose_plan(model, optimizers, loaders, *, worker: Worker, strategy, budget_gb) -> Plan:
@@ -130,7 +136,6 @@ def _check_executable(plan: Plan) -> None:
     missing = [
         what
         for what, needed in (
-            (f"tp={plan.tp}", plan.tp > 1),
             (f"schedule={plan.schedule}", plan.schedule not in SCHEDULES),
             (f"{plan.microbatches} accumulation steps", plan.pp == 1 and plan.microbatches > 1),
             (f"sharding={plan.sharding}", plan.sharding in ("optimizer", "hybrid")),
@@ -183,8 +188,8 @@ def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker
     cuts = pipeline_cuts(model, stages=stages, sample=sample)
     from torch.distributed.device_mesh import init_device_mesh
 
-    # pipeline stages are neighbours (inside a node), data-parallel replicas outermost
-    mesh = init_device_mesh(worker.device.type, (plan.dp, plan.pp), mesh_dim_names=("dp", "pp"))
+    # tensor-parallel ranks are nearest neighbours, pipeline stages next (inside a node), replicas outermost
+    mesh = init_device_mesh(worker.device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=("dp", "pp", "tp"))
     on_meta = is_on_meta(model)
     if not on_meta:
         model.to(worker.device)
@@ -192,7 +197,9 @@ def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker
     return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts, mesh=mesh, optimizers=optimizers, on_meta=on_meta)
 
 
-def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
+def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker, loaders: list[DataLoader]):
+    """Apply ``plan`` to ``model`` in place; returns the process group of the data-parallel replicas
+    (None: every worker is one)."""
     # imported here: torch's FSDP/DTensor cost a second of start-up that a 1-worker job does not need
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -201,6 +208,8 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
     from onegpu.parallel.fsdp import apply_fsdp
 
     _check_executable(plan)
+    if plan.tp > 1:
+        return _tensor_parallel(model, plan, worker=worker, loaders=loaders)
     if plan.activation_checkpointing != "none":
         blocks = repeated_blocks(model)
         apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
@@ -212,7 +221,7 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
         if worker.world_size > 1:
             broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
             apply_ddp(model, device=worker.device)
-        return
+        return None
     if not on_meta:
         model.to(worker.device)
         broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
@@ -220,3 +229,41 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker) -> None:
     apply_fsdp(model, mesh=mesh, shard_parameters=plan.sharding == "parameters", offload=plan.offload == "parameters")
     if on_meta:
         materialize(model, device=worker.device)
+    return None
+
+
+def _tensor_parallel(model: nn.Module, plan: Plan, *, worker: Worker, loaders: list[DataLoader]):
+    """Tensor parallelism inside each replica (neighbouring workers), data parallelism or FSDP across."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from onegpu.parallel.checkpointing import apply_activation_checkpointing
+    from onegpu.parallel.fsdp import apply_fsdp
+    from onegpu.parallel.tensor_parallel import apply_tensor_parallel
+    from onegpu.parallel.tp_structure import require_tensor_parallel
+
+    if not loaders:
+        raise UsageError(
+            "tensor parallelism finds the model's structure from a batch: pass its DataLoader to prepare()"
+        )
+    structure = require_tensor_parallel(model, _sample_slice(loaders[0], world_size=plan.dp), tp=plan.tp)
+    mesh = init_device_mesh(worker.device.type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+    on_meta = is_on_meta(model)
+    if not on_meta:
+        model.to(worker.device)
+        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    model.onegpu_fused_orders = apply_tensor_parallel(model, structure, mesh=mesh["tp"])
+    if plan.activation_checkpointing != "none":
+        blocks = repeated_blocks(model)
+        apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
+    if plan.dp > 1 and plan.sharding == "none":
+        # FSDP2's replicate warns on every step that a loss which is a view could be changed in place; ours is not
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        replicate(model, mesh=mesh["dp"])
+    elif plan.dp > 1:
+        apply_fsdp(
+            model, mesh=mesh["dp"], shard_parameters=plan.sharding == "parameters", offload=plan.offload == "parameters"
+        )
+    if on_meta:
+        materialize(model, device=worker.device)
+    return mesh["dp"].get_group()

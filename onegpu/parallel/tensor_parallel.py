@@ -1,0 +1,178 @@
+"""Tensor parallelism with DTensor: the structure :mod:`tp_structure` found, split over a mesh dimension.
+
+Columns and the LM head are column-parallel, rows and the token embedding row-parallel (the
+embedding by vocabulary), with ``parallelize_module``. Between a group's columns and its row each
+worker holds plain tensors with its own features (its heads), so the model's code runs unchanged.
+A fused column (GPT-2's qkv) is permuted first so that each worker's contiguous shard holds its
+slice of every part; :func:`unpermuted` undoes that for checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.utils._pytree import tree_map
+
+from onegpu.errors import UsageError
+from onegpu.parallel.tp_structure import TensorParallelStructure, output_features
+
+
+class _TransposedColumn(ParallelStyle):
+    """Column parallelism for a layer computing ``x @ weight`` with ``weight`` stored (in, out), like ``Conv1D``."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name, mod, mesh):
+            for key, param in list(mod.named_parameters(recurse=False)):
+                dim = 1 if key == "weight" else 0
+                mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(dim)])))
+
+        def replicated_input(mod, inputs, mesh):
+            return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False), *inputs[1:])
+
+        def local_output(mod, output, mesh):
+            return output.to_local()
+
+        return distribute_module(module, device_mesh, partition, replicated_input, local_output)
+
+
+class _Replicated(ParallelStyle):
+    """A layer every worker computes whole (norms, position embeddings): its parameters become replicated
+    DTensors, so that every parameter of the model is a DTensor (``clip_grad_norm_`` needs one kind)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name, mod, mesh):
+            for key, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+        def replicated_inputs(mod, inputs, mesh):
+            return tree_map(
+                lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False) if _is_plain(t) else t, inputs
+            )
+
+        def local_outputs(mod, output, mesh):
+            return tree_map(lambda t: t.to_local() if isinstance(t, DTensor) else t, output)
+
+        return distribute_module(module, device_mesh, partition, replicated_inputs, local_outputs)
+
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+
+
+class _TransposedRow(ParallelStyle):
+    """Row parallelism for a layer computing ``x @ weight`` with ``weight`` stored (in, out), like ``Conv1D``."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name, mod, mesh):
+            for key, param in list(mod.named_parameters(recurse=False)):
+                placement = Shard(0) if key == "weight" else Replicate()
+                mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [placement])))
+
+        def sharded_input(mod, inputs, mesh):
+            return (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False), *inputs[1:])
+
+        def summed_output(mod, output, mesh):
+            return output.redistribute(placements=[Replicate()]).to_local()
+
+        return distribute_module(module, device_mesh, partition, sharded_input, summed_output)
+
+
+def _fused_order(features: int, *, parts: int, tp: int) -> torch.Tensor:
+    """Output features reordered so that worker r's contiguous shard is its slice of every part."""
+    part, chunk = features // parts, features // parts // tp
+    return torch.tensor([p * part + r * chunk + i for r in range(tp) for p in range(parts) for i in range(chunk)])
+
+
+def _output_dim(module: nn.Module, key: str) -> int:
+    return 1 if key == "weight" and not isinstance(module, nn.Linear) else 0
+
+
+def _permute_outputs(module: nn.Module, order: torch.Tensor) -> None:
+    with torch.no_grad():
+        for key, param in module.named_parameters(recurse=False):
+            param.copy_(param.index_select(_output_dim(module, key), order.to(param.device)))
+
+
+def apply_tensor_parallel(
+    model: nn.Module, structure: TensorParallelStructure, *, mesh: DeviceMesh
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Split ``model`` in place over the 1-D ``mesh``; returns each fused column parameter's output order
+    and dimension, by name (for :func:`unpermuted`)."""
+    tp = mesh.size()
+    plan: dict[str, ParallelStyle] = {}
+    orders: dict[str, tuple[torch.Tensor, int]] = {}
+    part_sizes: dict[nn.Module, set[int]] = {}
+    for block in structure.blocks:
+        for group in structure.groups:
+            for column in group.columns:
+                name = f"{block}.{column}"
+                layer = model.get_submodule(name)
+                plan[name] = ColwiseParallel() if isinstance(layer, nn.Linear) else _TransposedColumn()
+                parts = group.parts.get(column, 1)
+                if parts > 1:
+                    order = _fused_order(output_features(layer), parts=parts, tp=tp)
+                    _permute_outputs(layer, order)
+                    for key, _ in layer.named_parameters(recurse=False):
+                        orders[f"{name}.{key}"] = (order, _output_dim(layer, key))
+                parent = model.get_submodule(name.rpartition(".")[0])
+                part_sizes.setdefault(parent, set()).add(output_features(layer) // parts)
+            row = f"{block}.{group.row}"
+            plan[row] = RowwiseParallel() if isinstance(model.get_submodule(row), nn.Linear) else _TransposedRow()
+    if structure.embedding is not None:
+        plan[structure.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if structure.head is not None and isinstance(model.get_submodule(structure.head), nn.Linear):
+        plan[structure.head] = ColwiseParallel(output_layouts=Replicate())
+    for parent, sizes in part_sizes.items():
+        _divide_part_sizes(parent, sizes, tp)
+    references = _parameter_references(model)
+    parallelize_module(model, mesh, plan)
+    _retie(references)
+    whole = {
+        name: _Replicated()
+        for name, module in model.named_modules()
+        if any(_is_plain(p) for p in module.parameters(recurse=False))
+    }
+    if any(next(model.get_submodule(n).children(), None) is not None for n in whole):
+        raise UsageError(
+            f"{type(model).__name__} keeps parameters outside its leaf layers, which tensor parallelism cannot "
+            "replicate yet: use tp=1"
+        )
+    parallelize_module(model, mesh, whole)
+    return orders
+
+
+def _divide_part_sizes(parent: nn.Module, sizes: set[int], tp: int) -> None:
+    """Sizes a columns' parent keeps of their outputs (GPT-2's ``split_size``) become each worker's share."""
+    for key, value in list(vars(parent).items()):
+        if not key.startswith("_") and type(value) is int and value in sizes:
+            setattr(parent, key, value // tp)
+
+
+def _parameter_references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    references: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for key, param in module.named_parameters(recurse=False):
+            references.setdefault(id(param), []).append((module, key))
+    return {k: v for k, v in references.items() if len(v) > 1}
+
+
+def _retie(references: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Parameters shared by several modules (tied embeddings) stay one parameter once split."""
+    for places in references.values():
+        split = next((getattr(m, k) for m, k in places if isinstance(getattr(m, k), DTensor)), None)
+        if split is not None:
+            for module, key in places:
+                setattr(module, key, split)
+
+
+def unpermuted(state: dict[str, Any], orders: dict[str, tuple[torch.Tensor, int]]) -> dict[str, Any]:
+    """A full state dict with the fused columns' outputs back in the model's own order."""
+    for name, (order, dim) in orders.items():
+        if name in state:
+            state[name] = state[name].index_select(dim, torch.argsort(order))
+    return state

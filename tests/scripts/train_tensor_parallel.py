@@ -1,0 +1,45 @@
+"""Worker script: the scenarios under tensor parallelism; rank 0 writes results.json + checkpoints.
+
+2 workers: tp=2 on Llama (grouped-query attention), Qwen2 (q/k/v biases), GPT-2 (fused qkv, tied
+embeddings) and BERT (an encoder); the hand-written model, which has no tensor-parallel structure,
+must be refused with the reason. 4 workers: tp=2 x dp=2 (replicas read slices of 3 and 2), and
+tp=2 x pp=2 (1F1B, 5 micro-batches).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scenarios import build, train  # noqa: E402
+
+import onegpu  # noqa: E402
+from onegpu.errors import UsageError  # noqa: E402
+from onegpu.planner.plan import Plan  # noqa: E402
+
+out = Path(sys.argv[1])
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world == 2:
+    plans = {"tp2": Plan(dp=1, tp=2)}
+else:
+    plans = {"tp2-dp2": Plan(dp=2, tp=2), "tp2-pp2": Plan(dp=1, tp=2, pp=2, microbatches=5, schedule="1f1b")}
+scenarios = ("hf", "qwen2", "gpt2", "bert") if world == 2 else ("hf", "gpt2")
+results = {}
+for scenario in scenarios:
+    for name, plan in plans.items():
+        run = train(scenario, prepare=onegpu.prepare, plan=plan)
+        model = run.pop("model")
+        # the share of the model's parameters this worker holds
+        held = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+        run["held"] = held / sum(p.numel() for p in build(scenario)[0].parameters())
+        onegpu.save_pretrained(model, out / f"{scenario}-{name}")
+        results[f"{scenario}-{name}"] = run
+try:
+    train("custom", prepare=onegpu.prepare, plan=Plan(dp=world // 2, tp=2))
+    results["no_structure"] = "accepted"
+except UsageError as error:
+    results["no_structure"] = str(error)
+if onegpu.is_main_process():
+    (out / "results.json").write_text(json.dumps(results))

@@ -1,0 +1,98 @@
+"""Tensor parallelism found in the model's data flow trains like one device.
+
+Llama (grouped-query attention), Qwen2 (q/k/v biases), GPT-2 (fused qkv in a transposed Conv1D,
+tied embeddings) and BERT (an encoder with a tied masked-LM head), each with tp=2, and Llama and
+GPT-2 with tp=2 x dp=2 and tp=2 x pp=2: the same per-step losses, gradient norms and eval loss (rtol 1e-5), and
+the same final parameters (atol 1e-5), as the plain single process. A model without the
+structure gets none.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import launch_script
+from scenarios import build, train
+from test_single_device_equivalence import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory):
+    return launch_script(tmp_path_factory, "train_tensor_parallel.py", workers=2)
+
+
+@pytest.fixture(scope="module")
+def tp_dp_run(tmp_path_factory):
+    return launch_script(tmp_path_factory, "train_tensor_parallel.py", workers=4)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {s: train(s) for s in ("hf", "qwen2", "gpt2", "bert")}
+
+
+@pytest.mark.parametrize("scenario", ["hf", "qwen2", "gpt2", "bert"])
+def test_tensor_parallel_trains_like_one_device(tp_run, reference, scenario):
+    check(tp_run, reference[scenario], scenario, "tp2")
+
+
+@pytest.mark.parametrize("scenario", ["hf", "gpt2"])
+def test_tensor_parallel_times_data_parallel_trains_like_one_device(tp_dp_run, reference, scenario):
+    check(tp_dp_run, reference[scenario], scenario, "tp2-dp2")
+    assert tp_dp_run[1][f"{scenario}-tp2-dp2"]["local_batch_sizes"] == [3] * 8  # replica 0's slice, on both its ranks
+
+
+@pytest.mark.parametrize("scenario", ["hf", "gpt2"])
+def test_tensor_parallel_times_pipeline_trains_like_one_device(tp_dp_run, reference, scenario):
+    """Each of 2 stages split over 2 workers; GPT-2's tied embedding and head, on different stages, both split."""
+    check(tp_dp_run, reference[scenario], scenario, "tp2-pp2")
+
+
+def test_a_model_without_the_structure_gets_none(tp_run, tp_dp_run):
+    for _, results in (tp_run, tp_dp_run):
+        assert results["no_structure"] == (
+            "SkipNet has no tensor-parallel structure (no linear layers of Block feed only one other linear "
+            "layer): use tp=1"
+        )
+
+
+def check(launched, reference, scenario: str, name: str) -> None:
+    out, results = launched
+    run = results[f"{scenario}-{name}"]
+    assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5)
+    assert run["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+    assert run["held"] < (0.35 if "pp2" in name else 0.6)  # blocks, embedding and head are split
+    trained = load_checkpoint("hf" if scenario in ("gpt2", "qwen2", "bert") else scenario, out / f"{scenario}-{name}")
+    expected = dict(reference["model"].named_parameters())
+    for key, param in trained.named_parameters():
+        torch.testing.assert_close(param, expected[key], rtol=0, atol=1e-5, msg=f"{key} differs")
+
+
+def test_the_structure_is_found_in_the_data_flow_of_four_families():
+    """Column layers feeding one row layer, heads that divide, the vocabulary-parallel embedding and head."""
+    from onegpu.parallel.tp_structure import find_tensor_parallel
+
+    ids = torch.randint(0, 64, (2, 12))
+    expected = {
+        "hf": ({"self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"}, "self_attn.o_proj", "lm_head"),
+        "qwen2": ({"self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"}, "self_attn.o_proj", "lm_head"),
+        "gpt2": ({"attn.c_attn"}, "attn.c_proj", "lm_head"),
+        "bert": (
+            {"attention.self.key", "attention.self.query", "attention.self.value"},
+            "attention.output.dense",
+            "cls.predictions.decoder",
+        ),
+    }
+    for scenario, (attention, row, head) in expected.items():
+        structure = find_tensor_parallel(build(scenario)[0], {"input_ids": ids, "labels": ids}, tp=2)
+        assert len(structure.groups) == 2, (scenario, structure.reasons)
+        first = structure.groups[0]
+        assert (set(first.columns), first.row) == (attention, row)
+        assert structure.head == head and structure.embedding is not None
+    gpt2 = find_tensor_parallel(build("gpt2")[0], {"input_ids": ids, "labels": ids}, tp=2)
+    assert gpt2.groups[0].parts == {"attn.c_attn": 3} and gpt2.groups[0].heads == 4  # fused q, k, v
+    odd = find_tensor_parallel(build("hf")[0], {"input_ids": ids, "labels": ids}, tp=3)
+    assert any("cannot be divided among 3 workers" in reason for reason in odd.reasons)
