@@ -93,6 +93,13 @@ def shard_factors(plan: Plan, cluster: Cluster) -> tuple[int, int, int]:
     }[plan.sharding]
 
 
+def tp_activation_share(tp: int) -> float:
+    """The share of a block's activations each of ``tp`` tensor-parallel ranks holds and computes: without
+    sequence parallelism its norms, residuals and inputs stay whole, 10 of its 34 bytes per token and
+    hidden unit (Korthikanti et al. 2022, table 2)."""
+    return 1.0 if tp == 1 else (10 + 24 / tp) / 34
+
+
 def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     """Peak bytes per device, by kind."""
     prof, tp = work.profile, plan.tp
@@ -125,12 +132,13 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
 
     b = micro_batch_size(plan, work.global_batch)
     c = plan.checkpointed_blocks(n)
-    per_micro = (c * block.boundary_bytes + (n - c) * block.activation_bytes) / tp
-    recompute_peak = block.activation_bytes / tp if c else 0.0
-    head = prof.rest.activation_bytes / tp
+    block_activation = block.activation_bytes * tp_activation_share(tp)
+    per_micro = c * block.boundary_bytes + (n - c) * block_activation
+    recompute_peak = block_activation if c else 0.0
+    head = prof.rest.activation_bytes  # the logits are gathered whole
     first_stage = in_flight(plan) * per_micro
     last_stage = per_micro + head if plan.pp > 1 else first_stage + head
-    activations = b * (max(first_stage, last_stage) + recompute_peak + block.activation_bytes / tp)
+    activations = b * (max(first_stage, last_stage) + recompute_peak + block_activation)
     runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
     fragmentation = CPU_FRAGMENTATION if is_cpu(cluster) else FRAGMENTATION
     return {
@@ -171,6 +179,7 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     compute_bytes = prof.param_bytes
 
     attention_rate = peak * (CPU_GEMM_EFFICIENCY if cpu else ATTENTION_EFFICIENCY)
+    tp_share = tp_activation_share(tp)
 
     def part_time(part, *, recompute: bool) -> float:
         passes = 4 / 3 if recompute else 1.0  # recomputation repeats the forward: a third of the work
@@ -179,7 +188,7 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
         weight_reads = (4 if recompute else 3) * part.params / tp * compute_bytes
         gemm = max(flops / attainable, weight_reads / bandwidth) + attention / attention_rate
         # elementwise work: activations written in forward, read in backward, their gradients written and read
-        elementwise = 4 * b * part.activation_bytes / tp / bandwidth
+        elementwise = 4 * b * part.activation_bytes * tp_share / bandwidth
         launches = (part.ops or OPS_WHEN_UNKNOWN) * (4 / 3 if recompute else 1)
         return gemm + elementwise + launches * op_overhead
 
