@@ -187,4 +187,5 @@ def train(
         "model_class": type(model).__name__,
         "checkpointed_blocks": checkpointed_blocks(model),
         "model": model,
+        "loader": loader,
     }

@@ -65,6 +65,9 @@ def check(launched, reference, scenario: str, name: str) -> None:
     assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5)
     assert run["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
     assert run["held"] < (0.35 if "pp2" in name else 0.6)  # blocks, embedding and head are split
+    if name != "tp2-pp2":  # sequence parallelism: between the groups, each worker handles half the positions
+        assert run["sequence_parallel"] == (scenario != "bert")  # BERT's residual is inside its attention module
+        assert run["norm_positions"] == (6 if scenario != "bert" else 12)
     trained = load_checkpoint("hf" if scenario in ("gpt2", "qwen2", "bert") else scenario, out / f"{scenario}-{name}")
     expected = dict(reference["model"].named_parameters())
     for key, param in trained.named_parameters():

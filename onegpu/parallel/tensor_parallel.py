@@ -15,7 +15,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
@@ -65,7 +73,12 @@ def _is_plain(value: Any) -> bool:
 
 
 class _TransposedRow(ParallelStyle):
-    """Row parallelism for a layer computing ``x @ weight`` with ``weight`` stored (in, out), like ``Conv1D``."""
+    """Row parallelism for a layer computing ``x @ weight`` with ``weight`` stored (in, out), like ``Conv1D``;
+    its output summed whole (``Replicate``) or summed and split by sequence position (``Shard(1)``)."""
+
+    def __init__(self, *, output_layout=None) -> None:
+        super().__init__()
+        self.output_layout = output_layout or Replicate()
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def partition(name, mod, mesh):
@@ -77,7 +90,7 @@ class _TransposedRow(ParallelStyle):
             return (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False), *inputs[1:])
 
         def summed_output(mod, output, mesh):
-            return output.redistribute(placements=[Replicate()]).to_local()
+            return output.redistribute(placements=[self.output_layout]).to_local()
 
         return distribute_module(module, device_mesh, partition, sharded_input, summed_output)
 
@@ -104,6 +117,8 @@ def apply_tensor_parallel(
     """Split ``model`` in place over the 1-D ``mesh``; returns each fused column parameter's output order
     and dimension, by name (for :func:`unpermuted`)."""
     tp = mesh.size()
+    sequence = structure.sequence_parallel
+    summed = Shard(1) if sequence else Replicate()  # rows reduce-scatter by sequence position, or all-reduce
     plan: dict[str, ParallelStyle] = {}
     orders: dict[str, tuple[torch.Tensor, int]] = {}
     part_sizes: dict[nn.Module, set[int]] = {}
@@ -122,7 +137,27 @@ def apply_tensor_parallel(
                 parent = model.get_submodule(name.rpartition(".")[0])
                 part_sizes.setdefault(parent, set()).add(output_features(layer) // parts)
             row = f"{block}.{group.row}"
-            plan[row] = RowwiseParallel() if isinstance(model.get_submodule(row), nn.Linear) else _TransposedRow()
+            linear = isinstance(model.get_submodule(row), nn.Linear)
+            plan[row] = RowwiseParallel(output_layouts=summed) if linear else _TransposedRow(output_layout=summed)
+            if sequence:  # the group's module gathers the sequence it is given
+                plan[f"{block}.{group.parent}"] = _gathering(group.parent_input, positional=group.parent_positional)
+        if sequence:
+            plan.update({f"{block}.{norm}": SequenceParallel(use_local_output=True) for norm in structure.norms})
+    if sequence:
+        if structure.last_block in structure.blocks:  # and gathered where it leaves them
+            outputs = max(structure.last_block_outputs, 1)
+            split, whole = (Shard(1), *(None,) * (outputs - 1)), (Replicate(), *(None,) * (outputs - 1))
+            plan[structure.last_block] = PrepareModuleOutput(
+                output_layouts=split if structure.last_block_outputs else split[0],
+                desired_output_layouts=whole if structure.last_block_outputs else whole[0],
+                use_local_output=True,
+            )
+        if structure.first_block in structure.blocks:  # the residual stream is split where it enters the blocks
+            _check_sequence_length(model.get_submodule(structure.first_block), tp)
+            rest = (None,) * (structure.first_block_positional - 1)
+            plan[structure.first_block] = PrepareModuleInput(
+                input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest), use_local_output=True
+            )
     if structure.embedding is not None:
         plan[structure.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if structure.head is not None and isinstance(model.get_submodule(structure.head), nn.Linear):
@@ -144,6 +179,30 @@ def apply_tensor_parallel(
         )
     parallelize_module(model, mesh, whole)
     return orders
+
+
+def _gathering(where: int | str, *, positional: int) -> PrepareModuleInput:
+    """The hidden states a group's module is given, gathered from their split by sequence position."""
+    if isinstance(where, str):
+        return PrepareModuleInput(
+            input_kwarg_layouts={where: Shard(1)},
+            desired_input_kwarg_layouts={where: Replicate()},
+            use_local_output=True,
+        )
+    given = tuple(Shard(1) if i == where else None for i in range(positional))
+    wanted = tuple(Replicate() if i == where else None for i in range(positional))
+    return PrepareModuleInput(input_layouts=given, desired_input_layouts=wanted, use_local_output=True)
+
+
+def _check_sequence_length(block: nn.Module, tp: int) -> None:
+    def check(module, args):
+        if args and args[0].shape[1] % tp:
+            raise UsageError(
+                f"sequence parallelism over {tp} workers needs a sequence length that is a multiple of {tp}, "
+                f"not {args[0].shape[1]}: pad the batches to a multiple of {tp}"
+            )
+
+    block.register_forward_pre_hook(check, prepend=True)
 
 
 def _divide_part_sizes(parent: nn.Module, sizes: set[int], tp: int) -> None:

@@ -15,7 +15,7 @@ as the vocabulary; both are split by vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,14 @@ HEAD_LOCAL = {
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention",
 }  # fmt: skip
+# of those, the operators that mix sequence positions: not allowed on a sequence-split residual stream
+SEQUENCE_MIXING = {
+    "bmm", "matmul", "mm", "baddbmm", "_softmax", "_safe_softmax", "softmax", "cat",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention",
+}  # fmt: skip
+REDUCTIONS = {"mean", "sum", "var", "var_mean", "amax", "amin", "std"}  # per token when over the last dimension
+PER_TOKEN_NORMS = {"native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,9 @@ class Group:
     row: str
     parts: dict[str, int] = field(default_factory=dict)  # a fused column's number of equal parts
     heads: int | None = None  # attention heads of the first column that has heads (per part)
+    parent: str = ""  # the module holding the columns and the row
+    parent_input: int | str = 0  # where the parent takes the hidden states: position, or keyword
+    parent_positional: int = 1  # how many positional arguments the parent takes
 
 
 @dataclass(frozen=True)
@@ -58,11 +69,18 @@ class TensorParallelStructure:
     """What can be split over ``tp`` workers, and why the rest cannot."""
 
     tp: int
-    blocks: tuple[str, ...] = ()  # names of the repeated blocks
+    blocks: tuple[str, ...] = ()  # names of the repeated blocks (to split: a pipeline stage's)
+    first_block: str = ""  # the model's first block
+    first_block_positional: int = 1  # how many positional arguments it takes
     groups: tuple[Group, ...] = ()
     embedding: str | None = None
     head: str | None = None
     reasons: tuple[str, ...] = ()
+    # sequence parallelism: the residual stream between the groups split by sequence position
+    sequence_parallel: bool = False
+    norms: tuple[str, ...] = ()  # per-token layers of a block outside its groups (its norms)
+    last_block: str = ""  # where the sequence is gathered again
+    last_block_outputs: int = 0  # how many tensors the last block returns in a tuple; 0: a bare tensor
 
     @property
     def found(self) -> bool:
@@ -92,7 +110,9 @@ class _Recorder(TorchDispatchMode):
         self.taint: dict[int, frozenset[str]] = {}
         self.alive: list[torch.Tensor] = []  # ids stay unique while recording
         self.ops: list[tuple[str, frozenset[str], list[tuple[int, ...]], list[tuple[int, ...]]]] = []
+        self.arguments: list[list[Any]] = []  # each op's other arguments (reduction dimensions)
         self.inside_layer = 0
+        self.recording = True  # off between the first block and the last one: the blocks are alike
 
     def mark(self, tensor: Any, sources: frozenset[str]) -> None:
         for t in tree_leaves(tensor):
@@ -114,7 +134,10 @@ class _Recorder(TorchDispatchMode):
             if sources:
                 self.mark(out, sources)
                 shapes = lambda v: [tuple(t.shape) for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
+                if not self.recording:
+                    return out
                 self.ops.append((func.overloadpacket.__name__.rstrip("_"), sources, shapes(args), shapes(out)))
+                self.arguments.append([a for a in tree_leaves(args[1:]) if not isinstance(a, torch.Tensor)])
         return out
 
 
@@ -133,10 +156,33 @@ def find_tensor_parallel(model: nn.Module, sample: Any, *, tp: int) -> TensorPar
     handles = []
 
     def enter_block(module, args, kwargs):
+        seen["positional"] = len(args)
         recorder.mark(args[0] if args else kwargs["hidden_states"], frozenset({INPUT}))
 
     def leave_block(module, args, output):
         seen["block_output"] = recorder.of(output[0] if isinstance(output, (tuple, list)) else output)
+        recorder.recording = len(blocks) == 1
+
+    def leave_last_block(module, args, output):
+        seen["last_outputs"] = len(output) if isinstance(output, (tuple, list)) else 0
+
+    # module -> (where its hidden input is, its output's sources, how many positional arguments it takes)
+    calls: dict[str, tuple[int | str | None, frozenset[str], int]] = {}
+
+    def enter_module(name):
+        def hook(module, args, kwargs):
+            where = next((i for i, a in enumerate(args) if INPUT in recorder.of(a)), None)
+            if where is None:
+                where = next((k for k, a in kwargs.items() if INPUT in recorder.of(a)), None)
+            calls[name] = (where, frozenset(), len(args))
+
+        return hook
+
+    def leave_module(name):
+        def hook(module, args, output):
+            calls[name] = (calls[name][0], recorder.of(output), calls[name][2])
+
+        return hook
 
     def enter_layer(name):
         def hook(module, args):
@@ -158,6 +204,17 @@ def find_tensor_parallel(model: nn.Module, sample: Any, *, tp: int) -> TensorPar
 
     handles.append(block.register_forward_pre_hook(enter_block, with_kwargs=True))
     handles.append(block.register_forward_hook(leave_block))
+    handles.append(blocks[-1].register_forward_hook(leave_last_block))
+    for name, module in block.named_modules():
+        if name and not is_linear(module):
+            handles.append(module.register_forward_pre_hook(enter_module(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(leave_module(name)))
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for name, module in model.named_modules():
+        if is_linear(module) and id(module) not in inside:  # the head: its own computation is not followed
+            layers_outside = f"{name}"
+            handles.append(module.register_forward_pre_hook(enter_layer(layers_outside)))
+            handles.append(module.register_forward_hook(leave_layer(layers_outside)))
     for name, layer in layers.items():
         handles.append(layer.register_forward_pre_hook(enter_layer(name)))
         handles.append(layer.register_forward_hook(leave_layer(name)))
@@ -187,14 +244,78 @@ def find_tensor_parallel(model: nn.Module, sample: Any, *, tp: int) -> TensorPar
     if not groups and not reasons:
         reasons = [f"no linear layers of {type(block).__name__} feed only one other linear layer"]
     embedding, head = _vocabulary_layers(model, blocks, seen.get("embedding"), tp=tp)
-    return TensorParallelStructure(
+    structure = TensorParallelStructure(
         tp=tp,
         blocks=tuple(names[b] for b in blocks),
+        first_block=names[blocks[0]],
         groups=tuple(groups),
         embedding=embedding,
         head=head,
         reasons=tuple(reasons),
     )
+    if groups and len(blocks) > 1 and seen.get("positional"):
+        structure = _with_sequence_parallel(structure, block, calls, recorder, seen["block_output"])
+        structure = replace(
+            structure,
+            first_block_positional=seen["positional"],
+            last_block=names[blocks[-1]],
+            last_block_outputs=seen["last_outputs"],
+        )
+    return structure
+
+
+def _per_token(op: str, shapes: list[tuple[int, ...]], arguments: list[Any]) -> bool:
+    """Whether an operator on the residual stream works on each sequence position alone."""
+    if op in PER_TOKEN_NORMS:
+        return True
+    if op in REDUCTIONS:
+        rank = len(shapes[0]) if shapes else 0
+        dims = [a for a in arguments if isinstance(a, int) and not isinstance(a, bool)]
+        return bool(dims) and all(d in (-1, rank - 1) for d in dims[:1])
+    return op in HEAD_LOCAL and op not in SEQUENCE_MIXING
+
+
+def _with_sequence_parallel(structure, block, calls, recorder: _Recorder, block_output):
+    """``structure`` with sequence parallelism inside the blocks, when their residual stream around the groups
+    works on each position alone (it is split by position between the first block and the last one)."""
+    groups, rows, columns = [], set(), set()
+    for group in structure.groups:
+        names = [*group.columns, group.row]
+        parent = ".".join(_common_prefix([n.split(".")[:-1] for n in names]))
+        where, output, positional = calls.get(parent, (None, frozenset(), 0))
+        if not parent or where is None or output - {group.row}:
+            return replace(structure, reasons=(*structure.reasons, f"no sequence parallelism: {group.row} "
+                                               "is not the last layer of the module holding its group"))  # fmt: skip
+        groups.append(replace(group, parent=parent, parent_input=where, parent_positional=positional))
+        rows.add(group.row)
+        columns.update(group.columns)
+    if block_output - {INPUT} - rows:
+        return replace(structure, reasons=(*structure.reasons, "no sequence parallelism: the block output mixes more"))
+    for (op, taint, shapes, _), arguments in zip(recorder.ops, recorder.arguments):
+        residual = INPUT in taint and not taint & columns
+        if residual and not _per_token(op, shapes, arguments):
+            return replace(structure, reasons=(*structure.reasons, f"no sequence parallelism: {op} mixes positions"))
+    parents = [g.parent for g in groups]
+    norms = tuple(
+        name
+        for name, module in block.named_modules()
+        if name
+        and next(module.children(), None) is None
+        and next(module.parameters(False), None) is not None
+        and not is_linear(module)
+        and not any(name.startswith(p + ".") for p in parents)
+    )
+    return replace(structure, groups=tuple(groups), sequence_parallel=True, norms=norms)
+
+
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    prefix = paths[0]
+    for path in paths[1:]:
+        same = 0
+        while same < min(len(prefix), len(path)) and prefix[same] == path[same]:
+            same += 1
+        prefix = prefix[:same]
+    return prefix
 
 
 def require_tensor_parallel(model: nn.Module, sample: Any, *, tp: int) -> TensorParallelStructure:

@@ -253,6 +253,7 @@ def _tensor_parallel(model: nn.Module, plan: Plan, *, worker: Worker, loaders: l
         model.to(worker.device)
         broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
     model.onegpu_fused_orders = apply_tensor_parallel(model, structure, mesh=mesh["tp"])
+    model.onegpu_tensor_parallel = structure
     if plan.activation_checkpointing != "none":
         blocks = repeated_blocks(model)
         apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])

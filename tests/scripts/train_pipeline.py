@@ -51,6 +51,7 @@ for scenario in ("hf", "gpt2", "custom"):
         held = sum(getattr(p, "_local_tensor", p).numel() for p in run["model"].parameters())
         whole = build(scenario, layers=options.get("layers", 2))[0]
         run["held"] = held / sum(p.numel() for p in whole.parameters())
+        run.pop("loader")
         onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{name}")
         results[f"{scenario}-{name}"] = run
 

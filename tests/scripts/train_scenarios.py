@@ -28,6 +28,7 @@ for scenario in ("hf", "gpt2", "custom", "external"):
         hows.update({name: {"plan": plan} for name, plan in MEMORY_PLANS.items()})
     for strategy, how in hows.items():
         run = train(scenario, prepare=onegpu.prepare, **how)
+        run.pop("loader")
         onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{strategy}")
         if dist.is_initialized():  # what every worker saw, to show the batch really was split
             sizes = [None] * dist.get_world_size()

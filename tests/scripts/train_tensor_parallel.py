@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scenarios import build, train  # noqa: E402
@@ -30,10 +32,22 @@ results = {}
 for scenario in scenarios:
     for name, plan in plans.items():
         run = train(scenario, prepare=onegpu.prepare, plan=plan)
-        model = run.pop("model")
+        model, loader = run.pop("model"), run.pop("loader")
         # the share of the model's parameters this worker holds
         held = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
         run["held"] = held / sum(p.numel() for p in build(scenario)[0].parameters())
+        structure = getattr(model, "onegpu_tensor_parallel", None)
+        if structure is not None:  # how many positions a norm inside a block sees: all, or this worker's share
+            run["sequence_parallel"] = structure.sequence_parallel
+            norm = model.get_submodule(f"{structure.first_block}.{(structure.norms or ('',))[0]}".rstrip("."))
+            seen = []
+            handle = norm.register_forward_pre_hook(
+                lambda module, args, seen=seen: seen.append(args[0].shape[1]), prepend=True  # as it arrives
+            )
+            with torch.no_grad():
+                model(**next(iter(loader)))
+            handle.remove()
+            run["norm_positions"] = seen[0]
         onegpu.save_pretrained(model, out / f"{scenario}-{name}")
         results[f"{scenario}-{name}"] = run
 try:
