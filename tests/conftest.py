@@ -1,11 +1,14 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tests' jobs lease devices from a pool of their own, never from the user's
+os.environ.setdefault("ONEGPU_HOME", tempfile.mkdtemp(prefix="onegpu-tests-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -6,6 +6,9 @@ import typer
 
 from onegpu.cli import plan as plan_command
 from onegpu.cli import run as run_command
+from onegpu.cli import smi as smi_command
+from onegpu.cli import switch as switch_command
+from onegpu.cli import usage as usage_command
 
 app = typer.Typer(
     name="onegpu",
@@ -16,6 +19,9 @@ app = typer.Typer(
 )
 run_command.register(app)
 plan_command.register(app)
+smi_command.register(app)
+switch_command.register(app)
+usage_command.register(app)
 
 
 @app.callback()

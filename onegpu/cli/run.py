@@ -9,19 +9,21 @@ import typer
 from onegpu.launch.run import LaunchError, launch
 from onegpu.launch.workers import worker_count
 
-WORKERS_HELP = (
-    "Workers behind the virtual device (default: ONEGPU_WORKERS, else the local accelerators, else 2 on CPU)."
-)
+WORKERS_HELP = "Workers behind the virtual device (default: ONEGPU_WORKERS, else your flavor's devices)."
 
 
 def run(
     script: Annotated[str, typer.Argument(help="The training script, written for one device.")],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to the script.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-n", help=WORKERS_HELP)] = None,
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="Fail at once when the pool cannot serve the job now, instead of queueing."),
+    ] = False,
 ) -> None:
     """Run SCRIPT on N workers as if on one device."""
     try:
-        code = launch(script, list(args or []), workers=worker_count(workers))
+        code = launch(script, list(args or []), workers=worker_count(workers), wait=not no_wait)
     except (LaunchError, ValueError) as exc:
         typer.echo(f"onegpu: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -33,7 +33,7 @@ def init(*, workers: int | None = None) -> None:
         return
     try:
         code = launch(script, sys.argv[1:], workers=count)
-    except LaunchError as exc:
+    except (LaunchError, ValueError) as exc:
         sys.stderr.write(f"onegpu: {exc}\n")
         code = 1
     sys.exit(code)

@@ -13,14 +13,16 @@ from torch.distributed.run import get_args_parser, run
 
 from onegpu.launch.failures import root_cause
 from onegpu.launch.workers import threads_per_worker
+from onegpu.pool.lease import leased_devices
 
 
 class LaunchError(Exception):
     """A job could not start or one of its workers failed; the message says which and what to do."""
 
 
-def launch(script: str, args: list[str], *, workers: int) -> int:
-    """Run ``script ARGS`` as ``workers`` local processes; returns 0 or raises LaunchError."""
+def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> int:
+    """Run ``script ARGS`` as ``workers`` local processes, each on a device leased from the pool for as
+    long as the job runs (waiting in line for them unless ``wait`` is False); returns 0 or raises LaunchError."""
     if not Path(script).is_file():
         raise LaunchError(f"script {script!r} not found: give the path of a Python file, e.g. onegpu run train.py")
     if workers < 1:
@@ -41,7 +43,12 @@ def launch(script: str, args: list[str], *, workers: int) -> int:
     # onegpu reports a failed job itself, in one line; torchelastic's own log would repeat it
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        run(get_args_parser().parse_args(torchrun_args))
+        with leased_devices(count=workers, wait=wait) as lease:
+            os.environ["ONEGPU_JOB"] = lease.job
+            os.environ["ONEGPU_DEVICES"] = ",".join(map(str, lease.devices))
+            if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
+                os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ONEGPU_DEVICES"]
+            run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as failure:
         raise LaunchError(root_cause(failure)) from None
     except SignalException as signal:  # Ctrl-C or a scheduler's SIGTERM: the workers were stopped

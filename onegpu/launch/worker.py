@@ -49,6 +49,9 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(threads_per_worker(local_world))
     if rank != 0 and os.environ.get("ONEGPU_PRINT_ALL_RANKS") != "1":
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
+    from onegpu.pool.reporting import start_reporting
+
+    start_reporting()
     code = run_script(script, args)
     # End like a normal exit (atexit handlers, flushed streams) but skip C++ static destructors:
     # torch's background threads can abort a finished worker there ("terminate called without an

@@ -1,18 +1,14 @@
-"""How many workers stand behind the virtual device, and how many CPU threads each gets."""
+"""How many workers stand behind the virtual device (its flavor), and how many CPU threads each gets."""
 
 from __future__ import annotations
 
 import os
 
-import torch
-
 from onegpu.errors import UsageError
-
-CPU_DEFAULT_WORKERS = 2
 
 
 def worker_count(requested: int | None = None) -> int:
-    """``requested`` (``--workers``), else ONEGPU_WORKERS, else local accelerators, else 2 on CPU."""
+    """``requested`` (``--workers``), else ONEGPU_WORKERS, else the devices of the user's flavor."""
     source = "--workers"
     if requested is None and os.environ.get("ONEGPU_WORKERS"):
         source, raw = "ONEGPU_WORKERS", os.environ["ONEGPU_WORKERS"]
@@ -26,9 +22,10 @@ def worker_count(requested: int | None = None) -> int:
         if requested < 1:
             raise UsageError(f"{source} {requested}: a job needs at least 1 worker")
         return requested
-    if torch.accelerator.is_available():
-        return torch.accelerator.device_count()
-    return CPU_DEFAULT_WORKERS
+    from onegpu.pool.config import load_pool
+    from onegpu.pool.flavors import current_flavor
+
+    return current_flavor(load_pool()).devices
 
 
 def threads_per_worker(local_workers: int) -> int:

@@ -42,7 +42,8 @@ for scenario in scenarios:
             norm = model.get_submodule(f"{structure.first_block}.{(structure.norms or ('',))[0]}".rstrip("."))
             seen = []
             handle = norm.register_forward_pre_hook(
-                lambda module, args, seen=seen: seen.append(args[0].shape[1]), prepend=True  # as it arrives
+                lambda module, args, seen=seen: seen.append(args[0].shape[1]),
+                prepend=True,  # as it arrives
             )
             with torch.no_grad():
                 model(**next(iter(loader)))

@@ -1,0 +1,112 @@
+"""The device pool of this machine, from ``$ONEGPU_HOME/pool.toml`` (every key optional).
+
+```toml
+cpu_slots = 4                 # on a machine without accelerators: device slots to offer
+slot_memory_gb = 6            # each CPU slot's memory budget
+price_per_device_hour = 2.0   # for `onegpu usage`
+lease_ttl_s = 30              # a job that stops renewing its leases loses them after this long
+database_url = "postgresql://..."  # default: SQLite in $ONEGPU_HOME/ledger.sqlite (or ONEGPU_DATABASE_URL)
+
+[flavors]                     # replaces the standard flavors: name = device count
+Small = 1
+Big = 3
+```
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import tomllib
+import torch
+
+from onegpu.errors import UsageError
+
+CPU_SLOTS = 4
+
+
+def onegpu_home() -> Path:
+    """``$ONEGPU_HOME``, else the user's data directory for onegpu."""
+    home = os.environ.get("ONEGPU_HOME")
+    return Path(home).expanduser() if home else Path(platformdirs.user_data_dir("onegpu"))
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    memory_gb: float
+    kind: str  # "cpu" (a slot of this machine) or the accelerator type ("cuda", ...)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    devices: tuple[Device, ...]
+    price_per_device_hour: float = 0.0
+    lease_ttl_s: float = 30.0
+    database_url: str | None = None
+    flavors: tuple[tuple[str, int], ...] = ()  # overrides: (name, device count)
+    path: Path | None = None
+
+
+def load_pool(home: Path | None = None) -> PoolConfig:
+    """The pool of this machine: its accelerators, or CPU slots when it has none."""
+    home = home or onegpu_home()
+    path = home / "pool.toml"
+    raw: dict = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path} is not valid TOML ({exc}): fix it, or delete it for the defaults") from None
+    known = {"cpu_slots", "slot_memory_gb", "price_per_device_hour", "lease_ttl_s", "database_url", "flavors"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
+
+    def number(key: str, default: float, *, whole: bool = False) -> float:
+        value = raw.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value <= 0
+            and key != "price_per_device_hour"
+        ):
+            raise UsageError(f"{path}: {key} = {value!r}: give a positive number")
+        if whole and int(value) != value:
+            raise UsageError(f"{path}: {key} = {value!r}: give a whole number")
+        return value
+
+    if torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        devices = tuple(_accelerator(kind, i) for i in range(torch.accelerator.device_count()))
+    else:
+        total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        slots = int(number("cpu_slots", CPU_SLOTS, whole=True))
+        memory = float(number("slot_memory_gb", max(1, int(total_gb // slots))))
+        devices = tuple(Device(index=i, name="CPU slot", memory_gb=memory, kind="cpu") for i in range(slots))
+    flavors = raw.get("flavors", {})
+    if not isinstance(flavors, dict) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in flavors.values()
+    ):
+        raise UsageError(f"{path}: [flavors] maps names to device counts (whole numbers >= 1)")
+    url = os.environ.get("ONEGPU_DATABASE_URL") or raw.get("database_url")
+    return PoolConfig(
+        devices=devices,
+        price_per_device_hour=float(number("price_per_device_hour", 0.0)) if "price_per_device_hour" in raw else 0.0,
+        lease_ttl_s=float(number("lease_ttl_s", float(os.environ.get("ONEGPU_LEASE_TTL", 30)))),
+        database_url=url,
+        flavors=tuple(sorted(flavors.items(), key=lambda item: item[1])),
+        path=path,
+    )
+
+
+def _accelerator(kind: str, index: int) -> Device:
+    name, memory = kind, 0.0
+    if kind == "cuda":
+        properties = torch.cuda.get_device_properties(index)
+        name, memory = properties.name, properties.total_memory / 1e9
+    return Device(index=index, name=name, memory_gb=round(memory, 1), kind=kind)

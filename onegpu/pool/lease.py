@@ -1,0 +1,74 @@
+"""A job's hold on devices of the pool: leased at start, renewed while it runs, released when it ends."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from onegpu.errors import UsageError
+from onegpu.pool.config import PoolConfig, load_pool, onegpu_home
+from onegpu.pool.flavors import all_flavors
+from onegpu.pool.ledger import Ledger, open_ledger
+
+
+@dataclass(frozen=True)
+class JobLease:
+    job: str
+    devices: tuple[int, ...]
+    pool: PoolConfig
+
+
+def pool_ledger(pool: PoolConfig) -> Ledger:
+    return open_ledger(url=pool.database_url, home=onegpu_home(), ttl_s=pool.lease_ttl_s)
+
+
+@contextmanager
+def leased_devices(*, count: int, wait: bool = True) -> Iterator[JobLease]:
+    """Hold ``count`` devices of this machine's pool for the duration of the block.
+
+    Waits in line (saying for what) when they are taken, or fails at once when ``wait`` is False.
+    The leases are renewed by a thread and released however the block ends; if the whole process
+    is killed, they expire after the pool's ``lease_ttl_s``.
+    """
+    pool = load_pool()
+    if count > len(pool.devices):
+        largest = all_flavors(pool)[-1]
+        raise UsageError(
+            f"{count} devices: this pool has {len(pool.devices)}; the largest flavor is {largest.name} "
+            f"({largest.devices} device{'s' if largest.devices > 1 else ''})"
+        )
+    ledger = pool_ledger(pool)
+    job = f"{getpass.getuser()}-{uuid.uuid4().hex[:8]}"
+    try:
+        devices = ledger.acquire(
+            job=job,
+            devices=count,
+            pool_size=len(pool.devices),
+            wait=wait,
+            on_wait=lambda message: print(f"onegpu: {message}", file=sys.stderr, flush=True),
+        )
+    except BaseException:  # Ctrl-C while waiting: leave the line
+        ledger.release(job=job)
+        raise
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(pool.lease_ttl_s / 6):
+            try:
+                ledger.renew(job=job)
+            except UsageError as exc:  # a busy ledger: try again at the next beat
+                print(f"onegpu: could not renew the device leases: {exc}", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=renew, name="onegpu-lease", daemon=True)
+    thread.start()
+    try:
+        yield JobLease(job=job, devices=devices, pool=pool)
+    finally:
+        stop.set()
+        thread.join()
+        ledger.release(job=job)

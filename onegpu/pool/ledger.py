@@ -1,0 +1,257 @@
+"""Device leases and usage intervals, in one database shared by every job of the pool.
+
+SQLite by default (``$ONEGPU_HOME/ledger.sqlite``, WAL journal, safe for concurrent processes);
+a ``postgresql://`` URL (``ONEGPU_DATABASE_URL``) selects PostgreSQL with the same statements.
+Every change is one transaction that first expires leases whose job stopped renewing them (a
+job killed with ``kill -9``): their interval ends at the last renewal, so nothing is counted twice
+and nothing is lost. Jobs waiting for devices are served first come, first served.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onegpu.errors import UsageError
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS leases (device INTEGER PRIMARY KEY, job TEXT NOT NULL, user_name TEXT NOT NULL,"
+    " host TEXT, pid INTEGER, started REAL NOT NULL, renewed REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS intervals (job TEXT NOT NULL, user_name TEXT NOT NULL, device INTEGER NOT NULL,"
+    " started REAL NOT NULL, ended REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS queue (job TEXT PRIMARY KEY, user_name TEXT NOT NULL, devices INTEGER NOT NULL,"
+    " created REAL NOT NULL, renewed REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS stats (device INTEGER PRIMARY KEY, job TEXT NOT NULL, memory_bytes REAL NOT NULL,"
+    " utilization REAL NOT NULL, reported REAL NOT NULL)",
+)
+
+
+class LedgerError(UsageError):
+    """The ledger cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Holding:
+    job: str
+    user: str
+    devices: tuple[int, ...]
+    since: float
+    host: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Interval:
+    job: str
+    user: str
+    device: int
+    start: float
+    end: float
+
+    @property
+    def billed_minutes(self) -> int:
+        """Minutes billed: every started minute the device was held."""
+        return max(1, -int(-(self.end - self.start) // 60)) if self.end > self.start else 0
+
+
+@dataclass(frozen=True)
+class Stat:
+    device: int
+    job: str
+    memory_bytes: float
+    utilization: float
+    reported: float
+
+
+class Ledger:
+    """Leases on the devices ``0 .. size-1`` of one pool."""
+
+    def __init__(self, connect: Callable[[], Any], *, where: str, ttl_s: float, placeholder: str, begin: str) -> None:
+        self._connect, self.where, self.ttl_s = connect, where, ttl_s
+        self._mark, self._begin = placeholder, begin
+        with self._transaction() as run:
+            for statement in SCHEMA:
+                run(statement)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Callable[..., list]]:
+        try:
+            connection = self._connect()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise LedgerError(self._explain(exc)) from None
+        try:
+            cursor = connection.cursor()
+            cursor.execute(self._begin)
+
+            def run(statement: str, *values: Any) -> list:
+                cursor.execute(statement.replace("?", self._mark), values)
+                return cursor.fetchall() if cursor.description else []
+
+            yield run
+            connection.commit()
+        except sqlite3.DatabaseError as exc:
+            connection.rollback()
+            raise LedgerError(self._explain(exc)) from None
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            connection.close()
+
+    def _explain(self, exc: Exception) -> str:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return f"the ledger {self.where} stayed locked by another process: retry, or stop the process holding it"
+        return (
+            f"the ledger {self.where} cannot be used ({type(exc).__name__}: {text}): move it aside to start a new "
+            "one; the usage recorded in it stays there"
+        )
+
+    def _expire(self, run: Callable[..., list], now: float) -> None:
+        stale = now - self.ttl_s
+        for job, user, device, started, renewed in run(
+            "SELECT job, user_name, device, started, renewed FROM leases WHERE renewed < ?", stale
+        ):
+            run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, renewed)
+        run("DELETE FROM leases WHERE renewed < ?", stale)
+        run("DELETE FROM stats WHERE job NOT IN (SELECT job FROM leases)")
+        run("DELETE FROM queue WHERE renewed < ?", stale)
+
+    def acquire(
+        self,
+        *,
+        job: str,
+        devices: int,
+        pool_size: int,
+        wait: bool = True,
+        on_wait: Callable[[str], None] | None = None,
+        poll_s: float = 0.5,
+        user: str | None = None,
+    ) -> tuple[int, ...]:
+        """Lease ``devices`` of the pool's devices for ``job``, all at once; wait in line unless ``wait`` is False."""
+        user = user or getpass.getuser()
+        told = False
+        while True:
+            now = time.time()
+            with self._transaction() as run:
+                self._expire(run, now)
+                if not run("SELECT job FROM queue WHERE job = ?", job):
+                    run("INSERT INTO queue VALUES (?, ?, ?, ?, ?)", job, user, devices, now, now)
+                run("UPDATE queue SET renewed = ? WHERE job = ?", now, job)
+                first = run("SELECT job FROM queue ORDER BY created, job LIMIT 1")[0][0]
+                held = {row[0] for row in run("SELECT device FROM leases")}
+                free = [d for d in range(pool_size) if d not in held]
+                if first == job and len(free) >= devices:
+                    chosen = tuple(free[:devices])
+                    for device in chosen:
+                        run(
+                            "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            device,
+                            job,
+                            user,
+                            socket.gethostname(),
+                            os.getpid(),
+                            now,
+                            now,
+                        )
+                    run("DELETE FROM queue WHERE job = ?", job)
+                    return chosen
+                holders = sorted({row[0] for row in run("SELECT job FROM leases")})
+                mine = run("SELECT created FROM queue WHERE job = ?", job)[0][0]
+                ahead = run("SELECT COUNT(*) FROM queue WHERE created < ?", mine)[0][0]
+                if not wait:
+                    run("DELETE FROM queue WHERE job = ?", job)
+            waiting = (
+                f"waiting for {devices} device{'s' if devices > 1 else ''}: {len(free)} of {pool_size} free, "
+                f"held by {', '.join(holders) or 'nobody'}"
+                + (f"; {ahead} job{'s' if ahead > 1 else ''} ahead in line" if first != job else "")
+            )
+            if not wait:
+                raise LedgerError(f"the pool cannot serve this job now ({waiting}): run again later, or queue for it")
+            if on_wait is not None and not told:
+                on_wait(waiting)
+                told = True
+            time.sleep(poll_s)
+
+    def renew(self, *, job: str) -> None:
+        """Keep ``job``'s leases alive (a heartbeat)."""
+        now = time.time()
+        with self._transaction() as run:
+            run("UPDATE leases SET renewed = ? WHERE job = ?", now, job)
+
+    def release(self, *, job: str) -> None:
+        """End ``job``'s leases, recording their intervals."""
+        now = time.time()
+        with self._transaction() as run:
+            for user, device, started in run("SELECT user_name, device, started FROM leases WHERE job = ?", job):
+                run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, now)
+            run("DELETE FROM leases WHERE job = ?", job)
+            run("DELETE FROM stats WHERE job = ?", job)
+            run("DELETE FROM queue WHERE job = ?", job)
+
+    def report(self, *, job: str, device: int, memory_bytes: float, utilization: float) -> None:
+        """A worker's current memory use and utilization of its device."""
+        with self._transaction() as run:
+            run("DELETE FROM stats WHERE device = ?", device)
+            run("INSERT INTO stats VALUES (?, ?, ?, ?, ?)", device, job, memory_bytes, utilization, time.time())
+
+    def holdings(self) -> list[Holding]:
+        with self._transaction() as run:
+            self._expire(run, time.time())
+            rows = run("SELECT job, user_name, device, started, host, pid FROM leases ORDER BY started, device")
+        jobs: dict[str, Holding] = {}
+        for job, user, device, started, host, pid in rows:
+            known = jobs.get(job)
+            devices = (*known.devices, device) if known else (device,)
+            jobs[job] = Holding(job, user, devices, min(started, known.since) if known else started, host, pid)
+        return list(jobs.values())
+
+    def stats(self) -> list[Stat]:
+        with self._transaction() as run:
+            return [Stat(*row) for row in run("SELECT device, job, memory_bytes, utilization, reported FROM stats")]
+
+    def intervals(self, *, since: float | None = None, until: float | None = None) -> list[Interval]:
+        """Every recorded interval that ended after ``since``, and the open ones up to now (or ``until``)."""
+        now = until or time.time()
+        with self._transaction() as run:
+            self._expire(run, time.time())
+            closed = run("SELECT job, user_name, device, started, ended FROM intervals WHERE ended >= ?", since or 0)
+            open_ = run("SELECT job, user_name, device, started FROM leases")
+        return [Interval(*row) for row in closed] + [Interval(*row, now) for row in open_]
+
+
+def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
+    """The pool's ledger: SQLite in ``home`` unless ``url`` names a PostgreSQL database."""
+    if url and url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg
+        except ImportError:
+            raise LedgerError(f"{url.split('@')[-1]}: a PostgreSQL ledger needs psycopg: pip install psycopg") from None
+        return Ledger(
+            lambda: psycopg.connect(url),
+            where=url.split("@")[-1],
+            ttl_s=ttl_s,
+            placeholder="%s",
+            begin="LOCK TABLE leases IN EXCLUSIVE MODE",  # psycopg opens the transaction itself
+        )
+    if url and not url.startswith("sqlite:///"):
+        raise LedgerError(f"ONEGPU_DATABASE_URL {url!r} is neither sqlite:///PATH nor postgresql://...")
+    path = Path(url.removeprefix("sqlite:///")) if url else home / "ledger.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def connect() -> sqlite3.Connection:
+        busy_s = float(os.environ.get("ONEGPU_LEDGER_BUSY_S", 10))
+        connection = sqlite3.connect(path, timeout=busy_s, isolation_level=None)
+        connection.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
+        connection.execute("PRAGMA journal_mode=WAL")
+        return connection
+
+    return Ledger(connect, where=str(path), ttl_s=ttl_s, placeholder="?", begin="BEGIN IMMEDIATE")
