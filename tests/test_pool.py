@@ -226,6 +226,25 @@ def test_the_flavor_decides_the_worker_count_and_run_accounts_for_it(home, tmp_p
     )
 
 
+def test_ctrl_c_stops_the_job_and_releases_its_devices(home, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "onegpu", "run", "--workers", "2", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+    )
+    assert launcher.stdout.readline().strip() == "started"
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=60) == 1
+    records = open_ledger(url=None, home=home, ttl_s=600)  # nothing may be left to expire
+    assert records.holdings() == []
+    assert sorted(i.device for i in records.intervals()) == [0, 1]
+
+
 def test_no_wait_fails_at_once_when_the_pool_is_taken(home, tmp_path):
     ledger(home).acquire(job="other", devices=4, pool_size=4)
     script = tmp_path / "job.py"

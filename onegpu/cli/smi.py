@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import socket
 import time
 from typing import Annotated
 
@@ -43,6 +44,7 @@ def smi(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scr
         },
         "devices": [
             {
+                "node": socket.gethostname(),
                 "index": d.index,
                 "name": d.name,
                 "memory_gb": d.memory_gb,
@@ -72,11 +74,11 @@ def smi(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scr
     line = "+" + "-" * (sum(map(len, cells)) + len(cells) - 1) + "+"
     typer.echo("\n".join([line, "|" + "|".join(cells) + "|", line.replace("-", "="), "|" + "|".join(row) + "|", line]))
     typer.echo(f"  behind it: {flavor.devices} of {len(pool.devices)} x {pool.devices[0].name} in this pool")
-    typer.echo(f"  {'device':>6}  {'name':12} {'memory used':>16}  {'util':>5}  job")
+    typer.echo(f"  {'node':12} {'device':>6}  {'name':12} {'memory used':>16}  {'util':>5}  job")
     for device in report["devices"]:
         memory = f"{device['memory_used_gb']:.1f} / {device['memory_gb']:g} GB"
         typer.echo(
-            f"  {device['index']:>6}  {device['name']:12} {memory:>16}  {device['utilization']:5.0%}  {device['job'] or '-'}"
+            f"  {device['node'][:12]:12} {device['index']:>6}  {device['name']:12} {memory:>16}  {device['utilization']:5.0%}  {device['job'] or '-'}"
         )
     if holdings:
         typer.echo("  jobs holding devices:")

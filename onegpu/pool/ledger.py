@@ -77,19 +77,19 @@ class Ledger:
     def __init__(self, connect: Callable[[], Any], *, where: str, ttl_s: float, placeholder: str, begin: str) -> None:
         self._connect, self.where, self.ttl_s = connect, where, ttl_s
         self._mark, self._begin = placeholder, begin
-        with self._transaction() as run:
+        with self._transaction(exclusive=False) as run:  # the tables to lock may not exist yet
             for statement in SCHEMA:
                 run(statement)
 
     @contextmanager
-    def _transaction(self) -> Iterator[Callable[..., list]]:
+    def _transaction(self, *, exclusive: bool = True) -> Iterator[Callable[..., list]]:
         try:
             connection = self._connect()
         except (sqlite3.DatabaseError, OSError) as exc:
             raise LedgerError(self._explain(exc)) from None
         try:
             cursor = connection.cursor()
-            cursor.execute(self._begin)
+            cursor.execute(self._begin if exclusive else "SELECT 1")
 
             def run(statement: str, *values: Any) -> list:
                 cursor.execute(statement.replace("?", self._mark), values)
