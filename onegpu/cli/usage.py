@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -36,7 +36,7 @@ def usage(
     rows: dict[str, int] = {}
     for interval in intervals:
         if by == "day":
-            key = datetime.fromtimestamp(interval.start, tz=timezone.utc).strftime("%Y-%m-%d")
+            key = datetime.fromtimestamp(interval.start, tz=UTC).strftime("%Y-%m-%d")
         else:
             key = interval.job if by == "job" else interval.user
         rows[key] = rows.get(key, 0) + interval.billed_minutes
@@ -63,7 +63,7 @@ def _parse_since(since: str | None) -> float | None:
     except ValueError:
         raise UsageError(f"--since {since!r}: give a date like 2026-11-01 or 2026-11-01T12:00") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     value = moment.timestamp()
     if value > time.time():
         raise UsageError(f"--since {since!r} is in the future: give a past date")

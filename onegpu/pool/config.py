@@ -16,11 +16,11 @@ Big = 3
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-import tomllib
 import torch
 
 from onegpu.errors import UsageError
