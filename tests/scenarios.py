@@ -74,6 +74,21 @@ class SkipNet(nn.Module):
         return pred if y is None else nn.functional.mse_loss(pred, y)
 
 
+class Tower(nn.Module):
+    """A hand-written model without repeated blocks: distinct layers, a skip connection over them, its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm = nn.Linear(8, 32), nn.LayerNorm(32)
+        self.mid, self.narrow, self.out = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(48, 1)
+
+    def forward(self, x, y=None):
+        h0 = self.inp(x)
+        h = torch.relu(self.narrow(torch.tanh(self.mid(self.norm(h0)))))
+        pred = self.out(torch.cat([h, h0], dim=-1))
+        return pred if y is None else nn.functional.mse_loss(pred, y)
+
+
 def checkpointed_blocks(model: nn.Module) -> int:
     """Modules that recompute their activations in backward (torch's composable checkpoint)."""
     from torch.distributed._composable.contract import _get_registry
@@ -133,6 +148,8 @@ def build(scenario: str, *, layers: int = 2):
             attention_probs_dropout_prob=0.0,
         )
         return BertForMaskedLM(config), PaddedTokens()
+    if scenario == "tower":
+        return Tower(), Pairs()
     return SkipNet(depth=layers + 1), Pairs()
 
 
@@ -158,7 +175,7 @@ def train(
             local_sizes.append(len(batch["input_ids"]) if isinstance(batch, dict) else len(batch[0]))
             if scenario in HF:
                 loss = model(**batch).loss
-            elif scenario == "custom":
+            elif scenario in ("custom", "tower"):
                 loss = model(*batch)
             else:  # "external": the loss is computed by the user from the model's outputs
                 x, y = batch
@@ -177,7 +194,7 @@ def train(
             batch = next(iter(loader))
             if scenario in HF:
                 eval_loss = model(**batch).loss
-            elif scenario == "custom":
+            elif scenario in ("custom", "tower"):
                 eval_loss = model(*batch)
     return {
         "losses": losses,

@@ -16,6 +16,8 @@ from conftest import launch_script, run_onegpu
 from scenarios import build, train
 from test_single_device_equivalence import load_checkpoint
 
+from onegpu.errors import UsageError
+
 SCENARIOS = ("hf", "gpt2", "custom")
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,31 @@ def check(launched, reference, scenario: str, name: str) -> None:
     expected = dict(reference["model"].named_parameters())
     for key, param in trained.named_parameters():
         torch.testing.assert_close(param, expected[key], rtol=0, atol=1e-5, msg=f"{key} differs")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_model_without_repeated_blocks_is_cut_from_its_traced_graph(pipeline_run, schedule):
+    """Tower's skip connection crosses the cut: its source value is sent along with the activation."""
+    check(pipeline_run, train("tower"), "tower", schedule)
+
+
+def test_a_model_that_does_not_trace_is_named_where_it_broke():
+    from onegpu.runtime.prepare import pipeline_cuts
+
+    class Gate(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent: fx cannot trace it
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.out = Gate(), torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.gate(x)).mean()
+
+    with pytest.raises(UsageError, match=r"Branchy cannot be cut into pipeline stages: .* broke in gate "):
+        pipeline_cuts(Branchy(), stages=2, sample={"x": torch.randn(2, 8)})
 
 
 def test_a_loss_changed_after_the_forward_is_reported(pipeline_run):

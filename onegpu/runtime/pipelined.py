@@ -22,8 +22,10 @@ from torch.nn.utils import clip_grad
 
 from onegpu.errors import UsageError
 from onegpu.parallel import pipeline as pp
+from onegpu.parallel.blocks import repeated_blocks
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.fsdp import apply_fsdp
+from onegpu.parallel.graph_stages import GraphStage, trace
 from onegpu.parallel.tensor_parallel import apply_tensor_parallel, unpermuted
 from onegpu.parallel.tp_structure import require_tensor_parallel
 from onegpu.runtime.global_batch import counted_label_tokens
@@ -166,14 +168,22 @@ class PipelinedModel(nn.Module):
         structure = None
         if plan.tp > 1:  # found on the whole model, before it is cut
             structure = require_tensor_parallel(self.model, inputs, tp=plan.tp)
-        layout = pp.BlockLayout(self.model)
         indices = pp.worker_stages(plan.schedule, pp=plan.pp, rank=self.stage_index)
-        bounds = [0, *self.cuts, len(layout.blocks)]
-        held = {b for i in indices for b in range(bounds[i], bounds[i + 1])}
-        layout.hold_only(held)
+        graph = None
+        if repeated_blocks(self.model):
+            layout = pp.BlockLayout(self.model)
+            bounds = [0, *self.cuts, len(layout.blocks)]
+            held = {b for i in indices for b in range(bounds[i], bounds[i + 1])}
+            layout.hold_only(held)
 
-        def build_stages() -> dict[int, pp.BlockRangeStage]:
-            return {i: pp.BlockRangeStage(layout, start=bounds[i], end=bounds[i + 1], held=held) for i in indices}
+            def build_stages() -> dict[int, Any]:
+                return {i: pp.BlockRangeStage(layout, start=bounds[i], end=bounds[i + 1], held=held) for i in indices}
+        else:  # cut from the traced graph (prepare checked that it traces)
+            graph = trace(self.model)
+            bounds = [0, *self.cuts, sum(n.op not in ("placeholder", "output") for n in graph.graph.nodes)]
+
+            def build_stages() -> dict[int, Any]:
+                return {i: GraphStage(graph, start=bounds[i], end=bounds[i + 1]) for i in indices}
 
         probes = build_stages()
         mine = set().union(*(stage.used_parameters(inputs, device=device) for stage in probes.values()))
@@ -183,7 +193,8 @@ class PipelinedModel(nn.Module):
         dist.all_gather_object(used, sorted(mine), group=self.pipe_group)
         unused = set(names).difference(*used)  # kept by the first worker, so that checkpoints hold them
         keep = [set(u) | (unused if w == 0 else set()) for w, u in enumerate(used)]
-        pp.keep_only(self.model, keep[self.stage_index], device=device)
+        for owner in (self.model, graph) if graph is not None else (self.model,):
+            pp.keep_only(owner, keep[self.stage_index], device=device)
         if self.on_meta:
             materialize(self.model, device=device)
             # every replica of a stage, and every tensor-parallel rank, starts from the same values

@@ -154,12 +154,22 @@ def _check_executable(plan: Plan) -> None:
 
 def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[int]:
     """Where to cut ``model`` into ``stages``: balanced by the planner's per-block FLOPs (forward and
-    backward; the head and loss on the last stage), or by parameter counts when it cannot be analysed."""
+    backward; the head and loss on the last stage), or by parameter counts when it cannot be analysed.
+    A model without repeated blocks is traced and cut between the nodes of its graph."""
     from onegpu.parallel.pipeline import balanced_cuts
     from onegpu.planner.analysis import analyze
     from onegpu.runtime.advanced import first_sample, sequence_length
 
     blocks = repeated_blocks(model)
+    if not blocks:  # no repeated blocks: cut the traced graph
+        from onegpu.parallel.graph_stages import graph_cuts, trace
+        from onegpu.parallel.pipeline import as_keywords
+
+        graph = trace(model)
+        if sample is None:
+            raise UsageError("a model without repeated blocks is cut from a batch: pass its DataLoader to prepare()")
+        keywords = sample if isinstance(sample, dict) else as_keywords(model, tuple(sample), {})
+        return graph_cuts(graph, keywords, stages=stages)
     if sample is not None:
         try:
             config_only = hasattr(model, "config")

@@ -43,8 +43,10 @@ else:
 # interleaving runs 2 stages per worker: deeper models (4 stages), a batch of 4 micro-batches
 OPTIONS = {"interleaved": {"layers": 4, "batch": 4}, "zero-bubble": {"layers": 4, "batch": 4}}
 results = {}
-for scenario in ("hf", "gpt2", "custom"):
+for scenario in ("hf", "gpt2", "custom", "tower"):
     for name, plan in plans.items():
+        if scenario == "tower" and name not in ("gpipe", "1f1b"):  # the traced-graph stages: two schedules
+            continue
         options = OPTIONS.get(name, {})
         run = train(scenario, prepare=onegpu.prepare, plan=plan, **options)
         # the share of the model's parameters this worker holds (its stage's; its shard of them under FSDP)
