@@ -16,7 +16,7 @@ def runs(tmp_path_factory):
         "run", "--workers", "2", "tests/scripts/advanced.py", str(out), timeout=600, env={"ONEGPU_HOME": str(home)}
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("advanced parallelization:") == 4  # logged once per prepare(), by rank 0
+    assert result.stderr.count("advanced parallelization:") == 5  # logged once per prepare(), by rank 0
     return json.loads(out.read_text())
 
 
@@ -59,3 +59,9 @@ def test_pinned_stages_micro_batches_and_schedule_run_on_the_pipeline_runtime(ru
     assert (plan["pp"], plan["dp"], plan["microbatches"], plan["schedule"]) == (2, 1, 4, "1f1b")
     pipeline = runs[0]["pipeline"]
     assert len(pipeline["losses"]) == 4 and pipeline["losses"] == runs[1]["pipeline"]["losses"]
+
+
+def test_a_pinned_tensor_parallel_degree_runs_on_the_tensor_parallel_runtime(runs):
+    tensor = runs[0]["tensor"]
+    assert (tensor["plan"]["tp"], tensor["plan"]["dp"]) == (2, 1)
+    assert len(tensor["losses"]) == 4 and tensor["losses"] == runs[1]["tensor"]["losses"]

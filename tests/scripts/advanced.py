@@ -62,6 +62,7 @@ results = {
     "pinned": train(8.0, activation_checkpointing="full", sharding="parameters"),
     "impossible": train(0.05),
     "pipeline": train(8.0, num_stages=2, num_micro_batches=4, schedule="1f1b"),
+    "tensor": train(8.0, tp=2),
 }
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, results)
