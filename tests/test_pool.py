@@ -34,7 +34,28 @@ def cli(home, *args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 
 def ledger(home):
-    return open_ledger(url=None, home=home, ttl_s=2)
+    return open_ledger(url=os.environ.get("ONEGPU_DATABASE_URL"), home=home, ttl_s=2)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A PostgreSQL server of the tests' own (the pgserver wheel bundles one)."""
+    pgserver = pytest.importorskip("pgserver")
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server.get_uri()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, home, monkeypatch):
+    """The ledger on SQLite (the default), or on PostgreSQL through ONEGPU_DATABASE_URL, emptied first."""
+    if request.param == "postgresql":
+        import psycopg
+
+        url = request.getfixturevalue("postgres_url")
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats")
+        monkeypatch.setenv("ONEGPU_DATABASE_URL", url)
+    return request.param
 
 
 def test_flavors_are_named_as_users_expect():
@@ -69,7 +90,7 @@ def test_a_bad_pool_file_names_the_key(home):
         load_pool()
 
 
-def test_concurrent_jobs_never_share_a_device_and_leave_nothing_held(home):
+def test_concurrent_jobs_never_share_a_device_and_leave_nothing_held(home, backend):
     """8 processes, each twice leasing 1 or 2 of the 4 devices at once for a moment."""
     script = (
         "import sys, time\n"
@@ -91,7 +112,7 @@ def test_concurrent_jobs_never_share_a_device_and_leave_nothing_held(home):
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
 
 
-def test_leases_of_a_killed_job_expire_and_its_usage_is_kept(home):
+def test_leases_of_a_killed_job_expire_and_its_usage_is_kept(home, backend):
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -116,7 +137,7 @@ def test_leases_of_a_killed_job_expire_and_its_usage_is_kept(home):
     assert len(dead) == 4 and all(i.end <= killed for i in dead)  # ended at its last renewal
 
 
-def test_waiting_jobs_are_served_first_come_first_served(home):
+def test_waiting_jobs_are_served_first_come_first_served(home, backend):
     records = ledger(home)
     records.acquire(job="big", devices=3, pool_size=4)
     served: list[str] = []

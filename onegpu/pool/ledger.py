@@ -24,13 +24,13 @@ from onegpu.errors import UsageError
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS leases (device INTEGER PRIMARY KEY, job TEXT NOT NULL, user_name TEXT NOT NULL,"
-    " host TEXT, pid INTEGER, started REAL NOT NULL, renewed REAL NOT NULL)",
+    " host TEXT, pid INTEGER, started DOUBLE PRECISION NOT NULL, renewed DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS intervals (job TEXT NOT NULL, user_name TEXT NOT NULL, device INTEGER NOT NULL,"
-    " started REAL NOT NULL, ended REAL NOT NULL)",
+    " started DOUBLE PRECISION NOT NULL, ended DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS queue (job TEXT PRIMARY KEY, user_name TEXT NOT NULL, devices INTEGER NOT NULL,"
-    " created REAL NOT NULL, renewed REAL NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS stats (device INTEGER PRIMARY KEY, job TEXT NOT NULL, memory_bytes REAL NOT NULL,"
-    " utilization REAL NOT NULL, reported REAL NOT NULL)",
+    " created DOUBLE PRECISION NOT NULL, renewed DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS stats (device INTEGER PRIMARY KEY, job TEXT NOT NULL, memory_bytes DOUBLE PRECISION NOT NULL,"
+    " utilization DOUBLE PRECISION NOT NULL, reported DOUBLE PRECISION NOT NULL)",
 )
 
 
@@ -74,9 +74,18 @@ class Stat:
 class Ledger:
     """Leases on the devices ``0 .. size-1`` of one pool."""
 
-    def __init__(self, connect: Callable[[], Any], *, where: str, ttl_s: float, placeholder: str, begin: str) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        where: str,
+        ttl_s: float,
+        placeholder: str,
+        begin: str,
+        errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,),
+    ) -> None:
         self._connect, self.where, self.ttl_s = connect, where, ttl_s
-        self._mark, self._begin = placeholder, begin
+        self._mark, self._begin, self._errors = placeholder, begin, errors
         with self._transaction(exclusive=False) as run:  # the tables to lock may not exist yet
             for statement in SCHEMA:
                 run(statement)
@@ -85,7 +94,7 @@ class Ledger:
     def _transaction(self, *, exclusive: bool = True) -> Iterator[Callable[..., list]]:
         try:
             connection = self._connect()
-        except (sqlite3.DatabaseError, OSError) as exc:
+        except (*self._errors, OSError) as exc:
             raise LedgerError(self._explain(exc)) from None
         try:
             cursor = connection.cursor()
@@ -97,7 +106,7 @@ class Ledger:
 
             yield run
             connection.commit()
-        except sqlite3.DatabaseError as exc:
+        except self._errors as exc:
             connection.rollback()
             raise LedgerError(self._explain(exc)) from None
         except BaseException:
@@ -241,6 +250,7 @@ def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
             ttl_s=ttl_s,
             placeholder="%s",
             begin="LOCK TABLE leases IN EXCLUSIVE MODE",  # psycopg opens the transaction itself
+            errors=(psycopg.Error,),
         )
     if url and not url.startswith("sqlite:///"):
         raise LedgerError(f"ONEGPU_DATABASE_URL {url!r} is neither sqlite:///PATH nor postgresql://...")
