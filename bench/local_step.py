@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 import onegpu
 from onegpu.planner.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import time_steps  # noqa: E402
-from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, load_tokenizer  # noqa: E402
+from bench.timing import demo_loader, predicted, time_steps  # noqa: E402
+from examples.demo_data import LR, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--sharding", default="none")
@@ -54,13 +53,7 @@ model = LlamaForCausalLM(
     )
 )
 optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-loader = DataLoader(
-    TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer, max_bytes=2_000_000),
-    batch_size=GLOBAL_BATCH,
-    shuffle=True,
-    drop_last=True,
-    generator=torch.Generator().manual_seed(0),
-)
+loader = demo_loader(tokenizer, max_bytes=2_000_000)
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 if args.advanced:
     onegpu.enable_advanced_parallelization()
@@ -83,27 +76,20 @@ if dist.is_initialized():
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
 
-from onegpu.planner.cluster import measure_job_cluster  # noqa: E402
-
-cluster = measure_job_cluster(rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world)  # collective
+prediction = predicted(plan, model.config, world_size=world)  # every worker takes part
 if onegpu.is_main_process():
-    from onegpu.planner.analysis import analyze
-    from onegpu.planner.cost_model import Workload, predict
-
-    profile = analyze(model.config, seq_len=SEQ_LEN, precision="fp32")
-    predicted = plan.predicted or predict(plan, Workload(profile=profile, global_batch=GLOBAL_BATCH), cluster)
     print(
         json.dumps(
             {
                 "plan": plan.describe(),
                 "workers": world,
                 "measured_step_s": step_time,
-                "predicted_step_s": predicted.step_time_s,
+                "predicted_step_s": prediction.step_time_s,
                 "measured_peak_bytes": max(peaks),
-                "predicted_peak_bytes": predicted.memory_per_device_bytes,
+                "predicted_peak_bytes": prediction.memory_per_device_bytes,
                 "losses": [losses[0], losses[-1]],
                 "others": [f"{r.plan.describe()}: {r.why}" for r in plan.rejected],
-                "breakdown": predicted.memory_breakdown,
+                "breakdown": prediction.memory_breakdown,
             }
         )
     )

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 import onegpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import time_steps  # noqa: E402
-from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, build_demo_model, load_tokenizer  # noqa: E402
+from bench.timing import demo_loader, time_steps  # noqa: E402
+from examples.demo_data import GLOBAL_BATCH, LR, SEQ_LEN, build_demo_model, load_tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--steps", type=int, default=30)
@@ -29,13 +28,7 @@ parser.add_argument("--strategy", choices=["ddp", "fsdp"], default=None)
 args = parser.parse_args()
 
 tokenizer = load_tokenizer()
-loader = DataLoader(
-    TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer),
-    batch_size=GLOBAL_BATCH,
-    shuffle=True,
-    drop_last=True,
-    generator=torch.Generator().manual_seed(0),
-)
+loader = demo_loader(tokenizer)
 model = build_demo_model(vocab_size=len(tokenizer))
 optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, strategy=args.strategy)

@@ -96,17 +96,42 @@ def checkpointed_blocks(model: nn.Module) -> int:
     return sum("checkpoint" in (_get_registry(m) or {}) for m in model.modules())
 
 
-def decoder_size(layers: int) -> dict:
-    """A tiny decoder with grouped-query attention (4 query heads, 2 key/value heads)."""
-    return dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+def decoder_size(layers: int, **sizes: int) -> dict:
+    """A tiny decoder config with grouped-query attention (4 query heads, 2 key/value heads); ``sizes``
+    replace its defaults (vocabulary 64, hidden 32, intermediate 64)."""
+    return (
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        | sizes
     )
+
+
+def meta_llama(**sizes: int):
+    """A Llama (vocabulary 512) built on the meta device: no memory until onegpu materializes it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**decoder_size(sizes.pop("num_hidden_layers"), vocab_size=512, **sizes)))
+
+
+def write_gathered(report: dict, path: str) -> None:
+    """Every worker's ``report``, written by rank 0 as one JSON list (call it on every worker)."""
+    import json
+
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, report)
+    if dist.get_rank() == 0:
+        with open(path, "w") as handle:
+            json.dump(gathered, handle)
 
 
 def build(scenario: str, *, layers: int = 2):

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from conftest import launch_script, run_onegpu
-from scenarios import build, train
+from scenarios import build, decoder_size, train
 from test_single_device_equivalence import load_checkpoint
 
 from onegpu.errors import UsageError
@@ -146,15 +146,7 @@ def test_a_heavy_head_leaves_fewer_blocks_on_the_last_stage():
     from onegpu.runtime.prepare import pipeline_cuts
 
     def cut(vocab: int) -> list[int]:
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=8,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
+        config = LlamaConfig(**decoder_size(8, vocab_size=vocab, hidden_size=64, intermediate_size=128))
         ids = torch.zeros(2, 32, dtype=torch.long)
         return pipeline_cuts(LlamaForCausalLM(config), stages=2, sample={"input_ids": ids, "labels": ids})
 

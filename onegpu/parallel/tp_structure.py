@@ -209,12 +209,6 @@ def find_tensor_parallel(model: nn.Module, sample: Any, *, tp: int) -> TensorPar
         if name and not is_linear(module):
             handles.append(module.register_forward_pre_hook(enter_module(name), with_kwargs=True))
             handles.append(module.register_forward_hook(leave_module(name)))
-    inside = {id(m) for b in blocks for m in b.modules()}
-    for name, module in model.named_modules():
-        if is_linear(module) and id(module) not in inside:  # the head: its own computation is not followed
-            layers_outside = f"{name}"
-            handles.append(module.register_forward_pre_hook(enter_layer(layers_outside)))
-            handles.append(module.register_forward_hook(leave_layer(layers_outside)))
     for name, layer in layers.items():
         handles.append(layer.register_forward_pre_hook(enter_layer(name)))
         handles.append(layer.register_forward_hook(leave_layer(name)))

@@ -11,7 +11,8 @@ import torch
 REPORT_EVERY_S = 2.0
 
 
-def _resident_bytes() -> float:
+def resident_bytes() -> int:
+    """This process's resident memory, in bytes."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -38,7 +39,7 @@ def start_reporting() -> None:
                 memory = float(torch.cuda.memory_reserved(local))
                 utilization = float(torch.cuda.utilization(local)) / 100
             else:  # a CPU slot: the process's memory, and its share of its threads' time
-                memory = float(_resident_bytes())
+                memory = float(resident_bytes())
                 utilization = min(1.0, (now_cpu - cpu) / max(1e-9, now_wall - wall) / torch.get_num_threads())
             wall, cpu = now_wall, now_cpu
             try:

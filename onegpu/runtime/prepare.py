@@ -188,22 +188,18 @@ def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[
 
 def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker: Worker, optimizers) -> nn.Module:
     """This worker's pipeline stage of ``model`` (built at the first batch)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from onegpu.parallel.pipeline import worker_stages
     from onegpu.runtime.pipelined import PipelinedModel
 
     _check_executable(plan)
     sample = _sample_slice(loaders[0], world_size=plan.dp) if loaders else None
-    from onegpu.parallel.pipeline import worker_stages
-
     stages = plan.pp * len(worker_stages(plan.schedule, pp=plan.pp, rank=0))
     cuts = pipeline_cuts(model, stages=stages, sample=sample)
-    from torch.distributed.device_mesh import init_device_mesh
-
     # tensor-parallel ranks are nearest neighbours, pipeline stages next (inside a node), replicas outermost
     mesh = init_device_mesh(worker.device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=("dp", "pp", "tp"))
-    on_meta = is_on_meta(model)
-    if not on_meta:
-        model.to(worker.device)
-        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    on_meta = _place(model, worker=worker)
     return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts, mesh=mesh, optimizers=optimizers, on_meta=on_meta)
 
 
@@ -213,28 +209,21 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker, loaders: list[
     # imported here: torch's FSDP/DTensor cost a second of start-up that a 1-worker job does not need
     from torch.distributed.device_mesh import init_device_mesh
 
-    from onegpu.parallel.checkpointing import apply_activation_checkpointing
     from onegpu.parallel.ddp import apply_ddp
     from onegpu.parallel.fsdp import apply_fsdp
 
     _check_executable(plan)
     if plan.tp > 1:
         return _tensor_parallel(model, plan, worker=worker, loaders=loaders)
-    if plan.activation_checkpointing != "none":
-        blocks = repeated_blocks(model)
-        apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
-    on_meta = is_on_meta(model)
+    _checkpoint_blocks(model, plan)
     if worker.world_size == 1 or plan.sharding == "none":
-        if on_meta:
+        if is_on_meta(model):  # replicated: every worker holds it whole anyway
             materialize(model, device=worker.device)
-        model.to(worker.device)
+        _place(model, worker=worker)
         if worker.world_size > 1:
-            broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
             apply_ddp(model, device=worker.device)
         return None
-    if not on_meta:
-        model.to(worker.device)
-        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    on_meta = _place(model, worker=worker)
     mesh = init_device_mesh(worker.device.type, (worker.world_size,))
     apply_fsdp(model, mesh=mesh, shard_parameters=plan.sharding == "parameters", offload=plan.offload == "parameters")
     if on_meta:
@@ -242,12 +231,30 @@ def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker, loaders: list[
     return None
 
 
+def _place(model: nn.Module, *, worker: Worker) -> bool:
+    """A real model moves to this worker's device with rank 0's values; a meta one stays, to be
+    materialized once split. Returns whether it is on the meta device."""
+    on_meta = is_on_meta(model)
+    if not on_meta:
+        model.to(worker.device)
+        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    return on_meta
+
+
+def _checkpoint_blocks(model: nn.Module, plan: Plan) -> None:
+    """Activation checkpointing of the first blocks, as many as ``plan`` says."""
+    from onegpu.parallel.checkpointing import apply_activation_checkpointing
+
+    if plan.activation_checkpointing != "none":
+        blocks = repeated_blocks(model)
+        apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
+
+
 def _tensor_parallel(model: nn.Module, plan: Plan, *, worker: Worker, loaders: list[DataLoader]):
     """Tensor parallelism inside each replica (neighbouring workers), data parallelism or FSDP across."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.device_mesh import init_device_mesh
 
-    from onegpu.parallel.checkpointing import apply_activation_checkpointing
     from onegpu.parallel.fsdp import apply_fsdp
     from onegpu.parallel.tensor_parallel import apply_tensor_parallel
     from onegpu.parallel.tp_structure import require_tensor_parallel
@@ -258,15 +265,10 @@ def _tensor_parallel(model: nn.Module, plan: Plan, *, worker: Worker, loaders: l
         )
     structure = require_tensor_parallel(model, _sample_slice(loaders[0], world_size=plan.dp), tp=plan.tp)
     mesh = init_device_mesh(worker.device.type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
-    on_meta = is_on_meta(model)
-    if not on_meta:
-        model.to(worker.device)
-        broadcast_from_main([*model.parameters(), *model.buffers()], worker=worker)
+    on_meta = _place(model, worker=worker)
     model.onegpu_fused_orders = apply_tensor_parallel(model, structure, mesh=mesh["tp"])
     model.onegpu_tensor_parallel = structure
-    if plan.activation_checkpointing != "none":
-        blocks = repeated_blocks(model)
-        apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
+    _checkpoint_blocks(model, plan)
     if plan.dp > 1 and plan.sharding == "none":
         # FSDP2's replicate warns on every step that a loss which is a view could be changed in place; ours is not
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -1,25 +1,18 @@
 """A Llama built on the meta device, with a budget DDP cannot meet: onegpu must shard, never materialize it whole."""
 
-import json
 import resource
 import sys
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import onegpu
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-config = LlamaConfig(
-    vocab_size=512,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-with torch.device("meta"):
-    model = LlamaForCausalLM(config)
+from scenarios import meta_llama, write_gathered  # noqa: E402
+
+import onegpu  # noqa: E402
+
+model = meta_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
 total = sum(p.numel() for p in model.parameters())
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 # DDP would need params + grads + 2 Adam states = 16 bytes per parameter on every worker
@@ -42,8 +35,4 @@ report = {
     "rope_ok": bool(torch.isfinite(model.model.rotary_emb.inv_freq).all()),
     "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }
-gathered = [None] * torch.distributed.get_world_size()
-torch.distributed.all_gather_object(gathered, report)
-if onegpu.is_main_process():
-    with open(sys.argv[1], "w") as handle:
-        json.dump(gathered, handle)
+write_gathered(report, sys.argv[1])

@@ -1,33 +1,22 @@
 """Worker script: a 126 MB Llama built on the meta device, on a 2-stage pipeline; each worker must
 allocate only its own stage. Rank 0 writes what every worker held and how its memory grew."""
 
-import json
-import os
 import sys
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import onegpu
-from onegpu.planner.plan import Plan
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scenarios import meta_llama, write_gathered  # noqa: E402
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+import onegpu  # noqa: E402
+from onegpu.planner.plan import Plan  # noqa: E402
+from onegpu.pool.reporting import resident_bytes  # noqa: E402
 
-
-config = LlamaConfig(
-    vocab_size=512,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
+model = meta_llama(
+    hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
 )
-with torch.device("meta"):
-    model = LlamaForCausalLM(config)
 whole = sum(p.numel() * p.element_size() for p in model.parameters())
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 model, optimizer = onegpu.prepare(model, optimizer, plan=Plan(dp=1, pp=2, microbatches=2, schedule="gpipe"))
@@ -52,8 +41,4 @@ report = {
     "optimized": sum(p.numel() for group in optimizer.param_groups for p in group["params"]) * 4,
     "losses": losses,
 }
-gathered = [None] * torch.distributed.get_world_size()
-torch.distributed.all_gather_object(gathered, report)
-if onegpu.is_main_process():
-    with open(sys.argv[1], "w") as handle:
-        json.dump(gathered, handle)
+write_gathered(report, sys.argv[1])
