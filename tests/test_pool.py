@@ -90,6 +90,39 @@ def test_a_bad_pool_file_names_the_key(home):
         load_pool()
 
 
+def open_together(home, count):
+    """The errors of ``count`` threads opening the ledger at the same instant."""
+    start, failures = threading.Barrier(count), []
+
+    def open_it():
+        start.wait()
+        try:
+            ledger(home)
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
+
+
+def test_jobs_starting_together_on_a_new_ledger_all_open_it(home, backend):
+    """The first jobs of a pool create its tables; 8 at once must not collide doing so."""
+    for _ in range(10):
+        if backend == "postgresql":
+            import psycopg
+
+            with psycopg.connect(os.environ["ONEGPU_DATABASE_URL"], autocommit=True) as connection:
+                connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats")
+        else:
+            for path in home.glob("ledger.sqlite*"):
+                path.unlink()
+        assert open_together(home, 8) == []
+
+
 def test_concurrent_jobs_never_share_a_device_and_leave_nothing_held(home, backend):
     """8 processes, each twice leasing 1 or 2 of the 4 devices at once for a moment."""
     script = (

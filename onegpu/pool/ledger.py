@@ -82,23 +82,24 @@ class Ledger:
         ttl_s: float,
         placeholder: str,
         begin: str,
+        begin_schema: str,
         errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,),
     ) -> None:
         self._connect, self.where, self.ttl_s = connect, where, ttl_s
         self._mark, self._begin, self._errors = placeholder, begin, errors
-        with self._transaction(exclusive=False) as run:  # the tables to lock may not exist yet
+        with self._transaction(begin=begin_schema) as run:  # the tables to lock may not exist yet
             for statement in SCHEMA:
                 run(statement)
 
     @contextmanager
-    def _transaction(self, *, exclusive: bool = True) -> Iterator[Callable[..., list]]:
+    def _transaction(self, *, begin: str | None = None) -> Iterator[Callable[..., list]]:
         try:
             connection = self._connect()
         except (*self._errors, OSError) as exc:
             raise LedgerError(self._explain(exc)) from None
         try:
             cursor = connection.cursor()
-            cursor.execute(self._begin if exclusive else "SELECT 1")
+            cursor.execute(begin or self._begin)
 
             def run(statement: str, *values: Any) -> list:
                 cursor.execute(statement.replace("?", self._mark), values)
@@ -250,6 +251,8 @@ def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
             ttl_s=ttl_s,
             placeholder="%s",
             begin="LOCK TABLE leases IN EXCLUSIVE MODE",  # psycopg opens the transaction itself
+            # concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog: one at a time
+            begin_schema="SELECT pg_advisory_xact_lock(7310541)",
             errors=(psycopg.Error,),
         )
     if url and not url.startswith("sqlite:///"):
@@ -261,7 +264,17 @@ def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
         busy_s = float(os.environ.get("ONEGPU_LEDGER_BUSY_S", 10))
         connection = sqlite3.connect(path, timeout=busy_s, isolation_level=None)
         connection.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
-        connection.execute("PRAGMA journal_mode=WAL")
+        deadline = time.monotonic() + busy_s
+        while connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            try:  # persists in the file; SQLite does not wait for other openers while it switches
+                connection.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    connection.close()
+                    raise
+                time.sleep(0.01)
         return connection
 
-    return Ledger(connect, where=str(path), ttl_s=ttl_s, placeholder="?", begin="BEGIN IMMEDIATE")
+    return Ledger(
+        connect, where=str(path), ttl_s=ttl_s, placeholder="?", begin="BEGIN IMMEDIATE", begin_schema="BEGIN IMMEDIATE"
+    )
