@@ -195,17 +195,23 @@ def test_waiting_jobs_are_served_first_come_first_served(home, backend):
 def test_usage_bills_each_device_per_started_minute(home):
     records = ledger(home)
     connection = sqlite3.connect(home / "ledger.sqlite")
-    day = 1_700_000_000.0  # 2023-11-14 UTC
+    day, midnight = 1_700_000_000.0, 1_700_006_400.0  # 2023-11-14 22:13:20 UTC, and the midnight after it
     rows = [("a", "ann", 0, day, day + 30), ("a", "ann", 1, day, day + 30), ("b", "bob", 2, day, day + 61)]
+    rows.append(("c", "cat", 3, midnight - 90, midnight + 150))  # minutes begin at -90, -30 | +30, +90
     connection.executemany("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", rows)
     connection.commit()
     connection.close()
-    assert [i.billed_minutes for i in records.intervals()] == [1, 1, 2]
+    assert [i.billed_minutes for i in records.intervals()] == [1, 1, 2, 4]
     by_job = json.loads(cli(home, "usage", "--json").stdout)
-    assert {r["job"]: r["device_minutes"] for r in by_job["rows"]} == {"a": 2, "b": 2}
-    assert by_job["total_device_minutes"] == 4 and by_job["total_cost"] == pytest.approx(4 / 60 * 3.0)
+    assert {r["job"]: r["device_minutes"] for r in by_job["rows"]} == {"a": 2, "b": 2, "c": 4}
+    assert by_job["total_device_minutes"] == 8 and by_job["total_cost"] == pytest.approx(8 / 60 * 3.0)
     by_day = json.loads(cli(home, "usage", "--json", "--by", "day").stdout)
-    assert by_day["rows"] == [{"day": "2023-11-14", "device_minutes": 4, "cost": pytest.approx(0.2)}]
+    assert by_day["rows"] == [
+        {"day": "2023-11-14", "device_minutes": 6, "cost": pytest.approx(0.3)},
+        {"day": "2023-11-15", "device_minutes": 2, "cost": pytest.approx(0.1)},
+    ]
+    after_midnight = json.loads(cli(home, "usage", "--json", "--since", "2023-11-15").stdout)
+    assert after_midnight["rows"] == [{"job": "c", "device_minutes": 2, "cost": pytest.approx(0.1)}]
     later = json.loads(cli(home, "usage", "--json", "--since", "2024-01-01").stdout)
     assert later["total_device_minutes"] == 0
     text = cli(home, "usage", "--by", "user").stdout

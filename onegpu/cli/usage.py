@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -12,15 +14,18 @@ import typer
 from onegpu.errors import UsageError
 from onegpu.pool.config import load_pool
 from onegpu.pool.lease import pool_ledger
+from onegpu.pool.ledger import Interval
 
 GROUPS = ("job", "user", "day")
 
 
 def usage(
     since: Annotated[
-        str | None, typer.Option(help="Only usage after this date (YYYY-MM-DD, or ISO time, UTC).")
+        str | None, typer.Option(help="Only minutes held from this date on (YYYY-MM-DD, or ISO time, UTC).")
     ] = None,
-    by: Annotated[str, typer.Option(help="Group by job, user or day (UTC, by when each lease started).")] = "job",
+    by: Annotated[
+        str, typer.Option(help="Group by job, user or day (UTC; a lease over midnight counts on both days).")
+    ] = "job",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Device-minutes held (each device billed per started minute while held), and their cost."""
@@ -35,11 +40,9 @@ def usage(
         raise typer.Exit(1) from None
     rows: dict[str, int] = {}
     for interval in intervals:
-        if by == "day":
-            key = datetime.fromtimestamp(interval.start, tz=UTC).strftime("%Y-%m-%d")
-        else:
-            key = interval.job if by == "job" else interval.user
-        rows[key] = rows.get(key, 0) + interval.billed_minutes
+        for key, minutes in _billed(interval, by=by, since=start or 0.0):
+            if minutes:
+                rows[key] = rows.get(key, 0) + minutes
     price = pool.price_per_device_hour
     table = [
         {by: key, "device_minutes": minutes, "cost": round(minutes / 60 * price, 4)} for key, minutes in rows.items()
@@ -53,6 +56,18 @@ def usage(
     for row in table:
         typer.echo(f"{row[by]:24} {row['device_minutes']:14} {row['cost']:10.2f}")
     typer.echo(f"{'total':24} {total:14} {total / 60 * price:10.2f}   (at {price:g} per device-hour)")
+
+
+def _billed(interval: Interval, *, by: str, since: float) -> Iterator[tuple[str, int]]:
+    """The interval's billed minutes from ``since`` on, under its job, its user, or each UTC day they fall in."""
+    if by != "day":
+        yield (interval.job if by == "job" else interval.user), interval.billed_minutes_between(since, math.inf)
+        return
+    day = datetime.fromtimestamp(max(interval.start, since), tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    while day.timestamp() < interval.end:
+        midnight = (day + timedelta(days=1)).timestamp()
+        yield day.strftime("%Y-%m-%d"), interval.billed_minutes_between(max(day.timestamp(), since), midnight)
+        day += timedelta(days=1)
 
 
 def _parse_since(since: str | None) -> float | None:

@@ -10,6 +10,7 @@ and nothing is lost. Jobs waiting for devices are served first come, first serve
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import socket
 import sqlite3
@@ -60,6 +61,17 @@ class Interval:
     def billed_minutes(self) -> int:
         """Minutes billed: every started minute the device was held."""
         return max(1, -int(-(self.end - self.start) // 60)) if self.end > self.start else 0
+
+    def billed_minutes_between(self, start: float, end: float) -> int:
+        """The billed minutes that begin in ``[start, end)``; adjacent ranges never share one."""
+        return max(0, self._minutes_begun_before(end) - self._minutes_begun_before(start))
+
+    def _minutes_begun_before(self, moment: float) -> int:
+        if moment <= self.start:
+            return 0
+        if moment >= self.end:
+            return self.billed_minutes
+        return min(self.billed_minutes, math.ceil((moment - self.start) / 60))  # minute k begins at start + 60 k
 
 
 @dataclass(frozen=True)
