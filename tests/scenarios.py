@@ -181,7 +181,11 @@ def build(scenario: str, *, layers: int = 2):
 def train(
     scenario: str, *, prepare=None, clip: bool = True, evaluate: bool = True, layers: int = 2, batch: int = BATCH, **how
 ) -> dict:
-    """Two epochs of single-device training; returns losses, grad norms, eval loss and the model."""
+    """Two epochs of single-device training; returns losses, grad norms, eval loss and the model.
+
+    With ``loss_fn`` among ``how`` (for prepare), "external" computes its loss as ``model(x, target=y)``.
+    """
+    given_loss = "loss_fn" in how
     model, data = build(scenario, layers=layers)
     if scenario == "gpt2":
         # GPT-2's key bias gets a gradient that is zero in exact arithmetic (softmax ignores it); Adam
@@ -202,9 +206,9 @@ def train(
                 loss = model(**batch).loss
             elif scenario in ("custom", "tower"):
                 loss = model(*batch)
-            else:  # "external": the loss is computed by the user from the model's outputs
+            else:  # "external": the loss is computed by the user from the model's outputs, or given to prepare
                 x, y = batch
-                loss = nn.functional.mse_loss(model(x), y)
+                loss = model(x, target=y) if given_loss else nn.functional.mse_loss(model(x), y)
             loss.backward()
             if clip:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
@@ -221,6 +225,9 @@ def train(
                 eval_loss = model(**batch).loss
             elif scenario in ("custom", "tower"):
                 eval_loss = model(*batch)
+            else:
+                x, y = batch
+                eval_loss = model(x, target=y) if given_loss else nn.functional.mse_loss(model(x), y)
     return {
         "losses": losses,
         "grad_norms": norms,

@@ -124,6 +124,18 @@ def test_a_model_that_does_not_trace_is_named_where_it_broke():
         pipeline_cuts(Branchy(), stages=2, sample={"x": torch.randn(2, 8)})
 
 
+def test_a_loss_given_to_prepare_trains_like_one_device(pipeline_run, pipeline_by_data_run):
+    """SkipNet returns its predictions; with prepare(..., loss_fn=mse_loss) the loop calls model(x, target=y)
+    and the last stage computes the loss of each micro-batch: 1F1B, and pp2 x dp2 on slices of 3 and 2."""
+    reference = train("external")
+    check(pipeline_run, reference, "external", "1f1b")
+    check(pipeline_by_data_run, reference, "external", "dp2-gpipe")
+    for _, results in (pipeline_run, pipeline_by_data_run):
+        assert results["no_target"] == (
+            "call the model as model(inputs, target=...) when prepare() was given a loss_fn, and only then"
+        )
+
+
 def test_a_loss_changed_after_the_forward_is_reported(pipeline_run):
     _, results = pipeline_run
     assert results["changed_loss"].startswith("under a pipeline plan the backward runs inside the pipeline")

@@ -76,6 +76,21 @@ def test_same_training_as_one_device(reference, onegpu_runs, scenario, strategy,
 
 
 @pytest.mark.slow
+def test_a_loss_given_to_prepare_is_the_global_batch_loss(reference, onegpu_runs):
+    """prepare(..., loss_fn=mse_loss) and model(x, target=y) on 3 workers (slices of 2, 2 and 1): the loss
+    each worker sees is the whole batch's, as on one device."""
+    out, results = onegpu_runs[3]
+    run, ref = results["external-ddp-loss_fn"], reference["external"]
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert run["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+    assert run["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+    trained = load_checkpoint("external", out / "external-ddp-loss_fn")
+    expected = dict(ref["model"].named_parameters())
+    for name, param in trained.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-5, msg=f"{name} differs")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_plan", MEMORY_PLANS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_checkpointing_and_offload_train_like_one_device(reference, onegpu_runs, scenario, memory_plan):

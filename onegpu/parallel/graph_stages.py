@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.errors import UsageError
+from onegpu.parallel.pipeline import last_stage_result
 
 
 class _PathTracer(fx.Tracer):
@@ -109,6 +110,7 @@ class GraphStage(nn.Module):
         self.placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in graph.graph.nodes if n.op == "output")
         self.returned_tensor = False
+        self.keep_output = False  # see BlockRangeStage
 
     def connect(self) -> None:
         """Nothing to join: the cuts are explicit."""
@@ -127,12 +129,8 @@ class GraphStage(nn.Module):
             values = tuple(env[n] for n in self.sends)
             return values[0] if len(values) == 1 else values
         output = fx.node.map_arg(self.output.args[0], lambda n: env[n])
-        loss = getattr(output, "loss", None)
-        self.returned_tensor = loss is None and torch.is_tensor(output) and output.dim() == 0
-        loss = output if self.returned_tensor else loss
-        if loss is None:
-            raise UsageError("under a pipeline plan the model must compute its loss (pass labels, or return the loss)")
-        return loss
+        self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
+        return result
 
     def used_parameters(self, inputs: dict[str, Any], *, device: torch.device) -> set[str]:
         """Names of the parameters this stage's nodes read."""

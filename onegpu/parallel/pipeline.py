@@ -197,6 +197,7 @@ class BlockRangeStage(nn.Module):
         self.first, self.last = start == 0, end == len(layout.blocks)
         self.blocks = layout.blocks[start:end]
         self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
+        self.keep_output = False  # the loss is the user's loss_fn of the model's output: hand that over
         self._received: torch.Tensor | None = None
         self._running = False
         self._hooks: list[Any] = []
@@ -243,13 +244,8 @@ class BlockRangeStage(nn.Module):
             return done.output
         finally:
             self._running, self._received = False, None
-        loss = getattr(output, "loss", None)
-        self.returned_tensor = loss is None and torch.is_tensor(output) and output.dim() == 0
-        if self.returned_tensor:
-            loss = output
-        if loss is None:
-            raise UsageError("under a pipeline plan the model must compute its loss (pass labels, or return the loss)")
-        return loss
+        self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
+        return result
 
     def used_parameters(self, inputs: dict[str, Any], *, device: torch.device) -> set[str]:
         """Names of the parameters this stage's forward and backward use, found with fake tensors
@@ -270,6 +266,28 @@ class BlockRangeStage(nn.Module):
             if output.requires_grad:
                 output.sum().backward()
         return {name.removeprefix("model.") for name, p in params.items() if p.grad is not None}
+
+
+def last_stage_result(output: Any, *, keep_output: bool) -> tuple[bool, Any]:
+    """What the last stage hands to the schedule's loss function, and whether the model's loss is a bare
+    tensor: the model's own loss, or, when the user gives the loss function, the model's output."""
+    if keep_output:
+        if not torch.is_tensor(output):
+            raise UsageError(
+                f"prepare(loss_fn=...) under a pipeline plan needs the model to return one tensor, not "
+                f"{type(output).__name__}: return the tensor the loss is computed from"
+            )
+        return True, output
+    loss = getattr(output, "loss", None)
+    bare = loss is None and torch.is_tensor(output) and output.dim() == 0
+    if bare:
+        return True, output
+    if loss is None:
+        raise UsageError(
+            "under a pipeline plan the model must compute its loss: pass labels, return the loss, or give "
+            "prepare(..., loss_fn=...) and call model(inputs, target=...)"
+        )
+    return False, loss
 
 
 def as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

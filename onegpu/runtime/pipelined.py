@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -56,21 +57,29 @@ class MicroBatchLoss:
     """Each micro-batch's share of the global-batch loss.
 
     Hugging Face token losses get the global token count as ``num_items_in_batch`` (their loss is
-    then already a share); other models' mean losses are weighted by their number of samples.
+    then already a share); other models' mean losses, and the user's ``loss_fn`` of the model's
+    output, are weighted by their number of samples.
     """
 
-    def __init__(self, model: nn.Module, *, data_group=None) -> None:
-        self.model, self.data_group = model, data_group
+    def __init__(self, model: nn.Module, *, data_group=None, loss_fn: Callable | None = None) -> None:
+        self.model, self.data_group, self.loss_fn = model, data_group, loss_fn
         self.samples, self.global_samples, self.counted = 1, 1, False
 
-    def inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-        """The model's inputs for the schedule, and a per-sample target that carries micro-batch sizes.
+    def inputs(self, inputs: dict[str, Any], target: Any = None) -> tuple[dict[str, Any], torch.Tensor]:
+        """The model's inputs for the schedule, and the target it cuts along with them: the user's, for
+        ``loss_fn``, or a per-sample one that carries micro-batch sizes.
 
         Counts are summed over the data-parallel replicas: each pipeline's loss is its share of the
         global batch's.
         """
+        if (self.loss_fn is None) != (target is None):
+            raise UsageError(
+                "call the model as model(inputs, target=...) when prepare() was given a loss_fn, and only then"
+            )
         first = next(v for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0)
         self.samples = first.shape[0]
+        if target is not None and (not torch.is_tensor(target) or target.dim() == 0 or len(target) != self.samples):
+            raise UsageError(f"target must be a tensor with one row per sample ({self.samples}), like the inputs")
         count = counted_label_tokens(self.model, inputs)
         self.counted = count is not None
         totals = torch.tensor([float(count or 0), float(self.samples)], dtype=torch.float64, device=first.device)
@@ -79,10 +88,12 @@ class MicroBatchLoss:
         self.global_samples = int(totals[1])
         if self.counted:
             inputs = {**inputs, "num_items_in_batch": torch.tensor(int(totals[0]), device=first.device)}
-        return inputs, torch.ones(self.samples, device=first.device)
+        return inputs, torch.ones(self.samples, device=first.device) if target is None else target
 
-    def __call__(self, loss: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-        return loss if self.counted else loss * (samples.numel() / self.global_samples)
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            output = self.loss_fn(output, target)
+        return output if self.counted else output * (len(target) / self.global_samples)
 
 
 class PipelineOutput:
@@ -123,7 +134,9 @@ class PipelinedModel(nn.Module):
     parameters the stage uses; the optimizers are re-pointed at those.
     """
 
-    def __init__(self, model: nn.Module, *, plan, worker, cuts: list[int], mesh, optimizers, on_meta: bool) -> None:
+    def __init__(
+        self, model: nn.Module, *, plan, worker, cuts: list[int], mesh, optimizers, on_meta: bool, loss_fn=None
+    ) -> None:
         super().__init__()
         self.mesh = mesh
         self.pipe_group = mesh["pp"].get_group()
@@ -132,7 +145,7 @@ class PipelinedModel(nn.Module):
         self.fused_orders: dict = {}  # tensor parallelism's permuted fused layers, undone in checkpoints
         self.stage_index = mesh["pp"].get_local_rank()
         self.last_rank = dist.get_global_rank(self.pipe_group, plan.pp - 1)
-        self.loss = MicroBatchLoss(model, data_group=self.data_group)
+        self.loss = MicroBatchLoss(model, data_group=self.data_group, loss_fn=loss_fn)
         self.plan, self.worker, self.cuts = plan, worker, cuts
         self.optimizers, self.on_meta = optimizers, on_meta
         self.model = model
@@ -185,7 +198,7 @@ class PipelinedModel(nn.Module):
             def build_stages() -> dict[int, Any]:
                 return {i: GraphStage(graph, start=bounds[i], end=bounds[i + 1]) for i in indices}
 
-        probes = build_stages()
+        probes = self._handing_over(build_stages())
         mine = set().union(*(stage.used_parameters(inputs, device=device) for stage in probes.values()))
         for stage in probes.values():
             stage.close()
@@ -212,7 +225,7 @@ class PipelinedModel(nn.Module):
                 head=structure.head if kept(structure.head) else None,
             )
             self.fused_orders = apply_tensor_parallel(self.model, mine, mesh=self.mesh["tp"])
-        stages = build_stages()  # views of the model as it now is
+        stages = self._handing_over(build_stages())  # views of the model as it now is
         for stage in stages.values():
             apply_activation_checkpointing(stage.blocks[: plan.checkpointed_blocks(len(stage.blocks))])
             if plan.sharding != "none":
@@ -248,8 +261,14 @@ class PipelinedModel(nn.Module):
         for param in self.model.parameters():
             param.register_post_accumulate_grad_hook(self._check_inside_step)
 
-    def forward(self, *args, **kwargs):
-        inputs, target = self.loss.inputs(pp.as_keywords(self.model, args, kwargs))
+    def _handing_over(self, stages: dict[int, Any]) -> dict[int, Any]:
+        """``stages``, the last of which hands the model's output to the user's loss_fn, if one was given."""
+        for stage in stages.values():
+            stage.keep_output = self.loss.loss_fn is not None
+        return stages
+
+    def forward(self, *args, target: Any = None, **kwargs):
+        inputs, target = self.loss.inputs(pp.as_keywords(self.model, args, kwargs), target)
         if self.loss.samples % self.plan.microbatches:
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,11 +25,16 @@ from onegpu.runtime.distributed import Worker, broadcast_from_main, collective_t
 from onegpu.runtime.global_batch import GlobalBatchHooks
 from onegpu.runtime.materialize import is_on_meta, materialize
 from onegpu.runtime.optimizer import parameter_names, repoint
+from onegpu.runtime.user_loss import attach_loss_fn, check_loss_fn
 from onegpu.runtime.watchdog import process_watchdog
 
 
 def prepare(
-    *objects: Any, strategy: str | None = None, plan: Plan | None = None, memory_budget_gb: float | None = None
+    *objects: Any,
+    strategy: str | None = None,
+    plan: Plan | None = None,
+    memory_budget_gb: float | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> Any:
     """Make a model, its optimizers and data loaders run on all workers; returns them in the same order.
 
@@ -37,11 +43,15 @@ def prepare(
     loads its slice. ``strategy`` forces ``"ddp"`` or ``"fsdp"``, ``plan`` a whole Plan; after
     ``onegpu.enable_advanced_parallelization()`` the planner chooses. ``memory_budget_gb`` sets the
     memory one worker may use (default: the device's, or the machine's shared by CPU workers).
+    ``loss_fn(output, target)``, for a model that does not compute its loss: ``model(inputs,
+    target=y)`` then returns the loss (the global-batch loss), under every plan, pipelines included.
     """
     models = [o for o in objects if isinstance(o, nn.Module)]
     if len(models) != 1:
         raise UsageError(f"onegpu.prepare() takes exactly one model (an nn.Module), got {len(models)}")
     model = models[0]
+    if loss_fn is not None:
+        check_loss_fn(model, loss_fn)
     optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
     loaders = [o for o in objects if isinstance(o, DataLoader)]
     worker = current_worker()
@@ -74,13 +84,17 @@ def prepare(
     if _replica_slice(plan, worker=worker) != shard:
         prepared = wrap(_replica_slice(plan, worker=worker))
     if plan.pp > 1:
-        pipelined = _pipeline(model, plan, loaders, worker=worker, optimizers=list(zip(optimizers, names)))
+        pipelined = _pipeline(
+            model, plan, loaders, worker=worker, optimizers=list(zip(optimizers, names)), loss_fn=loss_fn
+        )
         pipelined.onegpu_plan = plan
         prepared = [pipelined if o is model else o for o in prepared]
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
     data_group = _parallelize(model, plan, worker=worker, loaders=loaders)
     for optimizer, groups in zip(optimizers, names):
         repoint(optimizer, model, groups)
+    if loss_fn is not None:
+        attach_loss_fn(model, loss_fn)
     if worker.world_size > 1:
         watchdog = process_watchdog(rank=worker.rank, timeout_s=collective_timeout())
         GlobalBatchHooks(model, worker=worker, watchdog=watchdog, data_group=data_group, replicas=plan.dp)
@@ -186,7 +200,9 @@ def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[
     return balanced_cuts(costs, stages=stages, first_extra=rest / 2, last_extra=rest / 2)
 
 
-def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker: Worker, optimizers) -> nn.Module:
+def _pipeline(
+    model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker: Worker, optimizers, loss_fn
+) -> nn.Module:
     """This worker's pipeline stage of ``model`` (built at the first batch)."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -200,7 +216,9 @@ def _pipeline(model: nn.Module, plan: Plan, loaders: list[DataLoader], *, worker
     # tensor-parallel ranks are nearest neighbours, pipeline stages next (inside a node), replicas outermost
     mesh = init_device_mesh(worker.device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=("dp", "pp", "tp"))
     on_meta = _place(model, worker=worker)
-    return PipelinedModel(model, plan=plan, worker=worker, cuts=cuts, mesh=mesh, optimizers=optimizers, on_meta=on_meta)
+    return PipelinedModel(
+        model, plan=plan, worker=worker, cuts=cuts, mesh=mesh, optimizers=optimizers, on_meta=on_meta, loss_fn=loss_fn
+    )
 
 
 def _parallelize(model: nn.Module, plan: Plan, *, worker: Worker, loaders: list[DataLoader]):

@@ -2,7 +2,8 @@
 
 2 workers: one pipeline, 5 micro-batches of 1 sample: GPipe, 1F1B, and 1F1B with every block
 checkpointed; interleaved 1F1B and interleaved zero-bubble (2 stages per worker) on 4-block models. 4 workers: two replicas of it (slices of 3 and 2 samples, one micro-batch each) on
-one 2D mesh, data-parallel (GPipe) or sharded with FSDP (GPipe, checkpointing, offload).
+one 2D mesh, data-parallel (GPipe) or sharded with FSDP (GPipe, checkpointing, offload). A model
+without its own loss trains with one given to prepare (1F1B on 2 workers, pp2 x dp2 on 4).
 """
 
 import json
@@ -43,19 +44,29 @@ else:
 # interleaving runs 2 stages per worker: deeper models (4 stages), a batch of 4 micro-batches
 OPTIONS = {"interleaved": {"layers": 4, "batch": 4}, "zero-bubble": {"layers": 4, "batch": 4}}
 results = {}
+
+
+def record(scenario: str, name: str, **how) -> None:
+    """Train ``scenario`` under ``how``; keep its results, the share of the model this worker holds (its
+    stage's parameters; its shard of them under FSDP) and its checkpoint."""
+    run = train(scenario, prepare=onegpu.prepare, **how)
+    held = sum(getattr(p, "_local_tensor", p).numel() for p in run["model"].parameters())
+    whole = build(scenario, layers=how.get("layers", 2))[0]
+    run["held"] = held / sum(p.numel() for p in whole.parameters())
+    run.pop("loader")
+    onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{name}")
+    results[f"{scenario}-{name}"] = run
+
+
 for scenario in ("hf", "gpt2", "custom", "tower"):
     for name, plan in plans.items():
         if scenario == "tower" and name not in ("gpipe", "1f1b"):  # the traced-graph stages: two schedules
             continue
-        options = OPTIONS.get(name, {})
-        run = train(scenario, prepare=onegpu.prepare, plan=plan, **options)
-        # the share of the model's parameters this worker holds (its stage's; its shard of them under FSDP)
-        held = sum(getattr(p, "_local_tensor", p).numel() for p in run["model"].parameters())
-        whole = build(scenario, layers=options.get("layers", 2))[0]
-        run["held"] = held / sum(p.numel() for p in whole.parameters())
-        run.pop("loader")
-        onegpu.save_pretrained(run.pop("model"), out / f"{scenario}-{name}")
-        results[f"{scenario}-{name}"] = run
+        record(scenario, name, plan=plan, **OPTIONS.get(name, {}))
+
+# a model without its own loss, given one through prepare(loss_fn=...)
+name = "dp2-gpipe" if world == 4 else "1f1b"
+record("external", name, plan=plans[name], loss_fn=torch.nn.functional.mse_loss)
 
 # a loss changed after the forward cannot be honoured by a pipeline: it is reported, not silently wrong
 model, data = build("custom")
@@ -69,5 +80,15 @@ try:
     results["changed_loss"] = "not detected"
 except UsageError as error:
     results["changed_loss"] = str(error)
+# with a loss given to prepare, a pipeline needs the target to compute it
+model, data = build("external")
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = torch.utils.data.DataLoader(data, batch_size=4)
+model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan, loss_fn=torch.nn.functional.mse_loss)
+try:
+    model(next(iter(loader))[0])
+    results["no_target"] = "accepted"
+except UsageError as error:
+    results["no_target"] = str(error)
 if onegpu.is_main_process():
     (out / "results.json").write_text(json.dumps(results))

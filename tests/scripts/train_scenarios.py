@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from scenarios import train  # noqa: E402
 
@@ -26,6 +27,8 @@ for scenario in ("hf", "gpt2", "custom", "external"):
     hows = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"}}
     if world == 2:
         hows.update({name: {"plan": plan} for name, plan in MEMORY_PLANS.items()})
+    if world == 3 and scenario == "external":  # the loss given to prepare, on slices of 2, 2 and 1
+        hows["ddp-loss_fn"] = {"strategy": "ddp", "loss_fn": torch.nn.functional.mse_loss}
     for strategy, how in hows.items():
         run = train(scenario, prepare=onegpu.prepare, **how)
         run.pop("loader")
