@@ -31,7 +31,12 @@ def launch_script(tmp_path_factory, script: str, *, workers: int) -> tuple[Path,
     import json
 
     out = tmp_path_factory.mktemp(f"{Path(script).stem}{workers}")
-    result = run_onegpu("run", "--workers", str(workers), f"tests/scripts/{script}", str(out), timeout=300)
+    env = None
+    if workers > 4:  # more than the tests' pool of 4 CPU slots: a pool of its own
+        home = tmp_path_factory.mktemp("pool")
+        (home / "pool.toml").write_text(f"cpu_slots = {workers}\nslot_memory_gb = 2\n")
+        env = {"ONEGPU_HOME": str(home)}
+    result = run_onegpu("run", "--workers", str(workers), f"tests/scripts/{script}", str(out), timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     return out, json.loads((out / "results.json").read_text())
 

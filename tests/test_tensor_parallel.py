@@ -1,10 +1,10 @@
 """Tensor parallelism found in the model's data flow trains like one device.
 
 Llama (grouped-query attention), Qwen2 (q/k/v biases), GPT-2 (fused qkv in a transposed Conv1D,
-tied embeddings) and BERT (an encoder with a tied masked-LM head), each with tp=2, and Llama and
-GPT-2 with tp=2 x dp=2 and tp=2 x pp=2: the same per-step losses, gradient norms and eval loss (rtol 1e-5), and
-the same final parameters (atol 1e-5), as the plain single process. A model without the
-structure gets none.
+tied embeddings) and BERT (an encoder with a tied masked-LM head), each with tp=2; Llama and GPT-2
+with tp=2 x dp=2 and tp=2 x pp=2; Llama with tp=2 x pp=2 x dp=2 on 8 workers. Each gives the same
+per-step losses, gradient norms and eval loss (rtol 1e-5), and the same final parameters
+(atol 1e-5), as the plain single process. A model without the structure gets none.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def tp_dp_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tp_pp_dp_run(tmp_path_factory):
+    return launch_script(tmp_path_factory, "train_tensor_parallel.py", workers=8)
+
+
+@pytest.fixture(scope="module")
 def reference():
     return {s: train(s) for s in ("hf", "qwen2", "gpt2", "bert")}
 
@@ -50,6 +55,11 @@ def test_tensor_parallel_times_pipeline_trains_like_one_device(tp_dp_run, refere
     check(tp_dp_run, reference[scenario], scenario, "tp2-pp2")
 
 
+def test_tensor_pipeline_and_data_parallel_on_one_mesh_train_like_one_device(tp_pp_dp_run, reference):
+    """8 workers: replicas of 3 and 2 rows, each a 2-stage pipeline whose stages are split over 2 workers."""
+    check(tp_pp_dp_run, reference["hf"], "hf", "tp2-pp2-dp2")
+
+
 def test_a_model_without_the_structure_gets_none(tp_run, tp_dp_run):
     for _, results in (tp_run, tp_dp_run):
         assert results["no_structure"] == (
@@ -65,7 +75,7 @@ def check(launched, reference, scenario: str, name: str) -> None:
     assert run["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5)
     assert run["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
     assert run["held"] < (0.35 if "pp2" in name else 0.6)  # blocks, embedding and head are split
-    if name != "tp2-pp2":  # sequence parallelism: between the groups, each worker handles half the positions
+    if "pp2" not in name:  # sequence parallelism: between the groups, each worker handles half the positions
         assert run["sequence_parallel"] == (scenario != "bert")  # BERT's residual is inside its attention module
         assert run["norm_positions"] == (6 if scenario != "bert" else 12)
     trained = load_checkpoint("hf" if scenario in ("gpt2", "qwen2", "bert") else scenario, out / f"{scenario}-{name}")

@@ -334,7 +334,7 @@ def schedule(
     )
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) parameter's or gradient's own shard; a plain tensor itself."""
     return getattr(tensor, "_local_tensor", tensor)
 
@@ -373,7 +373,7 @@ class SharedParameters:
 
     def synchronize_values(self) -> None:
         for param, group, first in self.entries:
-            dist.broadcast(_local(param.data), src=first, group=group)
+            dist.broadcast(local_tensor(param.data), src=first, group=group)
 
     def sum_gradients(self) -> None:
         for param, group, _first in self.entries:
@@ -382,4 +382,4 @@ class SharedParameters:
             placements = getattr(param, "placements", None)
             if placements is not None and param.grad.placements != placements:  # e.g. a split embedding's
                 param.grad = param.grad.redistribute(param.device_mesh, placements)
-            dist.all_reduce(_local(param.grad), group=group)
+            dist.all_reduce(local_tensor(param.grad), group=group)

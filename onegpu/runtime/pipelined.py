@@ -290,7 +290,7 @@ class PipelinedModel(nn.Module):
                 if self.data_group is not None and self.plan.sharding == "none":  # each replica's is its share
                     for param in self.model.parameters():
                         if param.grad is not None:
-                            dist.all_reduce(param.grad, group=self.data_group)
+                            dist.all_reduce(pp.local_tensor(param.grad), group=self.data_group)
             finally:
                 self._in_step = False
         else:
