@@ -1,5 +1,7 @@
 """The search: never an infeasible plan, pins honoured, a stable JSON shape, errors that say what would fit."""
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -112,6 +114,22 @@ def test_memory_model_counts_states_exactly():
         cluster(nodes=1, per_node=2, memory_gb=1),
     )
     assert {k: sharded[k] for k in real} == {k: v // 2 for k, v in real.items()}
+
+
+def test_sequence_parallelism_splits_all_of_a_blocks_activations():
+    """Korthikanti et al. 2022: a block holds 34 bytes per token and hidden unit; tensor parallelism alone
+    leaves 10 of them (norms, residuals, inputs) whole on every rank, sequence parallelism splits them too."""
+    profile = transformer(layers=4, hidden=1024)
+    profile = replace(profile, rest=replace(profile.rest, activation_bytes=0))  # the blocks' activations only
+    devices = cluster(nodes=1, per_node=8, memory_gb=80)
+
+    def activations(plan: Plan, *, sequence_parallel: bool = True) -> int:
+        work = Workload(profile=profile, global_batch=1, sequence_parallel=sequence_parallel)
+        return memory(plan, work, devices)["activations"]
+
+    whole = activations(Plan(dp=1))
+    assert whole / activations(Plan(dp=1, tp=8)) == pytest.approx(8)
+    assert whole / activations(Plan(dp=1, tp=8), sequence_parallel=False) == pytest.approx(34 / (10 + 24 / 8))
 
 
 def test_pins_are_honoured_by_any_name():

@@ -52,6 +52,7 @@ class Workload:
     profile: ModelProfile
     global_batch: int
     optimizer_slots: int = 2  # AdamW
+    sequence_parallel: bool = True  # under tensor parallelism, norms and residuals split by position too
 
 
 def is_cpu(cluster: Cluster) -> bool:
@@ -93,11 +94,13 @@ def shard_factors(plan: Plan, cluster: Cluster) -> tuple[int, int, int]:
     }[plan.sharding]
 
 
-def tp_activation_share(tp: int) -> float:
-    """The share of a block's activations each of ``tp`` tensor-parallel ranks holds and computes: without
-    sequence parallelism its norms, residuals and inputs stay whole, 10 of its 34 bytes per token and
-    hidden unit (Korthikanti et al. 2022, table 2)."""
-    return 1.0 if tp == 1 else (10 + 24 / tp) / 34
+def tp_activation_share(tp: int, *, sequence_parallel: bool) -> float:
+    """The share of a block's activations each of ``tp`` tensor-parallel ranks holds and computes: all
+    split with sequence parallelism; without it its norms, residuals and inputs stay whole, 10 of its 34
+    bytes per token and hidden unit (Korthikanti et al. 2022, table 2)."""
+    if tp == 1 or sequence_parallel:
+        return 1.0 / tp
+    return (10 + 24 / tp) / 34
 
 
 def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
@@ -132,7 +135,7 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
 
     b = micro_batch_size(plan, work.global_batch)
     c = plan.checkpointed_blocks(n)
-    block_activation = block.activation_bytes * tp_activation_share(tp)
+    block_activation = block.activation_bytes * tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
     per_micro = c * block.boundary_bytes + (n - c) * block_activation
     recompute_peak = block_activation if c else 0.0
     head = prof.rest.activation_bytes  # the logits are gathered whole
@@ -179,7 +182,7 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     compute_bytes = prof.param_bytes
 
     attention_rate = peak * (CPU_GEMM_EFFICIENCY if cpu else ATTENTION_EFFICIENCY)
-    tp_share = tp_activation_share(tp)
+    tp_share = tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
 
     def part_time(part, *, recompute: bool) -> float:
         passes = 4 / 3 if recompute else 1.0  # recomputation repeats the forward: a third of the work

@@ -33,6 +33,7 @@ class Capabilities:
     accumulation: bool = True
     schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zero-bubble")
     interleaving_with_sharding: bool = True  # an interleaved schedule over sharded stages
+    sequence_parallel: bool = True  # the model's norms and residuals can be split by position under tp
 
 
 EVERYTHING = Capabilities()
@@ -180,7 +181,12 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
         )
     any_microbatches = False
     for precision, profile in profiles.items():
-        work = Workload(profile=profile, global_batch=global_batch, optimizer_slots=optimizer_slots)
+        work = Workload(
+            profile=profile,
+            global_batch=global_batch,
+            optimizer_slots=optimizer_slots,
+            sequence_parallel=caps.sequence_parallel,
+        )
         for dp, tp, pp in layouts:
             for m in _microbatches(global_batch // dp, pp, pins, caps):
                 any_microbatches = True

@@ -99,12 +99,13 @@ def _search(model, *, cluster, optimizer, sample, global_batch, budget_bytes, pi
         from onegpu.parallel.tp_structure import find_tensor_parallel, require_tensor_parallel
 
         if tp is not None:
-            require_tensor_parallel(model, sample, tp=tp)
+            structure = require_tensor_parallel(model, sample, tp=tp)
         else:
             structure = find_tensor_parallel(model, sample, tp=2)
             if not structure.found:
                 print(f"onegpu: no tensor parallelism: {'; '.join(structure.reasons)}", file=sys.stderr, flush=True)
                 capabilities = replace(RUNTIME, tp=False)
+        capabilities = replace(capabilities, sequence_parallel=structure.sequence_parallel)
     return plan(
         profile,
         global_batch_size=global_batch,
