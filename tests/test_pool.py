@@ -311,7 +311,7 @@ def test_no_wait_fails_at_once_when_the_pool_is_taken(home, tmp_path):
     script.write_text("print('ran')\n")
     result = cli(home, "run", "--no-wait", str(script), env={"ONEGPU_LEASE_TTL": "600"})  # "other" stays alive
     assert result.returncode == 1 and "ran" not in result.stdout
-    assert "the pool cannot serve this job now" in result.stderr and "held by other" in result.stderr
+    assert "the pool cannot serve 2 devices now" in result.stderr and "held by other" in result.stderr
     held = open_ledger(url=None, home=home, ttl_s=600).holdings()
     assert [h.job for h in held] == ["other"]  # nothing of the refused job is left, not even in line
     assert sqlite3.connect(home / "ledger.sqlite").execute("SELECT COUNT(*) FROM queue").fetchone() == (0,)

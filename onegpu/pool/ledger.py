@@ -191,13 +191,15 @@ class Ledger:
                 ahead = run("SELECT COUNT(*) FROM queue WHERE created < ?", mine)[0][0]
                 if not wait:
                     run("DELETE FROM queue WHERE job = ?", job)
-            waiting = (
-                f"waiting for {devices} device{'s' if devices > 1 else ''}: {len(free)} of {pool_size} free, "
-                f"held by {', '.join(holders) or 'nobody'}"
-                + (f"; {ahead} job{'s' if ahead > 1 else ''} ahead in line" if first != job else "")
+            wanted = f"{devices} device{'s' if devices > 1 else ''}"
+            state = f"{len(free)} of {pool_size} free, held by {', '.join(holders) or 'nobody'}" + (
+                f"; {ahead} job{'s' if ahead > 1 else ''} ahead in line" if first != job else ""
             )
             if not wait:
-                raise LedgerError(f"the pool cannot serve this job now ({waiting}): run again later, or queue for it")
+                raise LedgerError(
+                    f"the pool cannot serve {wanted} now ({state}): run again later, or without --no-wait to wait in line"
+                )
+            waiting = f"waiting for {wanted}: {state}"
             if on_wait is not None and not told:
                 on_wait(waiting)
                 told = True
