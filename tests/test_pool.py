@@ -69,11 +69,15 @@ def test_flavors_are_named_as_users_expect():
     ]
 
 
-def test_only_flavors_the_pool_serves_are_offered_and_the_choice_persists(home):
+def test_only_flavors_the_pool_serves_are_offered_and_the_choice_persists_per_user(home, monkeypatch):
     pool = load_pool()
     assert [f.name for f in all_flavors(pool)] == ["Small.6GB", "Medium.12GB", "Large.24GB"]
     assert current_flavor(pool).name == "Medium.12GB"  # 2 workers on CPU slots until one is chosen
     switch_flavor(pool, "large")
+    assert current_flavor(load_pool()).name == "Large.24GB"
+    with monkeypatch.context() as other:  # another user of the same home keeps their own
+        other.setenv("LOGNAME", "someone-else")
+        assert current_flavor(load_pool()).name == "Medium.12GB"
     assert current_flavor(load_pool()).name == "Large.24GB"
     with pytest.raises(UsageError, match="choose one of Small.6GB, Medium.12GB, Large.24GB"):
         switch_flavor(pool, "xLarge")

@@ -2,12 +2,14 @@
 
 Named as single-virtual-device platforms name them: Small = 1 device, Medium = 2, Large = 4,
 xLarge = 8, 1.5xLarge = 12, 2xLarge = 16, 3xLarge = 24, ..., suffixed with the total memory
-(``Large.256GB``). The current flavor is the user's, kept in ``$ONEGPU_HOME/flavor``.
+(``Large.256GB``). The current flavor is the user's, kept in ``$ONEGPU_HOME/flavors/<user>``.
 """
 
 from __future__ import annotations
 
+import getpass
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +65,8 @@ def find_flavor(pool: PoolConfig, name: str) -> Flavor:
 
 
 def _flavor_file(home: Path | None) -> Path:
-    return (home or onegpu_home()) / "flavor"
+    """The user's choice: one file per user, so that users sharing a home (and its ledger) keep their own."""
+    return (home or onegpu_home()) / "flavors" / getpass.getuser()
 
 
 def default_flavor(pool: PoolConfig) -> Flavor:
@@ -89,7 +92,7 @@ def switch_flavor(pool: PoolConfig, name: str, home: Path | None = None) -> Flav
     flavor = find_flavor(pool, name)
     path = _flavor_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(flavor.family + "\n")
-    staging.replace(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as staging:  # never half-written
+        staging.write(flavor.family + "\n")
+    Path(staging.name).replace(path)
     return flavor
