@@ -61,7 +61,12 @@ def find_flavor(pool: PoolConfig, name: str) -> Flavor:
     for flavor in flavors:
         if name.lower() in (flavor.name.lower(), flavor.family.lower()):
             return flavor
-    raise UsageError(f"no flavor {name!r} on this pool: choose one of {', '.join(f.name for f in flavors)}")
+    choices = f"choose one of {', '.join(f.name for f in flavors)}"
+    named = pool.flavors or tuple((standard_name(n), n) for n in standard_sizes(1 << 16))
+    for family, devices in named:
+        if name.lower().split(".")[0] == family.lower():  # a flavor, but larger than this pool
+            raise UsageError(f"{family} needs {devices} devices and this pool has {len(pool.devices)}: {choices}")
+    raise UsageError(f"no flavor {name!r} on this pool: {choices}")
 
 
 def _flavor_file(home: Path | None) -> Path:
