@@ -142,7 +142,7 @@ def test_a_loss_changed_after_the_forward_is_reported(pipeline_run):
 
 
 def test_stages_are_balanced_by_cost():
-    from onegpu.parallel.pipeline import balanced_cuts
+    from onegpu.planner.stages import balanced_cuts
 
     assert balanced_cuts([1.0] * 8, stages=2) == [4]
     assert balanced_cuts([1.0] * 8, stages=2, first_extra=0.0, last_extra=4.0) == [6]  # a heavy LM head

@@ -13,6 +13,7 @@ from onegpu.planner.cluster import Cluster, DeviceSpec, Link, load_cluster
 from onegpu.planner.cost_model import Workload, memory
 from onegpu.planner.plan import Plan
 from onegpu.planner.search import NoPlanFits, plan
+from onegpu.planner.stages import flops_cuts, worker_stage_blocks
 
 
 def transformer(*, layers: int, hidden: int, seq: int = 2048, vocab: int = 32000, heads: int = 32) -> ModelProfile:
@@ -130,6 +131,23 @@ def test_sequence_parallelism_splits_all_of_a_blocks_activations():
     whole = activations(Plan(dp=1))
     assert whole / activations(Plan(dp=1, tp=8)) == pytest.approx(8)
     assert whole / activations(Plan(dp=1, tp=8), sequence_parallel=False) == pytest.approx(34 / (10 + 24 / 8))
+
+
+def test_a_pipeline_is_costed_as_the_runtime_cuts_it():
+    """The runtime cuts blocks by FLOPs with the head on the last stage; the planner's memory is that of the
+    fullest worker of that very cut, holding the micro-batches its schedule keeps in flight."""
+    profile = transformer(layers=8, hidden=256, seq=256)  # a 32k-vocabulary head as heavy as several blocks
+    (cut,) = flops_cuts(profile, stages=2)
+    assert cut > 4 and worker_stage_blocks(profile, pp=2, schedule="1f1b") == [(cut,), (8 - cut,)]
+    bounds = [0, *flops_cuts(profile, stages=4), 8]
+    sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+    assert worker_stage_blocks(profile, pp=2, schedule="interleaved") == [(sizes[0], sizes[2]), (sizes[1], sizes[3])]
+    devices, work = cluster(nodes=1, per_node=2, memory_gb=80), Workload(profile=profile, global_batch=8)
+    one_f_one_b = memory(Plan(dp=1, pp=2, microbatches=4, schedule="1f1b"), work, devices)
+    block = profile.blocks[0]
+    assert one_f_one_b["parameters"] == (cut * block.params + profile.rest.params) * 4  # fp32 master weights
+    gpipe = memory(Plan(dp=1, pp=2, microbatches=4, schedule="gpipe"), work, devices)
+    assert gpipe["activations"] > one_f_one_b["activations"]  # GPipe holds all 4 micro-batches, 1F1B 2
 
 
 def test_pins_are_honoured_by_any_name():

@@ -155,7 +155,7 @@ def live_across(graph: fx.GraphModule, nodes: list[fx.Node], cut: int) -> list[f
 
 def graph_cuts(graph: fx.GraphModule, sample: dict[str, Any], *, stages: int) -> list[int]:
     """The first node of stages 1..S-1, balanced by node FLOPs among the places a cut may go."""
-    from onegpu.parallel.pipeline import balanced_cuts
+    from onegpu.planner.stages import balanced_cuts
 
     costs, tensors = measure_nodes(graph, sample)
     nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output")]

@@ -53,42 +53,6 @@ def worker_stages(schedule: str, *, pp: int, rank: int) -> list[int]:
     return [rank, rank + pp] if schedule in INTERLEAVED else [rank]
 
 
-def balanced_cuts(costs: list[float], *, stages: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:
-    """First block of stages 1..S-1, so that the costliest stage is as cheap as possible.
-
-    ``costs`` are per-block costs; the first and last stages also carry ``first_extra``
-    (embeddings) and ``last_extra`` (head and loss).
-    """
-    blocks = len(costs)
-    if not 1 < stages <= blocks:
-        raise UsageError(f"{stages} pipeline stages need a model of at least {stages} blocks; it has {blocks}")
-    prefix = [0.0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
-
-    def stage_cost(start: int, end: int) -> float:
-        return (
-            prefix[end] - prefix[start] + (first_extra if start == 0 else 0.0) + (last_extra if end == blocks else 0.0)
-        )
-
-    # best[s][i]: the lowest possible worst-stage cost of cutting blocks[:i] into s stages
-    inf = float("inf")
-    best = [[inf] * (blocks + 1) for _ in range(stages + 1)]
-    choice = [[0] * (blocks + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, blocks + 1):
-            for j in range(s - 1, i):
-                worst = max(best[s - 1][j], stage_cost(j, i))
-                if worst < best[s][i]:
-                    best[s][i], choice[s][i] = worst, j
-    cuts, end = [], blocks
-    for s in range(stages, 1, -1):
-        end = choice[s][end]
-        cuts.append(end)
-    return sorted(cuts)
-
-
 class _StageDone(Exception):
     def __init__(self, output: torch.Tensor) -> None:
         self.output = output

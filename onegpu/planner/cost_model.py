@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from onegpu.planner.analysis import ModelProfile
 from onegpu.planner.cluster import Cluster, Link
 from onegpu.planner.plan import INTERLEAVED, Plan, Prediction
+from onegpu.planner.stages import worker_stage_blocks
 
 # Fraction of dense peak that GEMMs of transformer shapes reach in training (cuBLAS/rocBLAS reach
 # 70-80% on large square bf16 matrices, less on the thinner projections of real layers).
@@ -59,22 +60,18 @@ def is_cpu(cluster: Cluster) -> bool:
     return cluster.device.name.startswith("cpu")
 
 
-def stage_blocks(profile: ModelProfile, pp: int) -> int:
-    """Blocks on the fullest pipeline stage."""
-    return math.ceil(len(profile.blocks) / pp)
-
-
 def micro_batch_size(plan: Plan, global_batch: int) -> float:
     return global_batch / (plan.dp * plan.microbatches)
 
 
-def in_flight(plan: Plan) -> float:
-    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+def in_flight(plan: Plan, *, worker: int = 0) -> float:
+    """Micro-batches whose activations pipeline ``worker`` holds at its peak: every one under GPipe,
+    under 1F1B one per stage still ahead of it (Narayanan et al. 2021)."""
     if plan.pp == 1:
         return 1
     if plan.schedule == "gpipe":
         return plan.microbatches
-    held = min(plan.pp, plan.microbatches)
+    held = min(plan.pp - worker, plan.microbatches)
     if plan.schedule in INTERLEAVED:  # Narayanan et al. 2021, section 2.2.2: (1 + (p-1)/(p*v)) more
         return held * (1 + (plan.pp - 1) / (plan.pp * 2))
     return held
@@ -106,7 +103,8 @@ def tp_activation_share(tp: int, *, sequence_parallel: bool) -> float:
 def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     """Peak bytes per device, by kind."""
     prof, tp = work.profile, plan.tp
-    n = stage_blocks(prof, plan.pp)
+    workers = worker_stage_blocks(prof, pp=plan.pp, schedule=plan.schedule)
+    n = max(sum(stages) for stages in workers)
     block = prof.blocks[0] if prof.blocks else prof.rest
     stage_params = (n * block.params + prof.rest.params) / tp
     compute_bytes = prof.param_bytes
@@ -134,14 +132,18 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
         params = grads = optimizer = workspace = 0.0
 
     b = micro_batch_size(plan, work.global_batch)
-    c = plan.checkpointed_blocks(n)
     block_activation = block.activation_bytes * tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
-    per_micro = c * block.boundary_bytes + (n - c) * block_activation
-    recompute_peak = block_activation if c else 0.0
     head = prof.rest.activation_bytes  # the logits are gathered whole
-    first_stage = in_flight(plan) * per_micro
-    last_stage = per_micro + head if plan.pp > 1 else first_stage + head
-    activations = b * (max(first_stage, last_stage) + recompute_peak + block_activation)
+
+    def held(worker: int) -> float:
+        """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
+        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
+        per_micro = sum(c * block.boundary_bytes + (size - c) * block_activation
+                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
+        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
+
+    recompute_peak = block_activation if plan.checkpointed_blocks(n) else 0.0
+    activations = b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
     runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
     fragmentation = CPU_FRAGMENTATION if is_cpu(cluster) else FRAGMENTATION
     return {
@@ -175,10 +177,11 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     attainable = peak * (CPU_GEMM_EFFICIENCY if cpu else GEMM_EFFICIENCY)
     bandwidth = cluster.device.memory_bandwidth_gbps * 1e9
     op_overhead = CPU_OP_OVERHEAD_S if cpu else GPU_OP_OVERHEAD_S
-    n = stage_blocks(prof, pp)
+    fullest = max(worker_stage_blocks(prof, pp=pp, schedule=plan.schedule), key=sum)
+    n = sum(fullest)
     block = prof.blocks[0] if prof.blocks else prof.rest
     b = micro_batch_size(plan, work.global_batch)
-    c = plan.checkpointed_blocks(n)
+    c = sum(plan.checkpointed_blocks(size) for size in fullest)  # a number of blocks is per stage
     compute_bytes = prof.param_bytes
 
     attention_rate = peak * (CPU_GEMM_EFFICIENCY if cpu else ATTENTION_EFFICIENCY)

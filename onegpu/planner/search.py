@@ -10,9 +10,10 @@ from typing import Any
 from onegpu.errors import UsageError
 from onegpu.planner.analysis import ModelProfile, analyze
 from onegpu.planner.cluster import Cluster, load_cluster
-from onegpu.planner.cost_model import Workload, memory, predict, stage_blocks
+from onegpu.planner.cost_model import Workload, memory, predict
 from onegpu.planner.pins import Pins, parse_pins
 from onegpu.planner.plan import GB, INTERLEAVED, OFFLOADS, SCHEDULES, SHARDINGS, Plan, Rejection, SearchStats
+from onegpu.planner.stages import worker_stage_blocks
 
 DEFAULT_BUDGET_FRACTION = 0.9
 
@@ -194,7 +195,7 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
                 if pins.schedule is not None:
                     schedules = [pins.schedule] if pp > 1 and pins.schedule in caps.schedules else []
                 for schedule in schedules:
-                    if schedule in INTERLEAVED and (stage_blocks(profile, pp) < 2 or m % pp):
+                    if schedule in INTERLEAVED and (len(profile.blocks) < 2 * pp or m % pp):
                         continue
                     if schedule != "gpipe" and m < pp:  # 1F1B's steady state needs a micro-batch per stage
                         continue
@@ -231,7 +232,7 @@ def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget,
 
 def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
     """The plan with the fewest checkpointed blocks that fits (more only costs recomputation)."""
-    blocks = stage_blocks(work.profile, base.pp)
+    blocks = max(max(stages) for stages in worker_stage_blocks(work.profile, pp=base.pp, schedule=base.schedule))
 
     def with_blocks(count: int) -> Plan:
         value: str | int = "none" if count == 0 else "full" if count >= blocks else count

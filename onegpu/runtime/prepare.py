@@ -170,8 +170,8 @@ def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[
     """Where to cut ``model`` into ``stages``: balanced by the planner's per-block FLOPs (forward and
     backward; the head and loss on the last stage), or by parameter counts when it cannot be analysed.
     A model without repeated blocks is traced and cut between the nodes of its graph."""
-    from onegpu.parallel.pipeline import balanced_cuts
     from onegpu.planner.analysis import analyze
+    from onegpu.planner.stages import balanced_cuts, flops_cuts
     from onegpu.runtime.advanced import first_sample, sequence_length
 
     blocks = repeated_blocks(model)
@@ -193,8 +193,7 @@ def pipeline_cuts(model: nn.Module, *, stages: int, sample: Any | None) -> list[
         except UsageError:
             profile = None
         if profile is not None and len(profile.blocks) == len(blocks):
-            costs = [b.fwd_flops + b.bwd_flops for b in profile.blocks]
-            return balanced_cuts(costs, stages=stages, last_extra=profile.rest.fwd_flops + profile.rest.bwd_flops)
+            return flops_cuts(profile, stages=stages)  # the cut the planner costed
     costs = [float(sum(p.numel() for p in b.parameters())) for b in blocks]
     rest = float(sum(p.numel() for p in model.parameters())) - sum(costs)
     return balanced_cuts(costs, stages=stages, first_extra=rest / 2, last_extra=rest / 2)
