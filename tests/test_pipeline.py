@@ -131,9 +131,7 @@ def test_a_loss_given_to_prepare_trains_like_one_device(pipeline_run, pipeline_b
     check(pipeline_run, reference, "external", "1f1b")
     check(pipeline_by_data_run, reference, "external", "dp2-gpipe")
     for _, results in (pipeline_run, pipeline_by_data_run):
-        assert results["no_target"] == (
-            "call the model as model(inputs, target=...) when prepare() was given a loss_fn, and only then"
-        )
+        assert results["no_target"] == "prepare() was given a loss_fn: call the model as model(inputs, target=...)"
 
 
 def test_a_loss_changed_after_the_forward_is_reported(pipeline_run):

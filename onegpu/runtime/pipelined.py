@@ -32,6 +32,7 @@ from onegpu.parallel.tp_structure import require_tensor_parallel
 from onegpu.runtime.global_batch import counted_label_tokens
 from onegpu.runtime.materialize import materialize
 from onegpu.runtime.optimizer import repoint
+from onegpu.runtime.user_loss import TARGET
 
 CHANGED_LOSS = (
     "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added, "
@@ -72,10 +73,8 @@ class MicroBatchLoss:
         Counts are summed over the data-parallel replicas: each pipeline's loss is its share of the
         global batch's.
         """
-        if (self.loss_fn is None) != (target is None):
-            raise UsageError(
-                "call the model as model(inputs, target=...) when prepare() was given a loss_fn, and only then"
-            )
+        if self.loss_fn is not None and target is None:
+            raise UsageError("prepare() was given a loss_fn: call the model as model(inputs, target=...)")
         first = next(v for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0)
         self.samples = first.shape[0]
         if target is not None and (not torch.is_tensor(target) or target.dim() == 0 or len(target) != self.samples):
@@ -267,7 +266,8 @@ class PipelinedModel(nn.Module):
             stage.keep_output = self.loss.loss_fn is not None
         return stages
 
-    def forward(self, *args, target: Any = None, **kwargs):
+    def forward(self, *args, **kwargs):
+        target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
         inputs, target = self.loss.inputs(pp.as_keywords(self.model, args, kwargs), target)
         if self.loss.samples % self.plan.microbatches:
             raise UsageError(
