@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.errors import UsageError
-from onegpu.parallel.pipeline import last_stage_result
+from onegpu.parallel.pipeline import contiguous_gradients, last_stage_result
 
 
 class _PathTracer(fx.Tracer):
@@ -119,6 +119,7 @@ class GraphStage(nn.Module):
         """Nothing to undo."""
 
     def forward(self, *received: torch.Tensor, **inputs: Any):
+        contiguous_gradients(received)
         env: dict[fx.Node, Any] = {n: inputs.get(n.target) for n in self.placeholders}
         env.update(zip(self.receives, received))
         runner = fx.Interpreter(self.model)

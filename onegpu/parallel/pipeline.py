@@ -198,6 +198,7 @@ class BlockRangeStage(nn.Module):
             raise _StageDone(output[0] if isinstance(output, (tuple, list)) else output)
 
     def forward(self, *received: torch.Tensor, **inputs: Any):
+        contiguous_gradients(received)
         self._received = received[0] if received else None
         if hasattr(self.model, "config"):  # a KV cache would see only this stage's layers
             inputs = {**inputs, "use_cache": False}
@@ -230,6 +231,14 @@ class BlockRangeStage(nn.Module):
             if output.requires_grad:
                 output.sum().backward()
         return {name.removeprefix("model.") for name, p in params.items() if p.grad is not None}
+
+
+def contiguous_gradients(received: tuple[torch.Tensor, ...]) -> None:
+    """Make the gradients of a stage's received values contiguous: they are sent back into buffers laid out
+    like them, and a gradient that is a slice (of a concatenation's, say) cannot be received."""
+    for value in received:
+        if torch.is_tensor(value) and value.requires_grad:
+            value.register_hook(torch.Tensor.contiguous)
 
 
 def last_stage_result(output: Any, *, keep_output: bool) -> tuple[bool, Any]:

@@ -60,7 +60,7 @@ def record(scenario: str, name: str, **how) -> None:
 
 for scenario in ("hf", "gpt2", "custom", "tower"):
     for name, plan in plans.items():
-        if scenario == "tower" and name not in ("gpipe", "1f1b"):  # the traced-graph stages: two schedules
+        if scenario == "tower" and name not in ("gpipe", "1f1b", "dp2-gpipe", "fsdp2-gpipe"):  # traced-graph stages
             continue
         record(scenario, name, plan=plan, **OPTIONS.get(name, {}))
 
