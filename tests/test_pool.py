@@ -49,13 +49,21 @@ def postgres_url(tmp_path_factory):
 def backend(request, home, monkeypatch):
     """The ledger on SQLite (the default), or on PostgreSQL through ONEGPU_DATABASE_URL, emptied first."""
     if request.param == "postgresql":
+        monkeypatch.setenv("ONEGPU_DATABASE_URL", request.getfixturevalue("postgres_url"))
+    remove_ledger(home)
+    return request.param
+
+
+def remove_ledger(home):
+    """No ledger at all: its SQLite file, or its PostgreSQL tables, gone."""
+    url = os.environ.get("ONEGPU_DATABASE_URL")
+    if url:
         import psycopg
 
-        url = request.getfixturevalue("postgres_url")
         with psycopg.connect(url, autocommit=True) as connection:
             connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats")
-        monkeypatch.setenv("ONEGPU_DATABASE_URL", url)
-    return request.param
+    for path in home.glob("ledger.sqlite*"):
+        path.unlink()
 
 
 def test_flavors_are_named_as_users_expect():
@@ -122,14 +130,7 @@ def open_together(home, count):
 def test_jobs_starting_together_on_a_new_ledger_all_open_it(home, backend):
     """The first jobs of a pool create its tables; 8 at once must not collide doing so."""
     for _ in range(10):
-        if backend == "postgresql":
-            import psycopg
-
-            with psycopg.connect(os.environ["ONEGPU_DATABASE_URL"], autocommit=True) as connection:
-                connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats")
-        else:
-            for path in home.glob("ledger.sqlite*"):
-                path.unlink()
+        remove_ledger(home)
         assert open_together(home, 8) == []
 
 

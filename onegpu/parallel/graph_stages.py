@@ -98,7 +98,7 @@ class GraphStage(nn.Module):
     returns the values live across its last cut, or, on the last stage, the loss.
     """
 
-    def __init__(self, graph: fx.GraphModule, *, start: int, end: int) -> None:
+    def __init__(self, graph: fx.GraphModule, *, start: int, end: int, keep_output: bool = False) -> None:
         super().__init__()
         self.model = graph
         nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output")]
@@ -110,7 +110,7 @@ class GraphStage(nn.Module):
         self.placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in graph.graph.nodes if n.op == "output")
         self.returned_tensor = False
-        self.keep_output = False  # see BlockRangeStage
+        self.keep_output = keep_output  # see BlockRangeStage
 
     def connect(self) -> None:
         """Nothing to join: the cuts are explicit."""

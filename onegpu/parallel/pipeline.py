@@ -155,13 +155,13 @@ class BlockRangeStage(nn.Module):
     the worker's other stage's blocks (interleaved schedules) pass through in this stage's view.
     """
 
-    def __init__(self, layout: BlockLayout, *, start: int, end: int, held: set[int]) -> None:
+    def __init__(self, layout: BlockLayout, *, start: int, end: int, held: set[int], keep_output: bool = False) -> None:
         super().__init__()
         self.model = layout.view(held - set(range(start, end)))
         self.first, self.last = start == 0, end == len(layout.blocks)
         self.blocks = layout.blocks[start:end]
         self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
-        self.keep_output = False  # the loss is the user's loss_fn of the model's output: hand that over
+        self.keep_output = keep_output  # the loss is the user's loss_fn of the model's output: hand that over
         self._received: torch.Tensor | None = None
         self._running = False
         self._hooks: list[Any] = []

@@ -47,24 +47,32 @@ def standard_sizes(limit: int) -> list[int]:
     return [s for s in sizes if s <= limit]
 
 
+def _named(pool: PoolConfig, *, limit: int) -> tuple[tuple[str, int], ...]:
+    """(name, device count) of the pool's flavors up to ``limit`` devices: its own, or the standard ones."""
+    return pool.flavors or tuple((standard_name(n), n) for n in standard_sizes(limit))
+
+
+def _called(flavor_name: str, name: str) -> bool:
+    """Whether ``name`` names the flavor ``flavor_name``: whole (``Large.24GB``) or its family (``large``)."""
+    return name.lower() in (flavor_name.lower(), flavor_name.split(".")[0].lower())
+
+
 def all_flavors(pool: PoolConfig) -> list[Flavor]:
     """The flavors this pool can serve, smallest first."""
     count = len(pool.devices)
     memory = pool.devices[0].memory_gb if pool.devices else 0.0
-    named = pool.flavors or tuple((standard_name(n), n) for n in standard_sizes(count))
-    return [Flavor(f"{name}.{memory * n:g}GB", n, memory * n) for name, n in named if n <= count]
+    return [Flavor(f"{name}.{memory * n:g}GB", n, memory * n) for name, n in _named(pool, limit=count) if n <= count]
 
 
 def find_flavor(pool: PoolConfig, name: str) -> Flavor:
     """The flavor called ``name`` (``Large`` or ``Large.256GB``, any case); an unknown one lists the valid ones."""
     flavors = all_flavors(pool)
     for flavor in flavors:
-        if name.lower() in (flavor.name.lower(), flavor.family.lower()):
+        if _called(flavor.name, name):
             return flavor
     choices = f"choose one of {', '.join(f.name for f in flavors)}"
-    named = pool.flavors or tuple((standard_name(n), n) for n in standard_sizes(1 << 16))
-    for family, devices in named:
-        if name.lower().split(".")[0] == family.lower():  # a flavor, but larger than this pool
+    for family, devices in _named(pool, limit=1 << 16):
+        if _called(family, name.split(".")[0]):  # a flavor, but larger than this pool
             raise UsageError(f"{family} needs {devices} devices and this pool has {len(pool.devices)}: {choices}")
     raise UsageError(f"no flavor {name!r} on this pool: {choices}")
 
@@ -87,7 +95,7 @@ def current_flavor(pool: PoolConfig, home: Path | None = None) -> Flavor:
     if path.exists():
         chosen = path.read_text().strip()
         for flavor in all_flavors(pool):
-            if chosen.lower() in (flavor.name.lower(), flavor.family.lower()):
+            if _called(flavor.name, chosen):
                 return flavor
     return default_flavor(pool)
 

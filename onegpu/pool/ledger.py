@@ -60,7 +60,7 @@ class Interval:
     @property
     def billed_minutes(self) -> int:
         """Minutes billed: every started minute the device was held."""
-        return max(1, -int(-(self.end - self.start) // 60)) if self.end > self.start else 0
+        return max(1, math.ceil((self.end - self.start) / 60)) if self.end > self.start else 0
 
     def billed_minutes_between(self, start: float, end: float) -> int:
         """The billed minutes that begin in ``[start, end)``; adjacent ranges never share one."""
@@ -169,7 +169,8 @@ class Ledger:
                     run("INSERT INTO queue VALUES (?, ?, ?, ?, ?)", job, user, devices, now, now)
                 run("UPDATE queue SET renewed = ? WHERE job = ?", now, job)
                 first = run("SELECT job FROM queue ORDER BY created, job LIMIT 1")[0][0]
-                held = {row[0] for row in run("SELECT device FROM leases")}
+                leases = run("SELECT device, job FROM leases")
+                held = {device for device, _ in leases}
                 free = [d for d in range(pool_size) if d not in held]
                 if first == job and len(free) >= devices:
                     chosen = tuple(free[:devices])
@@ -186,7 +187,7 @@ class Ledger:
                         )
                     run("DELETE FROM queue WHERE job = ?", job)
                     return chosen
-                holders = sorted({row[0] for row in run("SELECT job FROM leases")})
+                holders = sorted({holder for _, holder in leases})
                 mine = run("SELECT created FROM queue WHERE job = ?", job)[0][0]
                 ahead = run("SELECT COUNT(*) FROM queue WHERE created < ?", mine)[0][0]
                 if not wait:

@@ -181,6 +181,7 @@ class PipelinedModel(nn.Module):
         if plan.tp > 1:  # found on the whole model, before it is cut
             structure = require_tensor_parallel(self.model, inputs, tp=plan.tp)
         indices = pp.worker_stages(plan.schedule, pp=plan.pp, rank=self.stage_index)
+        hand_output = self.loss.loss_fn is not None  # the last stage hands the model's output to the user's loss_fn
         graph = None
         if repeated_blocks(self.model):
             layout = pp.BlockLayout(self.model)
@@ -189,15 +190,22 @@ class PipelinedModel(nn.Module):
             layout.hold_only(held)
 
             def build_stages() -> dict[int, Any]:
-                return {i: pp.BlockRangeStage(layout, start=bounds[i], end=bounds[i + 1], held=held) for i in indices}
+                return {
+                    i: pp.BlockRangeStage(
+                        layout, start=bounds[i], end=bounds[i + 1], held=held, keep_output=hand_output
+                    )
+                    for i in indices
+                }
         else:  # cut from the traced graph (prepare checked that it traces)
             graph = trace(self.model)
             bounds = [0, *self.cuts, sum(n.op not in ("placeholder", "output") for n in graph.graph.nodes)]
 
             def build_stages() -> dict[int, Any]:
-                return {i: GraphStage(graph, start=bounds[i], end=bounds[i + 1]) for i in indices}
+                return {
+                    i: GraphStage(graph, start=bounds[i], end=bounds[i + 1], keep_output=hand_output) for i in indices
+                }
 
-        probes = self._handing_over(build_stages())
+        probes = build_stages()
         mine = set().union(*(stage.used_parameters(inputs, device=device) for stage in probes.values()))
         for stage in probes.values():
             stage.close()
@@ -224,7 +232,7 @@ class PipelinedModel(nn.Module):
                 head=structure.head if kept(structure.head) else None,
             )
             self.fused_orders = apply_tensor_parallel(self.model, mine, mesh=self.mesh["tp"])
-        stages = self._handing_over(build_stages())  # views of the model as it now is
+        stages = build_stages()  # views of the model as it now is
         for stage in stages.values():
             apply_activation_checkpointing(stage.blocks[: plan.checkpointed_blocks(len(stage.blocks))])
             if plan.sharding != "none":
@@ -259,12 +267,6 @@ class PipelinedModel(nn.Module):
             repoint(optimizer, self.model, groups)
         for param in self.model.parameters():
             param.register_post_accumulate_grad_hook(self._check_inside_step)
-
-    def _handing_over(self, stages: dict[int, Any]) -> dict[int, Any]:
-        """``stages``, the last of which hands the model's output to the user's loss_fn, if one was given."""
-        for stage in stages.values():
-            stage.keep_output = self.loss.loss_fn is not None
-        return stages
 
     def forward(self, *args, **kwargs):
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
