@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     import torch
 
-    torch.set_num_threads(threads_per_worker(local_world))
+    # the user's OMP_NUM_THREADS when given (as torchrun honours it), else an equal share of the cores
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads_per_worker(local_world)))
     if rank != 0 and os.environ.get("ONEGPU_PRINT_ALL_RANKS") != "1":
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
     from onegpu.pool.reporting import start_reporting
