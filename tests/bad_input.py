@@ -123,3 +123,187 @@ ROWS: list[Row] = [
         slow=False,
     ),
 ]
+
+
+# -- checkpoint files, pool configuration, ledger -------------------------------------------------------------
+POOL = "cpu_slots = 4\nslot_memory_gb = 2\n"
+FLAVORS = "choose one of Small.2GB, Medium.4GB, Large.8GB"
+HOME_FIX = re.escape("point ONEGPU_HOME at a directory you can write to (it is created if missing)")
+HUGE = r"onegpu: \S+/pool\.toml: \[flavors\] Huge = 99: this pool has 4 devices; add a flavor of at most 4 devices"
+PG_DOWN = (
+    r"onegpu: cannot connect to the PostgreSQL ledger at 127\.0\.0\.1:1/onegpu \(.*Connection refused\): start the "
+    r"server, or fix ONEGPU_DATABASE_URL \(or database_url in pool\.toml\)"
+)
+_LOCKERS: list[subprocess.Popen] = []  # other processes, holding a ledger's lock for 20 s
+
+
+def _corrupt_ledger(home: Path) -> None:
+    (home / "ledger.sqlite").write_bytes(b"this is not a database" * 100)
+
+
+def _locked_ledger(home: Path) -> None:
+    from onegpu.pool.ledger import open_ledger
+
+    open_ledger(url=None, home=home, ttl_s=30)
+    hold = "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    hold += "c.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(20)\n"
+    locker = subprocess.Popen(
+        [sys.executable, "-c", hold, str(home / "ledger.sqlite")], stdout=subprocess.PIPE, text=True
+    )
+    assert locker.stdout.readline().strip() == "locked"
+    _LOCKERS.append(locker)
+
+
+def _a_file_of_notes(home: Path) -> None:
+    (home / "notes.txt").write_text("my notes")
+
+
+ROWS += [
+    Row(
+        id="save-pretrained-over-a-file",
+        args=("run", "--workers", "2", "{scripts}/faults_files.py", "save-to", "{home}/notes.txt", "{tag}"),
+        setup=_a_file_of_notes,
+        message=r"onegpu: save_pretrained: \S+/notes\.txt is a file: give the path of a directory to write the "
+        r"checkpoint in",
+    ),
+    Row(
+        id="ledger-deleted-while-the-job-runs",
+        args=("run", "--workers", "2", "{scripts}/faults_files.py", "delete-ledger", "-", "{tag}"),
+        exit_code=0,  # the job finished: only its usage is lost, which a warning says
+        message=r"onegpu: warning: the usage of job \S+ \(devices 0,1 for \d+ s\) was not recorded: the ledger \S+ was "
+        r"deleted or emptied while in use \(no such table: leases\): the next command starts a new one; restore it "
+        r"from a backup to keep the usage it held",
+    ),
+    Row(
+        id="pool-negative-price",
+        args=("usage",),
+        pool_toml=POOL + "price_per_device_hour = -5\n",
+        message=r"onegpu: \S+/pool\.toml: price_per_device_hour = -5: give 0 or a positive number",
+        slow=False,
+    ),
+    *(
+        Row(
+            id=f"pool-no-flavor-fits-{args[0]}",
+            args=args,
+            pool_toml=POOL + "[flavors]\nHuge = 99\n",
+            message=HUGE,
+            slow=False,
+        )
+        for args in (("smi",), ("run", "{scripts}/job.py", "ok", "{tag}"), ("switch", "Huge"), ("usage",))
+    ),
+    Row(
+        id="switch-to-a-flavor-larger-than-the-pool",
+        args=("switch", "Huge"),
+        pool_toml=POOL + "[flavors]\nSmall = 1\nHuge = 99\n",
+        message=re.escape("onegpu: Huge needs 99 devices and this pool has 4: choose one of Small.2GB"),
+        slow=False,
+    ),
+    *(
+        Row(
+            id=f"home-is-a-file-{args[0]}",
+            args=args,
+            env={"ONEGPU_HOME": "{home}/pool.toml"},
+            message=rf"onegpu: ONEGPU_HOME=\S+/pool\.toml is a file, not a directory: {HOME_FIX}",
+            slow=False,
+        )
+        for args in (
+            ("run", "--workers", "2", "{scripts}/job.py", "ok", "{tag}"),
+            ("smi",),
+            ("switch", "Large"),
+            ("usage",),
+        )
+    ),
+    *(
+        Row(
+            id=f"home-under-a-file-{args[0]}",
+            args=args,
+            env={"ONEGPU_HOME": "{home}/pool.toml/onegpu"},
+            message=rf"onegpu: ONEGPU_HOME=\S+/pool\.toml/onegpu cannot be written \(Not a directory\): {HOME_FIX}",
+            slow=False,
+        )
+        for args in (("run", "{scripts}/job.py", "ok", "{tag}"), ("smi",), ("switch", "Large"), ("usage",))
+    ),
+    *(
+        Row(
+            id=f"postgresql-down-{args[0]}",
+            args=args,
+            env={"ONEGPU_DATABASE_URL": "postgresql://onegpu@127.0.0.1:1/onegpu"},
+            message=PG_DOWN,
+            slow=False,
+        )
+        for args in (("run", "--workers", "2", "{scripts}/job.py", "ok", "{tag}"), ("smi",), ("usage",))
+    ),
+    Row(
+        id="pool-not-toml",
+        args=("smi",),
+        pool_toml="cpu_slots = \n",
+        message=r"onegpu: \S+/pool\.toml is not valid TOML \(.*\): fix it, or delete it for the defaults",
+        slow=False,
+    ),
+    Row(
+        id="pool-unknown-key",
+        args=("run", "{scripts}/job.py", "ok", "{tag}"),
+        pool_toml="cpu_slot = 4\n",
+        message=r"onegpu: \S+/pool\.toml: unknown key 'cpu_slot'; known keys are cpu_slots, database_url, flavors, "
+        r"lease_ttl_s, price_per_device_hour, slot_memory_gb",
+        slow=False,
+    ),
+    *(
+        Row(
+            id=f"pool-{key}-{value.strip(chr(39))}",
+            args=args,
+            pool_toml=f"{key} = {value}\n",
+            slow=False,
+            message=rf"onegpu: \S+/pool\.toml: {key} = {value}: give {wanted} number",
+        )
+        for key, value, wanted, args in (
+            ("cpu_slots", "0", "a positive", ("smi",)),
+            ("cpu_slots", "2.5", "a whole", ("switch", "Small")),
+            ("slot_memory_gb", "-1", "a positive", ("usage",)),
+            ("lease_ttl_s", "0", "a positive", ("run", "{scripts}/job.py", "ok", "{tag}")),
+            ("price_per_device_hour", "'free'", "0 or a positive", ("usage",)),
+        )
+    ),
+    *(
+        Row(
+            id=f"pool-bad-flavors-{name}",
+            args=("smi",),
+            pool_toml=POOL + flavors,
+            slow=False,
+            message=r"onegpu: \S+/pool\.toml: \[flavors\] maps names to device counts \(whole numbers >= 1\)",
+        )
+        for name, flavors in (("zero", "[flavors]\nSmall = 0\n"), ("not-a-table", "flavors = 3\n"))
+    ),
+    *(
+        Row(
+            id=f"ledger-corrupt-{args[0]}",
+            args=args,
+            setup=_corrupt_ledger,
+            slow=False,
+            message=r"onegpu: the ledger \S+/ledger\.sqlite cannot be used \(DatabaseError: file is not a database\): "
+            r"move it aside to start a new one; the usage recorded in it stays there",
+        )
+        for args in (("run", "{scripts}/job.py", "ok", "{tag}"), ("smi",), ("usage",))
+    ),
+    Row(
+        id="ledger-locked",
+        args=("usage",),
+        setup=_locked_ledger,
+        env={"ONEGPU_LEDGER_BUSY_S": "0.5"},
+        message=r"onegpu: the ledger \S+/ledger\.sqlite stayed locked by another process: retry, or stop the process "
+        r"holding it",
+        slow=False,
+    ),
+    Row(
+        id="switch-unknown-flavor",
+        args=("switch", "Jumbo"),
+        slow=False,
+        message=re.escape(f"onegpu: no flavor 'Jumbo' on this pool: {FLAVORS}"),
+    ),
+    Row(
+        id="switch-flavor-larger-than-the-pool",
+        args=("switch", "xLarge"),
+        slow=False,
+        message=re.escape(f"onegpu: xLarge needs 8 devices and this pool has 4: {FLAVORS}"),
+    ),
+]

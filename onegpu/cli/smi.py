@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from onegpu.errors import UsageError
 from onegpu.pool.config import load_pool
 from onegpu.pool.flavors import current_flavor
 from onegpu.pool.lease import pool_ledger
@@ -20,14 +19,10 @@ WIDTH = 86
 
 def smi(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
     """Show the virtual device: its flavor, live memory use and utilization, and what stands behind it."""
-    try:
-        pool = load_pool()
-        flavor = current_flavor(pool)
-        ledger = pool_ledger(pool)
-        holdings, stats = ledger.holdings(), {s.device: s for s in ledger.stats()}
-    except UsageError as exc:
-        typer.echo(f"onegpu: {exc}", err=True)
-        raise typer.Exit(1) from None
+    pool = load_pool()
+    flavor = current_flavor(pool)
+    ledger = pool_ledger(pool)
+    holdings, stats = ledger.holdings(), {s.device: s for s in ledger.stats()}
     job_of = {device: h for h in holdings for device in h.devices}
     mine = [d for h in holdings if h.user == getpass.getuser() for d in h.devices]
     used = sum(stats[d].memory_bytes for d in mine if d in stats) / 1e9

@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from onegpu.errors import UsageError
 from onegpu.pool.config import load_pool
 from onegpu.pool.flavors import all_flavors, current_flavor, switch_flavor
 
@@ -17,16 +16,12 @@ def switch(
     ] = None,
 ) -> None:
     """Resize the virtual device: the flavor decides how many workers your jobs run on."""
-    try:
-        pool = load_pool()
+    pool = load_pool()
+    if flavor is None:
+        flavor = _menu(pool)
         if flavor is None:
-            flavor = _menu(pool)
-            if flavor is None:
-                return
-        chosen = switch_flavor(pool, flavor)
-    except UsageError as exc:
-        typer.echo(f"onegpu: {exc}", err=True)
-        raise typer.Exit(1) from None
+            return
+    chosen = switch_flavor(pool, flavor)
     typer.echo(f"onegpu: the virtual device is now {chosen.name} ({chosen.devices} x {pool.devices[0].name})")
 
 

@@ -29,15 +29,11 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Device-minutes held (each device billed per started minute while held), and their cost."""
-    try:
-        if by not in GROUPS:
-            raise UsageError(f"--by {by!r}: group by one of {', '.join(GROUPS)}")
-        start = _parse_since(since)
-        pool = load_pool()
-        intervals = pool_ledger(pool).intervals(since=start)
-    except UsageError as exc:
-        typer.echo(f"onegpu: {exc}", err=True)
-        raise typer.Exit(1) from None
+    if by not in GROUPS:
+        raise UsageError(f"--by {by!r}: group by one of {', '.join(GROUPS)}")
+    start = _parse_since(since)
+    pool = load_pool()
+    intervals = pool_ledger(pool).intervals(since=start)
     rows: dict[str, int] = {}
     for interval in intervals:
         for key, minutes in _billed(interval, by=by, since=start or 0.0):

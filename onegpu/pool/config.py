@@ -11,11 +11,15 @@ database_url = "postgresql://..."  # default: SQLite in $ONEGPU_HOME/ledger.sqli
 Small = 1
 Big = 3
 ```
+
+Flavors larger than this machine's pool are skipped (one file may serve machines of several sizes),
+but at least one must fit. A negative price is refused; 0 (the default) bills nothing.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +30,31 @@ import torch
 from onegpu.errors import UsageError
 
 CPU_SLOTS = 4
+HOME_FIX = "point ONEGPU_HOME at a directory you can write to (it is created if missing)"
 
 
 def onegpu_home() -> Path:
-    """``$ONEGPU_HOME``, else the user's data directory for onegpu."""
+    """``$ONEGPU_HOME``, else the user's data directory for onegpu; a file there is a one-line UsageError."""
     home = os.environ.get("ONEGPU_HOME")
-    return Path(home).expanduser() if home else Path(platformdirs.user_data_dir("onegpu"))
+    path = Path(home).expanduser() if home else Path(platformdirs.user_data_dir("onegpu"))
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{_home_named(path)} is a file, not a directory: {HOME_FIX}")
+    return path
+
+
+def writable_home(home: Path | None = None) -> Path:
+    """onegpu's home, created if missing, once it is known that files can be written there."""
+    home = home or onegpu_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=home).close()
+    except OSError as exc:
+        raise UsageError(f"{_home_named(home)} cannot be written ({exc.strerror}): {HOME_FIX}") from None
+    return home
+
+
+def _home_named(home: Path) -> str:
+    return f"ONEGPU_HOME={home}" if os.environ.get("ONEGPU_HOME") else f"onegpu's home {home} (ONEGPU_HOME unset)"
 
 
 @dataclass(frozen=True)
@@ -67,15 +90,10 @@ def load_pool(home: Path | None = None) -> PoolConfig:
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
 
-    def number(key: str, default: float, *, whole: bool = False) -> float:
+    def number(key: str, default: float, *, whole: bool = False, zero: bool = False) -> float:
         value = raw.get(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or value <= 0
-            and key != "price_per_device_hour"
-        ):
-            raise UsageError(f"{path}: {key} = {value!r}: give a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value == 0 and not zero:
+            raise UsageError(f"{path}: {key} = {value!r}: give {'0 or ' if zero else ''}a positive number")
         if whole and int(value) != value:
             raise UsageError(f"{path}: {key} = {value!r}: give a whole number")
         return value
@@ -93,10 +111,16 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in flavors.values()
     ):
         raise UsageError(f"{path}: [flavors] maps names to device counts (whole numbers >= 1)")
+    if flavors and min(flavors.values()) > len(devices):
+        name, count = min(flavors.items(), key=lambda item: item[1])
+        raise UsageError(
+            f"{path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
+            f"add a flavor of at most {len(devices)} devices"
+        )
     url = os.environ.get("ONEGPU_DATABASE_URL") or raw.get("database_url")
     return PoolConfig(
         devices=devices,
-        price_per_device_hour=float(number("price_per_device_hour", 0.0)) if "price_per_device_hour" in raw else 0.0,
+        price_per_device_hour=float(number("price_per_device_hour", 0.0, zero=True)),
         lease_ttl_s=float(number("lease_ttl_s", float(os.environ.get("ONEGPU_LEASE_TTL", 30)))),
         database_url=url,
         flavors=tuple(sorted(flavors.items(), key=lambda item: item[1])),

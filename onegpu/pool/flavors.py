@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onegpu.errors import UsageError
-from onegpu.pool.config import PoolConfig, onegpu_home
+from onegpu.pool.config import PoolConfig, onegpu_home, writable_home
 
 SMALL_NAMES = {1: "Small", 2: "Medium", 4: "Large"}
 
@@ -103,7 +103,7 @@ def current_flavor(pool: PoolConfig, home: Path | None = None) -> Flavor:
 def switch_flavor(pool: PoolConfig, name: str, home: Path | None = None) -> Flavor:
     """Make ``name`` the user's flavor (kept across sessions); returns it."""
     flavor = find_flavor(pool, name)
-    path = _flavor_file(home)
+    path = _flavor_file(writable_home(home))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as staging:  # never half-written
         staging.write(flavor.family + "\n")

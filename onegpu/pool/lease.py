@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,8 +54,9 @@ def leased_devices(*, count: int, wait: bool = True) -> Iterator[JobLease]:
             wait=wait,
             on_wait=lambda message: print(f"onegpu: {message}", file=sys.stderr, flush=True),
         )
-    except BaseException:  # Ctrl-C while waiting: leave the line
-        ledger.release(job=job)
+    except BaseException:  # Ctrl-C while waiting: leave the line (a place a failing ledger keeps expires)
+        with contextlib.suppress(UsageError):
+            ledger.release(job=job)
         raise
     stop = threading.Event()
 
@@ -65,10 +68,20 @@ def leased_devices(*, count: int, wait: bool = True) -> Iterator[JobLease]:
                 print(f"onegpu: could not renew the device leases: {exc}", file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=renew, name="onegpu-lease", daemon=True)
+    since = time.monotonic()
     thread.start()
     try:
         yield JobLease(job=job, devices=devices, pool=pool)
     finally:
         stop.set()
         thread.join()
+        _release(ledger, job=job, devices=devices, held_s=time.monotonic() - since)
+
+
+def _release(ledger: Ledger, *, job: str, devices: tuple[int, ...], held_s: float) -> None:
+    """End the job's leases; a ledger that fails now costs a warning, never the job's own outcome."""
+    try:
         ledger.release(job=job)
+    except UsageError as exc:
+        held = f"devices {','.join(map(str, devices))} for {held_s:.0f} s"
+        print(f"onegpu: warning: the usage of job {job} ({held}) was not recorded: {exc}", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from onegpu.errors import UsageError
+from onegpu.pool.config import writable_home
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS leases (device INTEGER PRIMARY KEY, job TEXT NOT NULL, user_name TEXT NOT NULL,"
@@ -96,8 +97,9 @@ class Ledger:
         begin: str,
         begin_schema: str,
         errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,),
+        server: bool = False,
     ) -> None:
-        self._connect, self.where, self.ttl_s = connect, where, ttl_s
+        self._connect, self.where, self.ttl_s, self._server = connect, where, ttl_s, server
         self._mark, self._begin, self._errors = placeholder, begin, errors
         with self._transaction(begin=begin_schema) as run:  # the tables to lock may not exist yet
             for statement in SCHEMA:
@@ -108,7 +110,7 @@ class Ledger:
         try:
             connection = self._connect()
         except (*self._errors, OSError) as exc:
-            raise LedgerError(self._explain(exc)) from None
+            raise LedgerError(self._explain(exc, connecting=True)) from None
         try:
             cursor = connection.cursor()
             cursor.execute(begin or self._begin)
@@ -128,10 +130,25 @@ class Ledger:
         finally:
             connection.close()
 
-    def _explain(self, exc: Exception) -> str:
-        text = str(exc)
+    def _explain(self, exc: Exception, *, connecting: bool = False) -> str:
+        text = (str(exc).strip().splitlines() or [""])[0]  # a driver's hints follow on lines of their own
         if "locked" in text or "busy" in text:
             return f"the ledger {self.where} stayed locked by another process: retry, or stop the process holding it"
+        if self._server and connecting:
+            return (
+                f"cannot connect to the PostgreSQL ledger at {self.where} ({text}): start the server, "
+                "or fix ONEGPU_DATABASE_URL (or database_url in pool.toml)"
+            )
+        if self._server:
+            return (
+                f"the PostgreSQL ledger at {self.where} failed ({type(exc).__name__}: {text}): check the database "
+                "and your rights on it; the usage recorded in it stays there"
+            )
+        if "no such table" in text:
+            return (
+                f"the ledger {self.where} was deleted or emptied while in use ({text}): the next command starts "
+                "a new one; restore it from a backup to keep the usage it held"
+            )
         return (
             f"the ledger {self.where} cannot be used ({type(exc).__name__}: {text}): move it aside to start a new "
             "one; the usage recorded in it stays there"
@@ -269,11 +286,15 @@ def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
             # concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog: one at a time
             begin_schema="SELECT pg_advisory_xact_lock(7310541)",
             errors=(psycopg.Error,),
+            server=True,
         )
     if url and not url.startswith("sqlite:///"):
         raise LedgerError(f"ONEGPU_DATABASE_URL {url!r} is neither sqlite:///PATH nor postgresql://...")
-    path = Path(url.removeprefix("sqlite:///")) if url else home / "ledger.sqlite"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(url.removeprefix("sqlite:///")) if url else writable_home(home) / "ledger.sqlite"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LedgerError(f"database URL {url!r}: cannot create {path.parent} ({exc.strerror}): fix the URL") from None
 
     def connect() -> sqlite3.Connection:
         busy_s = float(os.environ.get("ONEGPU_LEDGER_BUSY_S", 10))

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,9 +21,16 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from onegpu.errors import UsageError
 from onegpu.runtime.distributed import current_worker
 
 WEIGHTS_NAME = "model.safetensors"
+MARKER = ".onegpu"  # in every checkpoint and copy onegpu writes: what it may replace or clean up
+WEIGHTS_FILES = re.compile(r".+\.safetensors|pytorch_model.*\.bin")
+# what a save replaces in an earlier checkpoint; anything else there (a tokenizer, a README) is kept
+CHECKPOINT_FILES = re.compile(rf"{WEIGHTS_FILES.pattern}|(model|pytorch_model)\.(safetensors|bin)\.index\.json"
+                              r"|config\.json|generation_config\.json")  # fmt: skip
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
 
 
 def user_class(model: nn.Module) -> type:
@@ -49,10 +64,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
 
     Hugging Face models: ``from_pretrained(path)`` format. Other modules:
     ``path/model.safetensors`` for ``load_state_dict(safetensors.torch.load_file(...))``.
-    The directory appears whole or not at all; an existing one is replaced. Call it on every worker.
+    The directory appears whole or not at all; an earlier checkpoint there is replaced in one step (the
+    path holds the old or the new one, even after a crash), a file or a directory of other things is
+    refused. Call it on every worker.
     """
     worker = current_worker()
     target = Path(path).resolve()
+    check_target(target)
     state = full_state_dict(model)
     error = None
     if worker.is_main:
@@ -77,29 +95,75 @@ def _whole(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, PipelinedModel) else model
 
 
-def _write_atomically(model: nn.Module, state: dict[str, torch.Tensor], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    try:
-        if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-            from transformers.utils import logging as hf_logging
+def check_target(target: Path) -> None:
+    """Refuse, before any work, a file or a directory that holds no checkpoint: replacing it would lose data."""
+    if target.is_dir():
+        entries = sorted(entry.name for entry in target.iterdir())
+        if not entries or MARKER in entries or any(WEIGHTS_FILES.fullmatch(entry) for entry in entries):
+            return
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(
+            f"save_pretrained: {target} is a directory that holds no checkpoint ({shown}): "
+            "give a new path, or empty that directory"
+        )
+    existing = next(p for p in (target, *target.parents) if p.exists() or p.is_symlink())
+    if existing == target or not existing.is_dir():
+        raise UsageError(
+            f"save_pretrained: {existing} is a file: give the path of a directory to write the checkpoint in"
+        )
 
-            hf_logging.disable_progress_bar()  # one file, no bar needed
-            try:
-                model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-            finally:
-                hf_logging.enable_progress_bar()
-            _fix_architectures(staging / "config.json", user_class(model).__name__)
-        else:
-            save_file(_unshared(state), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+
+def _write_atomically(model: nn.Module, state: dict[str, torch.Tensor], target: Path) -> None:
+    check_target(target)  # again: something may have appeared there while the state was gathered
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_copies(target)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_copy_prefix(target)}{os.getpid()}-", dir=target.parent))
+    try:
+        (staging / MARKER).write_text("Written by onegpu.save_pretrained: onegpu may replace this directory.\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        _write(model, state, staging)
+        _keep_others(target, staging)
         _fsync_tree(staging)
         _replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one file, no bar needed
+        try:
+            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        finally:
+            hf_logging.enable_progress_bar()
+        _fix_architectures(directory / "config.json", user_class(model).__name__)
+    else:
+        save_file(_unshared(state), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _keep_others(target: Path, staging: Path) -> None:
+    """What a user added to an earlier checkpoint (a tokenizer, a README) stays, linked into the new one."""
+    if not target.is_dir():
+        return
+    for entry in target.iterdir():
+        if entry.name == MARKER or CHECKPOINT_FILES.fullmatch(entry.name) or (staging / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, staging / entry.name)
+
+
+def _link_or_copy(source: Path | str, destination: Path | str) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,18 +184,92 @@ def _fix_architectures(config_path: Path, class_name: str) -> None:
 
 
 def _fsync_tree(directory: Path) -> None:
-    for file in directory.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+    for path in (*directory.rglob("*"), directory):
+        if path.is_file() or path.is_dir():
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _replace(staging: Path, target: Path) -> None:
-    """Swap ``staging`` into ``target``; an old ``target`` is removed only once the new one is in place."""
+    """Put ``staging`` at ``target`` in one step: the path holds the old checkpoint or the new one, never neither.
+
+    An old one is swapped out (Linux ``renameat2(RENAME_EXCHANGE)``) and then removed; where the system cannot
+    swap, it is renamed aside first, the one moment a crash would leave the path empty.
+    """
     if not target.exists():
         os.rename(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.rename(target, old)
-    os.rename(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    elif not _exchange(staging, target):
+        old = staging.with_name(staging.name + "-old")
+        os.rename(target, old)
+        os.rename(staging, target)
+        staging = old
+    _fsync(target.parent)
+    if staging.exists():  # the old checkpoint: a crash before it is gone leaves it for the next save to remove
+        with contextlib.suppress(OSError):
+            _remove(staging)
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically; False where this system or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def _copy_prefix(target: Path) -> str:
+    """How the hidden copies of saves to ``target`` from this machine begin; the writer's pid follows."""
+    return f".{target.name}.partial-{zlib.crc32(socket.gethostname().encode()):08x}-"
+
+
+def _remove_stale_copies(target: Path) -> None:
+    """Remove the copies beside ``target`` that killed saves from this machine left: onegpu's name and marker,
+    and a writer that is no longer running (or is this process). Live saves and anything else are left alone."""
+    prefix = _copy_prefix(target)
+    for sibling in target.parent.iterdir():
+        pid = sibling.name.removeprefix(prefix).split("-")[0]
+        if not sibling.name.startswith(prefix) or not pid.isdigit() or sibling.is_symlink():
+            continue
+        if (sibling / MARKER).is_file() and (int(pid) == os.getpid() or not _running(int(pid))):
+            with contextlib.suppress(OSError):
+                _remove(sibling)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _remove(directory: Path) -> None:
+    """Delete a copy onegpu made, its marker last: a kill midway leaves it recognisable to the next save."""
+    for child in directory.iterdir():
+        if child.name != MARKER:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (directory / MARKER).unlink(missing_ok=True)
+    directory.rmdir()
