@@ -307,3 +307,33 @@ ROWS += [
         message=re.escape(f"onegpu: xLarge needs 8 devices and this pool has 4: {FLAVORS}"),
     ),
 ]
+
+
+# launch lifecycle and failure reports (issue 11: a rank that leaves early, save_pretrained on one rank, a failed save)
+ROWS += [
+    Row(
+        id="one-worker-exits-0-while-the-others-train",
+        args=("run", "--workers", "2", "{scripts}/faults_job.py", "exit0", "{home}", "{tag}"),
+        message=r"onegpu: worker rank 1 ended \(exit code 0\) while the other workers still needed it: every worker "
+        r"must run the whole script \(is a return or sys\.exit taken on one rank only\?\)",
+    ),
+    Row(
+        id="save-pretrained-of-a-sharded-model-on-the-main-process-only",
+        args=("run", "--workers", "2", "{scripts}/faults_job.py", "save-on-main", "{home}", "{tag}", "--strategy", "fsdp"),
+        message=r"onegpu: onegpu\.save_pretrained was called on rank 0 after rank 1 had ended: the model is split among "
+        r"the workers \(fsdp\), so call it on every worker, not only on the main process",
+    ),
+    Row(
+        id="save-pretrained-of-a-sharded-model-on-the-main-process-while-the-others-train",
+        args=("run", "--workers", "2", "{scripts}/faults_job.py", "save-on-main-train", "{home}", "{tag}", "--strategy", "fsdp"),
+        env={"ONEGPU_COLLECTIVE_TIMEOUT": "4"},
+        message=r"onegpu: onegpu\.save_pretrained waited \d+ s on rank 0 for rank 1 to call it too: the model is split "
+        r"among the workers \(fsdp\), so call it on every worker, not only on the main process",
+    ),
+    Row(
+        id="save-pretrained-under-a-regular-file",
+        args=("run", "--workers", "2", "{scripts}/faults_job.py", "save-bad-path", "{home}", "{tag}"),
+        message=r"onegpu: (worker rank 0 failed \(exit code 1\): \w+Error: )?.*a-file.*",
+        tracebacks=True,  # rank 0's own, above the line that names it
+    ),
+]

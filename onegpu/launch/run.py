@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from onegpu.launch.failures import root_cause
+from onegpu.launch.lifeline import LAUNCHER_PID
+from onegpu.launch.status import STATUS_DIR
 from onegpu.launch.workers import threads_per_worker
 from onegpu.pool.lease import leased_devices
 
@@ -29,6 +33,7 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> 
         raise LaunchError(f"--workers {workers}: a job needs at least 1 worker")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
     os.environ["ONEGPU_LAUNCHED"] = "1"
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers end with this process, however it ends
     torchrun_args = [
         "--standalone",
         f"--nproc-per-node={workers}",
@@ -40,17 +45,28 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> 
         script,
         *args,
     ]
-    # onegpu reports a failed job itself, in one line; torchelastic's own log would repeat it
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        with leased_devices(count=workers, wait=wait) as lease:
-            os.environ["ONEGPU_JOB"] = lease.job
-            os.environ["ONEGPU_DEVICES"] = ",".join(map(str, lease.devices))
-            if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
-                os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ONEGPU_DEVICES"]
-            run(get_args_parser().parse_args(torchrun_args))
-    except ChildFailedError as failure:
-        raise LaunchError(root_cause(failure)) from None
-    except SignalException as signal:  # Ctrl-C or a scheduler's SIGTERM: the workers were stopped
-        raise LaunchError(f"stopped by {signal.sigval.name}; all workers were stopped") from None
+    # onegpu reports a failed job itself, in one line; torchelastic's own log would repeat it (each of its
+    # loggers has a level of its own)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    lost: list[str] = []
+
+    def stop_on_lost_lease(reason: str) -> None:  # torchelastic stops the workers on SIGTERM
+        lost.append(reason)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with tempfile.TemporaryDirectory(prefix="onegpu-job-") as status:
+        os.environ[STATUS_DIR] = status  # each worker leaves its memory and its end there
+        try:
+            with leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
+                os.environ["ONEGPU_JOB"] = lease.job
+                os.environ["ONEGPU_DEVICES"] = ",".join(map(str, lease.devices))
+                if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
+                    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ONEGPU_DEVICES"]
+                run(get_args_parser().parse_args(torchrun_args))
+        except ChildFailedError as failure:
+            raise LaunchError(root_cause(failure, status=Path(status))) from None
+        except SignalException as signal_:  # Ctrl-C, a scheduler's SIGTERM, or a lost lease: the workers were stopped
+            raise LaunchError(lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped") from None
     return 0

@@ -1,7 +1,8 @@
 """Entry point of every worker process: ``python -m onegpu.launch.worker SCRIPT ARGS...``.
 
-Sets CPU threads, keeps only rank 0's printed lines (every rank's errors still reach
-stderr), runs the user's script as ``__main__``, and ends the process itself.
+Ties the worker's life to its launcher's, sets CPU threads, keeps only rank 0's printed lines
+(every rank's errors still reach stderr), runs the user's script as ``__main__``, and ends the
+process itself, leaving its exit code for the launcher.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sys
 import traceback
 
 from onegpu.errors import UsageError
-from onegpu.launch.failures import record_failure
+from onegpu.launch.failures import is_peer_gone, record_failure
+from onegpu.launch.lifeline import die_with_launcher
+from onegpu.launch.status import record_end
 from onegpu.launch.workers import threads_per_worker
 
 
@@ -34,13 +37,18 @@ def run_script(script: str, args: list[str]) -> int:
             record_failure(f"exited with {exit_.code}")
         return code
     except BaseException as error:
-        traceback.print_exc()
-        record_failure(f"{type(error).__name__}: {error}")
+        message = f"{type(error).__name__}: {error}"
+        if is_peer_gone(message):  # a consequence of another worker's end: the launcher names that one
+            print(f"onegpu: rank {os.environ.get('RANK', '0')} stopped: another worker is gone", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        record_failure(message)
         return 1
     return 0
 
 
 def main(argv: list[str]) -> None:
+    die_with_launcher()
     script, *args = argv
     rank = int(os.environ.get("RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -54,6 +62,7 @@ def main(argv: list[str]) -> None:
 
     start_reporting()
     code = run_script(script, args)
+    record_end(rank=rank, code=code)
     # End like a normal exit (atexit handlers, flushed streams) but skip C++ static destructors:
     # torch's background threads can abort a finished worker there ("terminate called without an
     # active exception"), turning a successful job into a failed one.

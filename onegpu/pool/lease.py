@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,12 +30,16 @@ def pool_ledger(pool: PoolConfig) -> Ledger:
 
 
 @contextmanager
-def leased_devices(*, count: int, wait: bool = True) -> Iterator[JobLease]:
+def leased_devices(
+    *, count: int, wait: bool = True, on_lost: Callable[[str], None] | None = None
+) -> Iterator[JobLease]:
     """Hold ``count`` devices of this machine's pool for the duration of the block.
 
     Waits in line (saying for what) when they are taken, or fails at once when ``wait`` is False.
     The leases are renewed by a thread and released however the block ends; if the whole process
-    is killed, they expire after the pool's ``lease_ttl_s``.
+    is killed, they expire after the pool's ``lease_ttl_s``. When renewals keep failing for half
+    that time, ``on_lost(reason)`` is called once, from the thread, to stop what uses the devices
+    before they are given to another job.
     """
     pool = load_pool()
     if count > len(pool.devices):
@@ -61,10 +65,17 @@ def leased_devices(*, count: int, wait: bool = True) -> Iterator[JobLease]:
     stop = threading.Event()
 
     def renew() -> None:
+        renewed = time.monotonic()
         while not stop.wait(pool.lease_ttl_s / 6):
             try:
                 ledger.renew(job=job)
-            except UsageError as exc:  # a busy ledger: try again at the next beat
+                renewed = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - a busy or broken ledger: try again at the next beat
+                failing = time.monotonic() - renewed
+                if on_lost is not None and failing > pool.lease_ttl_s / 2:
+                    if not stop.is_set():
+                        on_lost(f"the job was stopped because its device leases could not be renewed for {failing:.0f} s: {exc}")
+                    return
                 print(f"onegpu: could not renew the device leases: {exc}", file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=renew, name="onegpu-lease", daemon=True)

@@ -1,12 +1,18 @@
-"""Each worker reports its device's memory use and utilization to the ledger, for ``onegpu smi``."""
+"""Each worker reports its memory every few seconds: its device's use and utilization to the ledger, for
+``onegpu smi``, and its process's memory to the job's status directory, for the launcher's report of a
+worker killed by the system (possibly for lack of memory)."""
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import threading
 import time
 
 import torch
+
+from onegpu.launch.status import record_memory
 
 REPORT_EVERY_S = 2.0
 
@@ -17,34 +23,55 @@ def resident_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_resident_bytes() -> int:
+    """The most resident memory this process has used, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # kilobytes on Linux
+
+
 def start_reporting() -> None:
-    """In a worker of a job that leased devices: report every few seconds, in a daemon thread."""
+    """In a worker of ``onegpu run``: report every few seconds, in a daemon thread."""
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     job, devices = os.environ.get("ONEGPU_JOB"), os.environ.get("ONEGPU_DEVICES")
-    if not job or not devices:
-        return
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = int(devices.split(",")[local])
+    device = int(devices.split(",")[local]) if job and devices else None
 
     def report() -> None:
-        from onegpu.pool.config import load_pool
-        from onegpu.pool.lease import pool_ledger
-
-        ledger = pool_ledger(load_pool())
-        accelerator = torch.accelerator.is_available()
-        wall, cpu = time.monotonic(), time.process_time()
+        ledger = _ledger() if device is not None else None
+        wall, cpu, peak = time.monotonic(), time.process_time(), 0
         while True:
+            try:
+                resident = resident_bytes()
+                peak = max(peak, resident, peak_resident_bytes())  # the kernel updates its peak lazily
+                record_memory(rank=rank, resident=resident, peak=peak)
+            except OSError:  # reporting must never disturb training
+                pass
             time.sleep(REPORT_EVERY_S)
             now_wall, now_cpu = time.monotonic(), time.process_time()
-            if accelerator and torch.cuda.is_available():
-                memory = float(torch.cuda.memory_reserved(local))
-                utilization = float(torch.cuda.utilization(local)) / 100
-            else:  # a CPU slot: the process's memory, and its share of its threads' time
-                memory = float(resident_bytes())
-                utilization = min(1.0, (now_cpu - cpu) / max(1e-9, now_wall - wall) / torch.get_num_threads())
+            if ledger is not None:
+                busy = (now_cpu - cpu) / max(1e-9, now_wall - wall) / torch.get_num_threads()
+                _report_device(ledger, job=job, device=device, local=local, cpu_busy=busy)
             wall, cpu = now_wall, now_cpu
-            try:
-                ledger.report(job=job, device=device, memory_bytes=memory, utilization=utilization)
-            except Exception:  # noqa: BLE001 - reporting must never disturb training
-                pass
 
     threading.Thread(target=report, name="onegpu-report", daemon=True).start()
+
+
+def _ledger():
+    from onegpu.pool.config import load_pool
+    from onegpu.pool.lease import pool_ledger
+
+    try:
+        return pool_ledger(load_pool())
+    except Exception:  # noqa: BLE001 - the launcher reports a broken ledger; a worker trains on
+        return None
+
+
+def _report_device(ledger, *, job: str, device: int, local: int, cpu_busy: float) -> None:
+    try:
+        if torch.accelerator.is_available() and torch.cuda.is_available():
+            memory = float(torch.cuda.memory_reserved(local))
+            utilization = float(torch.cuda.utilization(local)) / 100
+        else:  # a CPU slot: the process's memory, and its share of its threads' time
+            memory, utilization = float(resident_bytes()), min(1.0, cpu_busy)
+        ledger.report(job=job, device=device, memory_bytes=memory, utilization=utilization)
+    except Exception:  # noqa: BLE001 - reporting must never disturb training
+        pass

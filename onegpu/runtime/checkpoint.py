@@ -6,12 +6,14 @@ import contextlib
 import ctypes
 import errno
 import functools
+import itertools
 import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from onegpu.errors import UsageError
-from onegpu.runtime.distributed import current_worker
+from onegpu.launch.status import endings
+from onegpu.runtime.distributed import collective_timeout, current_worker
+from onegpu.runtime.watchdog import process_watchdog
 
 WEIGHTS_NAME = "model.safetensors"
 MARKER = ".onegpu"  # in every checkpoint and copy onegpu writes: what it may replace or clean up
@@ -38,10 +42,23 @@ def user_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if c.__module__.split(".")[0] != "torch" or c is nn.Module)
 
 
+def held_whole(model: nn.Module) -> bool:
+    """Whether every worker holds all of ``model`` (one worker, DDP, a model never prepared): no part of
+    it is sharded, split into tensor-parallel pieces or cut into pipeline stages."""
+    if current_worker().world_size == 1:
+        return True
+    from onegpu.runtime.pipelined import PipelinedModel
+
+    if isinstance(model, PipelinedModel):
+        return False
+    return not any(hasattr(tensor, "full_tensor") for tensor in model.state_dict().values())  # DTensors: split
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state on the CPU of rank 0 (gathered from shards when sharded); empty elsewhere."""
-    worker = current_worker()
-    if worker.world_size == 1:
+    """The whole model's state on the CPU. A model every worker holds whole: read here, with no
+    communication. A split one (FSDP, tensor or pipeline parallel): gathered from every worker (each
+    must call this) onto rank 0, empty elsewhere."""
+    if held_whole(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from onegpu.runtime.pipelined import PipelinedModel, pipeline_state_dict
 
@@ -59,33 +76,66 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+EVERY_WORKER = "save_pretrained (every worker must call it)"
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` as one checkpoint a single plain process can load without onegpu.
+    """Write ``model`` as one checkpoint a single plain process can load without onegpu; rank 0 writes it.
 
     Hugging Face models: ``from_pretrained(path)`` format. Other modules:
     ``path/model.safetensors`` for ``load_state_dict(safetensors.torch.load_file(...))``.
     The directory appears whole or not at all; an earlier checkpoint there is replaced in one step (the
     path holds the old or the new one, even after a crash), a file or a directory of other things is
-    refused. Call it on every worker.
+    refused. When every worker holds the whole model (one worker, DDP) no worker waits for another, so
+    ``if onegpu.is_main_process(): onegpu.save_pretrained(...)`` works; when the model is split among the
+    workers (FSDP, tensor or pipeline parallel), call it on every worker: they gather the model onto rank 0.
     """
     worker = current_worker()
     target = Path(path).resolve()
     check_target(target)
-    state = full_state_dict(model)
-    error = None
+    if held_whole(model):
+        if worker.is_main:
+            _write_atomically(_whole(model), full_state_dict(model), target)
+        return target
+    watchdog = process_watchdog(rank=worker.rank, timeout_s=collective_timeout())
+    watchdog.enter(EVERY_WORKER)  # a worker left waiting here is reported by rank and phase
+    try:
+        _meet_every_worker(model, worker=worker)
+        state = full_state_dict(model)
+    finally:
+        watchdog.leave()
     if worker.is_main:
-        try:
-            _write_atomically(_whole(model), state, target)
-        except Exception as exc:  # tell the other workers, then raise on rank 0
-            error = exc
-    if worker.world_size > 1:
-        flag = [repr(error) if error else None]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0] and not worker.is_main:
-            raise RuntimeError(f"onegpu.save_pretrained failed on rank 0: {flag[0]}")
-    if error is not None:
-        raise error
+        _write_atomically(_whole(model), state, target)
     return target
+
+
+_SAVES = itertools.count()
+
+
+def _meet_every_worker(model: nn.Module, *, worker) -> None:
+    """Wait, outside any collective, until every worker has called save_pretrained. A call that the
+    others do not match (one has ended, or they have not come for half the collective timeout) is
+    refused with the fix, before any worker is left inside a collective."""
+    store = dist.distributed_c10d._get_default_store()
+    key = f"onegpu/save_pretrained/{next(_SAVES)}"
+    store.set(f"{key}/{worker.rank}", "")
+    store.add(key, 1)
+    started, limit = time.monotonic(), collective_timeout() / 2
+    while store.add(key, 0) < worker.world_size:
+        waited, ended = time.monotonic() - started, endings()
+        if ended:
+            problem = f"was called on rank {worker.rank} after rank {ended[0].rank} had ended"
+        elif waited > limit:
+            missing = ", ".join(str(r) for r in range(worker.world_size) if not store.check([f"{key}/{r}"]))
+            problem = f"waited {waited:.0f} s on rank {worker.rank} for rank {missing} to call it too"
+        else:
+            time.sleep(0.05)
+            continue
+        plan = getattr(model, "onegpu_plan", None)
+        raise UsageError(
+            f"onegpu.save_pretrained {problem}: the model is split among the workers"
+            f"{f' ({plan.strategy})' if plan else ''}, so call it on every worker, not only on the main process"
+        )
 
 
 def _whole(model: nn.Module) -> nn.Module:

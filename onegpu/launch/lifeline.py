@@ -1,0 +1,44 @@
+"""A worker ends when its launcher does, however the launcher dies (``kill -9`` included).
+
+torchelastic starts each worker in a session of its own, so neither a signal to the launcher's
+process group nor the launcher's death reaches it. On Linux the kernel sends the worker SIGKILL when
+the launcher's thread that started it ends (the parent-death signal); a daemon thread also checks
+twice a second that the launcher is still its parent, for other systems and for a launcher that
+died before the signal was armed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+LAUNCHER_PID = "ONEGPU_LAUNCHER_PID"  # set by the launcher for its workers
+PR_SET_PDEATHSIG = 1
+CHECK_EVERY_S = 0.5
+
+
+def die_with_launcher() -> None:
+    """In a worker of ``onegpu run``: end this process as soon as its launcher is gone."""
+    raw = os.environ.get(LAUNCHER_PID)
+    if not raw:
+        return
+    launcher = int(raw)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _end_if_orphaned(launcher)
+    threading.Thread(target=_watch, args=(launcher,), name="onegpu-lifeline", daemon=True).start()
+
+
+def _watch(launcher: int) -> None:
+    while True:
+        time.sleep(CHECK_EVERY_S)
+        _end_if_orphaned(launcher)
+
+
+def _end_if_orphaned(launcher: int) -> None:
+    if os.getppid() != launcher:  # re-parented: the launcher died, and the job with it
+        os.kill(os.getpid(), signal.SIGKILL)
