@@ -16,17 +16,17 @@ import sys
 import threading
 import time
 
-LAUNCHER_PID = "ONEGPU_LAUNCHER_PID"  # set by the launcher for its workers
+from onegpu.settings import settings
+
 PR_SET_PDEATHSIG = 1
 CHECK_EVERY_S = 0.5
 
 
 def die_with_launcher() -> None:
     """In a worker of ``onegpu run``: end this process as soon as its launcher is gone."""
-    raw = os.environ.get(LAUNCHER_PID)
-    if not raw:
+    launcher = settings().launcher_pid
+    if launcher is None:
         return
-    launcher = int(raw)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _end_if_orphaned(launcher)

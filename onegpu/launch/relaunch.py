@@ -6,6 +6,7 @@ import os
 import sys
 
 from onegpu.launch.environment import current_environment
+from onegpu.settings import settings
 
 
 def init(*, workers: int | None = None) -> None:
@@ -20,7 +21,7 @@ def init(*, workers: int | None = None) -> None:
     from onegpu.runtime.distributed import current_worker
 
     env = current_environment()
-    if env.is_distributed or os.environ.get("ONEGPU_LAUNCHED") == "1":
+    if env.is_distributed or settings().launched:
         current_worker(env)
         return
     try:

@@ -14,10 +14,9 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from onegpu.launch.failures import root_cause
-from onegpu.launch.lifeline import LAUNCHER_PID
-from onegpu.launch.status import STATUS_DIR
 from onegpu.launch.workers import threads_per_worker
 from onegpu.pool.lease import leased_devices
+from onegpu.settings import worker_environment
 
 
 class LaunchError(Exception):
@@ -32,8 +31,6 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> 
     if workers < 1:
         raise LaunchError(f"--workers {workers}: a job needs at least 1 worker")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
-    os.environ["ONEGPU_LAUNCHED"] = "1"
-    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers end with this process, however it ends
     torchrun_args = [
         "--standalone",
         f"--nproc-per-node={workers}",
@@ -57,13 +54,17 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> 
         os.kill(os.getpid(), signal.SIGTERM)
 
     with tempfile.TemporaryDirectory(prefix="onegpu-job-") as status:
-        os.environ[STATUS_DIR] = status  # each worker leaves its memory and its end there
+        # the workers end with this process, however it ends, and leave their memory and their end in status
+        os.environ.update(worker_environment(launcher_pid=os.getpid(), status_dir=Path(status)))
         try:
             with leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
-                os.environ["ONEGPU_JOB"] = lease.job
-                os.environ["ONEGPU_DEVICES"] = ",".join(map(str, lease.devices))
+                os.environ.update(
+                    worker_environment(
+                        job=lease.job, devices=lease.devices, launcher_pid=os.getpid(), status_dir=Path(status)
+                    )
+                )
                 if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
-                    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["ONEGPU_DEVICES"]
+                    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, lease.devices))
                 run(get_args_parser().parse_args(torchrun_args))
         except ChildFailedError as failure:
             raise LaunchError(root_cause(failure, status=Path(status))) from None

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STATUS_DIR = "ONEGPU_STATUS_DIR"
+from onegpu.settings import settings
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,7 @@ class Ended:
 
 
 def _directory() -> Path | None:
-    path = os.environ.get(STATUS_DIR)
-    return Path(path) if path else None
+    return settings().status_dir
 
 
 def _write(name: str, data: dict) -> None:

@@ -18,6 +18,7 @@ from onegpu.launch.failures import is_peer_gone, record_failure
 from onegpu.launch.lifeline import die_with_launcher
 from onegpu.launch.status import record_end
 from onegpu.launch.workers import threads_per_worker
+from onegpu.settings import settings
 
 
 def run_script(script: str, args: list[str]) -> int:
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
 
     # the user's OMP_NUM_THREADS when given (as torchrun honours it), else an equal share of the cores
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads_per_worker(local_world)))
-    if rank != 0 and os.environ.get("ONEGPU_PRINT_ALL_RANKS") != "1":
+    if rank != 0 and not settings().print_all_ranks:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
     from onegpu.pool.reporting import start_reporting
 

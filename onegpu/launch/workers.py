@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 from onegpu.errors import UsageError
+from onegpu.machine import cpu_cores
+from onegpu.settings import settings
 
 
 def worker_count(requested: int | None = None) -> int:
     """``requested`` (``--workers``), else ONEGPU_WORKERS, else the devices of the user's flavor."""
     source = "--workers"
-    if requested is None and os.environ.get("ONEGPU_WORKERS"):
-        source, raw = "ONEGPU_WORKERS", os.environ["ONEGPU_WORKERS"]
-        try:
-            requested = int(raw)
-        except ValueError:
-            raise UsageError(
-                f"ONEGPU_WORKERS={raw!r} is not a whole number: set it to the number of workers, e.g. 2"
-            ) from None
+    if requested is None and settings().workers is not None:
+        source, requested = "ONEGPU_WORKERS", settings().workers
     if requested is not None:
         if requested < 1:
             raise UsageError(f"{source} {requested}: a job needs at least 1 worker")
@@ -30,5 +24,4 @@ def worker_count(requested: int | None = None) -> int:
 
 def threads_per_worker(local_workers: int) -> int:
     """CPU threads for each of ``local_workers`` processes so they do not oversubscribe the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, local_workers))
+    return max(1, cpu_cores() // max(1, local_workers))

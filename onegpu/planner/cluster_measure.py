@@ -16,8 +16,10 @@ from typing import Any
 import platformdirs
 
 from onegpu.errors import UsageError
+from onegpu.machine import cpu_cores, memory_bytes
 from onegpu.planner.cluster_yaml import cluster_from_dict
 from onegpu.planner.hardware import Cluster, DeviceSpec, Link, check_positive
+from onegpu.settings import settings
 
 _RESULT_KEY = "onegpu/local-cluster"
 _MEASURE_DEADLINE_S = 120.0
@@ -52,8 +54,8 @@ def _cache_key(workers: int | str) -> dict:
 
 
 def _cache_path(workers: int | str) -> Path:
-    home = os.environ.get("ONEGPU_HOME")
-    root = Path(home).expanduser() / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
+    home = settings().home
+    root = home / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
     key = _cache_key(workers)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"local-cluster-{workers}w-torch{key['torch']}-{key['host']}")
     return root / f"{stem}.json"
@@ -81,35 +83,15 @@ def _write_cache(path: Path, workers: int | str, cluster: Cluster) -> None:
         pass
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def _machine_memory_bytes() -> int:
-    """Physical memory, or the container's memory limit when that is lower (cgroup v2 or v1)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            limit = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            total = min(total, int(limit))
-    return total
-
-
 def _measure(workers: int) -> Cluster:
     """Spawn the worker processes, collect their figures, and describe the machine with them."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    cores = _cpu_count()
+    cores = cpu_cores()
     threads = max(1, cores // workers)
     nprocs = max(2, workers)  # a link needs two ends, even for a one-worker cluster
-    memory = _machine_memory_bytes()
+    memory = memory_bytes()
     copy_bytes = min(128 * 2**20, memory // (8 * nprocs))
     timeout = datetime.timedelta(seconds=_MEASURE_DEADLINE_S)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
@@ -330,8 +312,8 @@ def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool 
         free, total = torch.accelerator.get_memory_info(device.index)
         memory, copy_bytes = total, min(1 << 30, free // 8)
     else:
-        memory = _machine_memory_bytes() // world_size
-        copy_bytes = min(128 * 2**20, _machine_memory_bytes() // (8 * world_size))
+        memory = memory_bytes() // world_size
+        copy_bytes = min(128 * 2**20, memory_bytes() // (8 * world_size))
     copy = _copy_bytes_per_s(copy_bytes, device=device)
     slowest = torch.tensor([flops, bf16, copy], dtype=torch.float64, device=device)
     latency, link = 50e-6, 1e9  # placeholders for one worker: no plan of one worker communicates

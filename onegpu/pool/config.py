@@ -28,6 +28,7 @@ import platformdirs
 import torch
 
 from onegpu.errors import UsageError
+from onegpu.settings import settings
 
 CPU_SLOTS = 4
 HOME_FIX = "point ONEGPU_HOME at a directory you can write to (it is created if missing)"
@@ -35,8 +36,7 @@ HOME_FIX = "point ONEGPU_HOME at a directory you can write to (it is created if 
 
 def onegpu_home() -> Path:
     """``$ONEGPU_HOME``, else the user's data directory for onegpu; a file there is a one-line UsageError."""
-    home = os.environ.get("ONEGPU_HOME")
-    path = Path(home).expanduser() if home else Path(platformdirs.user_data_dir("onegpu"))
+    path = settings().home or Path(platformdirs.user_data_dir("onegpu"))
     if path.exists() and not path.is_dir():
         raise UsageError(f"{_home_named(path)} is a file, not a directory: {HOME_FIX}")
     return path
@@ -54,7 +54,7 @@ def writable_home(home: Path | None = None) -> Path:
 
 
 def _home_named(home: Path) -> str:
-    return f"ONEGPU_HOME={home}" if os.environ.get("ONEGPU_HOME") else f"onegpu's home {home} (ONEGPU_HOME unset)"
+    return f"ONEGPU_HOME={home}" if settings().home else f"onegpu's home {home} (ONEGPU_HOME unset)"
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,11 @@ def load_pool(home: Path | None = None) -> PoolConfig:
             f"{path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
             f"add a flavor of at most {len(devices)} devices"
         )
-    url = os.environ.get("ONEGPU_DATABASE_URL") or raw.get("database_url")
+    url = settings().database_url or raw.get("database_url")
     return PoolConfig(
         devices=devices,
         price_per_device_hour=float(number("price_per_device_hour", 0.0, zero=True)),
-        lease_ttl_s=float(number("lease_ttl_s", float(os.environ.get("ONEGPU_LEASE_TTL", 30)))),
+        lease_ttl_s=float(number("lease_ttl_s", settings().lease_ttl_s or 30.0)),
         database_url=url,
         flavors=tuple(sorted(flavors.items(), key=lambda item: item[1])),
         path=path,

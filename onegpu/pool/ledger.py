@@ -23,6 +23,7 @@ from typing import Any
 
 from onegpu.errors import UsageError
 from onegpu.pool.config import writable_home
+from onegpu.settings import settings
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS leases (device INTEGER PRIMARY KEY, job TEXT NOT NULL, user_name TEXT NOT NULL,"
@@ -297,7 +298,7 @@ def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
         raise LedgerError(f"database URL {url!r}: cannot create {path.parent} ({exc.strerror}): fix the URL") from None
 
     def connect() -> sqlite3.Connection:
-        busy_s = float(os.environ.get("ONEGPU_LEDGER_BUSY_S", 10))
+        busy_s = settings().ledger_busy_s
         connection = sqlite3.connect(path, timeout=busy_s, isolation_level=None)
         connection.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
         deadline = time.monotonic() + busy_s

@@ -13,14 +13,10 @@ import time
 import torch
 
 from onegpu.launch.status import record_memory
+from onegpu.machine import resident_bytes
+from onegpu.settings import settings
 
 REPORT_EVERY_S = 2.0
-
-
-def resident_bytes() -> int:
-    """This process's resident memory, in bytes."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_resident_bytes() -> int:
@@ -32,8 +28,8 @@ def peak_resident_bytes() -> int:
 def start_reporting() -> None:
     """In a worker of ``onegpu run``: report every few seconds, in a daemon thread."""
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    job, devices = os.environ.get("ONEGPU_JOB"), os.environ.get("ONEGPU_DEVICES")
-    device = int(devices.split(",")[local]) if job and devices else None
+    job, devices = settings().job, settings().devices
+    device = devices[local] if job and devices else None
 
     def report() -> None:
         ledger = _ledger() if device is not None else None

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from onegpu.errors import UsageError
 from onegpu.launch.environment import Environment, current_environment
+from onegpu.settings import settings
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,7 @@ def backend_for(device: torch.device) -> str:
 
 def collective_timeout() -> float:
     """Seconds a collective may wait for its peers before the job is stopped (ONEGPU_COLLECTIVE_TIMEOUT)."""
-    raw = os.environ.get("ONEGPU_COLLECTIVE_TIMEOUT", "600")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} is not a number of seconds: set it to e.g. 600") from None
-    if value <= 0:
-        raise UsageError(f"ONEGPU_COLLECTIVE_TIMEOUT={raw!r} must be positive: set it to e.g. 600")
-    return value
+    return settings().collective_timeout_s
 
 
 _WORKER: Worker | None = None
