@@ -225,12 +225,15 @@ def _build_on_meta(config: Any, *, attention: str | None, name: str, precision: 
         config._attn_implementation = attention
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=DTYPES[precision])
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=DTYPES[precision])
     except Exception as exc:
         raise UsageError(
             f"{name} cannot be built on the meta device ({type(exc).__name__}: {exc}); "
             f"pin a cluster plan by hand, or plan from a sample batch of the model itself"
         ) from None
+    if getattr(model, "loss_type", None) is None:  # what HF falls back to for a causal LM, without its warning
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def _measure(
