@@ -122,6 +122,132 @@ ROWS: list[Row] = [
         message=re.escape("onegpu: ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2"),
         slow=False,
     ),
+    # prepare and the planner's model analysis: prepare twice, unfrozen models, batches the workers cannot
+    # share, Advanced Parallelization pins, errors of the planner, and `onegpu plan`'s bad input
+    *(
+        Row(
+            id=f"prepare-{mode}",
+            args=("run", "--workers", "3", "{scripts}/faults_prepare.py", mode, "{tag}"),
+            message=message,
+        )
+        for mode, message in (
+            (
+                "twice",
+                re.escape(
+                    "onegpu: this model was already prepared by onegpu.prepare(): call prepare once and use the "
+                    "objects it returned (to prepare anew, pass newly built ones)"
+                ),
+            ),
+            (
+                "unfrozen",
+                re.escape(
+                    "onegpu: a parameter was unfrozen after onegpu.prepare(): set requires_grad before calling "
+                    "prepare, so that its gradients are averaged across workers"
+                ),
+            ),
+            (
+                "short-last-batch",
+                re.escape(
+                    "onegpu: the last batch holds 2 of 16 samples in batches of 7, fewer than the 3 workers: "
+                    "pass drop_last=True to the DataLoader, or use e.g. batch_size=8"
+                ),
+            ),
+            (
+                "batch-below-workers",
+                re.escape(
+                    "onegpu: a global batch of 2 samples cannot be split among 3 workers: use a batch size of at "
+                    "least 3, fewer workers, or drop_last=True for a short last batch"
+                ),
+            ),
+        )
+    ),
+    Row(
+        id="planner-error-reaches-every-worker-as-text",  # an exception that cannot be unpickled, on rank 0
+        args=("run", "--workers", "2", "{scripts}/faults_prepare.py", "planner-error", "{tag}"),
+        message=r"onegpu: worker rank \d failed \(exit code 1\): (RuntimeError: the planner failed on worker 0 \()?"
+        r"Unpicklable: validate_architecture: the layers do not add up\)?",
+        tracebacks=True,
+    ),
+    *(
+        Row(
+            id=f"advanced-pins-{name}",
+            args=("run", "--workers", "2", "{scripts}/faults_prepare.py", "pins", pins, "{tag}"),
+            message=re.escape(message),
+        )
+        for name, pins, message in (
+            (
+                "unknown",
+                "tensor_parallel_degree=2",
+                "onegpu: unknown pin 'tensor_parallel_degree': known pins are dp, tp, pp, microbatches, schedule, "
+                "sharding, activation_checkpointing, offload, mixed_precision, num_stages, num_micro_batches, "
+                "activation_recomputation, distribute_parameter, pipeline_parallel",
+            ),
+            ("tp-zero", "tp=0", "onegpu: tp=0: give a whole number >= 1"),
+            (
+                "sharding",
+                "sharding=bogus",
+                "onegpu: sharding='bogus' is not known: use one of none, optimizer, gradients, parameters, hybrid",
+            ),
+            (
+                "schedule",
+                "schedule=zigzag",
+                "onegpu: schedule='zigzag' is not known: use one of gpipe, 1f1b, interleaved, zero-bubble",
+            ),
+            (
+                "checkpointing",
+                "activation_checkpointing=some",
+                "onegpu: activation_checkpointing='some': use none, full, or a number of blocks",
+            ),
+        )
+    ),
+    Row(  # decided by the planner on rank 0, raised on every worker
+        id="advanced-pins-tp-the-model-cannot-take",
+        args=("run", "--workers", "3", "{scripts}/faults_prepare.py", "pins", "tp=3", "{tag}"),
+        message=r"onegpu: Qwen2ForCausalLM has no tensor-parallel structure \(.*cannot be divided among 3 "
+        r"workers.*\): use tp=1",
+    ),
+    *(
+        Row(id=f"plan-{name}", args=("plan", "--model", "gpt2", "--seq-len", "1024", *extra), message=message, slow=False)
+        for name, extra, message in (
+            (
+                "unknown-cluster",
+                ("--global-batch-size", "32", "--cluster", "h900"),
+                r"onegpu: 'h900' is not a cluster preset \(a100-40gb, .*\): use one of them or the path to a "
+                r"cluster YAML file",
+            ),
+            (
+                "tp-not-dividing-a-node",
+                ("--global-batch-size", "32", "--cluster", "a100-80gb", "--tp", "3"),
+                re.escape("onegpu: tp=3 must divide the 8 devices of a node: tensor parallelism stays inside a node"),
+            ),
+            (
+                "unknown-schedule",
+                ("--global-batch-size", "32", "--cluster", "a100-80gb", "--schedule", "zigzag"),
+                re.escape("onegpu: schedule='zigzag' is not known: use one of gpipe, 1f1b, interleaved, zero-bubble"),
+            ),
+            (
+                "batch-not-split",
+                ("--global-batch-size", "12", "--cluster", "a100-80gb", "--dp", "8"),
+                re.escape(
+                    "onegpu: global batch size 12 cannot be split evenly over any data-parallel degree the 8 devices "
+                    "allow: use a multiple of 8"
+                ),
+            ),
+        )
+    ),
+    Row(
+        id="plan-bad-yaml",
+        args=("plan", "--model", "gpt2", "--seq-len", "1024", "--global-batch-size", "32", "--cluster", "{home}/bad.yaml"),
+        message=r"onegpu: .*/bad\.yaml: invalid YAML at line 2 \(.*\): fix the syntax there",
+        setup=lambda home: (home / "bad.yaml").write_text("device: {name: x\nnodes: [\n"),
+        slow=False,
+    ),
+    Row(
+        id="plan-unknown-model",
+        args=("plan", "--model", "llama9", "--global-batch-size", "8", "--seq-len", "8", "--cluster", "a100-80gb"),
+        message=r"onegpu: model 'llama9' is neither a preset \(gpt2, .*\) nor a config\.json file or directory",
+        slow=False,
+    ),
 ]
 
 

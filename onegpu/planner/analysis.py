@@ -3,12 +3,14 @@
 One forward and backward pass of the model on meta tensors, under torch's FlopCounterMode and
 a saved-tensors hook, gives per block: parameters, forward and backward FLOPs, and the bytes
 autograd keeps for backward. Attention runs as the flash kernel (O(seq) memory), as on GPUs.
-Models from a config are built with two blocks and the measurement of one block repeated, so
-a 1T-parameter model is analysed as fast as a small one.
+Models from a config are measured on their first layers, as many as it takes to meet each kind
+of layer once (two for most models), and each layer is counted as the first of its kind, so a
+1T-parameter model is analysed as fast as a small one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,11 +23,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.errors import UsageError
 from onegpu.parallel.blocks import repeated_blocks
+from onegpu.planner.layer_kinds import (
+    DECODER_CONFIGS,
+    layer_count,
+    layer_kinds,
+    layer_stack,
+    per_layer_entries,
+    representative_depth,
+    shallow_copy,
+)
+from onegpu.planner.meta_kernels import FLOP_FORMULAS, META_FLASH, GroupedMatmulsInBF16, register_meta_flash
 from onegpu.planner.model_presets import PRESETS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_OPS = ("scaled_dot_product", "bmm")  # flash kernels, or the math path's batched matmuls
-META_FLASH = "onegpu_meta_attention"  # not "flash": HF would look for a kernel by that name
 
 
 @dataclass(frozen=True)
@@ -84,22 +95,6 @@ class ModelProfile:
         return [t for t in candidates if self.num_heads % t == 0 and kv % t == 0 and self.hidden_size % t == 0]
 
 
-def _register_meta_flash() -> None:
-    """A Hugging Face attention implementation that runs the flash kernel on meta tensors."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def meta_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1:  # flash kernels read shared KV heads in place; repeating costs no memory on meta
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, scale=scaling)[0]
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(META_FLASH, meta_flash)
-    AttentionMaskInterface.register(META_FLASH, sdpa_mask)
-
-
 def load_config(source: str) -> Any:
     """A Hugging Face config from a preset name, a config.json path or a directory holding one."""
     from transformers import AutoConfig
@@ -135,40 +130,116 @@ def analyze(
         return _analyze_config(model.config, name=type(model).__name__, seq_len=seq_len, precision=precision)
     if sample is None:
         raise UsageError("analyzing a plain nn.Module needs a sample batch: pass sample=... (one sample's inputs)")
-    return _measure(model, name=type(model).__name__, seq_len=seq_len, precision=precision, sample=sample, repeat=1)
+    return _measure(model, name=type(model).__name__, seq_len=seq_len, precision=precision, sample=sample)
 
 
 def _analyze_config(config: Any, *, name: str, seq_len: int, precision: str) -> ModelProfile:
-    from transformers import AutoModelForCausalLM
-
-    _register_meta_flash()
-    layers_key = next(k for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
-    layers = getattr(config, layers_key)
-    small = type(config).from_dict({**config.to_dict(), layers_key: min(layers, 2)})
-    small._attn_implementation = META_FLASH
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(small, attn_implementation=META_FLASH, dtype=DTYPES[precision])
-    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    profile = _measure(
-        model,
-        name=name,
-        seq_len=seq_len,
-        precision=precision,
-        sample={"input_ids": ids, "labels": ids},
-        repeat=layers / min(layers, 2),
-    )
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    register_meta_flash()
+    errors = []
+    for attention in (META_FLASH, None):  # None: the model's own, for models that choose their attention
+        try:
+            profile = _profile_built(config, attention=attention, name=name, seq_len=seq_len, precision=precision)
+            break
+        except UsageError as error:
+            errors.append(error)
+    else:
+        raise errors[0]
+    text = next((getattr(config, n) for n in DECODER_CONFIGS if hasattr(getattr(config, n, None), "to_dict")), config)
+    heads = _attribute(text, "num_attention_heads")
     return replace(
         profile,
-        hidden_size=getattr(text, "hidden_size", None),
-        num_heads=getattr(text, "num_attention_heads", None),
-        num_kv_heads=getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None),
-        vocab_size=getattr(text, "vocab_size", None),
+        hidden_size=_attribute(text, "hidden_size"),
+        num_heads=heads,
+        num_kv_heads=_attribute(text, "num_key_value_heads") or heads,
+        vocab_size=_attribute(text, "vocab_size"),
     )
 
 
-def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sample: Any, repeat: float) -> ModelProfile:
-    """Run forward+backward on meta, attributing FLOPs and saved bytes to each block."""
+def _attribute(config: Any, name: str) -> Any:
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - a per-layer attribute of a heterogeneous config has no one value
+        return None
+
+
+def _profile_built(config: Any, *, attention: str | None, name: str, seq_len: int, precision: str) -> ModelProfile:
+    """Measure the first layers that hold one layer of each kind, each layer costing what the first of its
+    kind does; or, when the config cannot be made shallower, the whole model. Parameters are counted on
+    the whole model, each once (layers may share some)."""
+    model = _build_on_meta(config, attention=attention, name=name, precision=precision)
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    measure = dict(name=name, seq_len=seq_len, precision=precision, sample={"input_ids": ids, "labels": ids})
+    stack = layer_stack(model, layer_count(config) or 0)
+    if stack is None:  # no stack of as many layers as the config counts
+        return _measure(model, **measure)
+    layers = stack[1]
+    kinds = layer_kinds(layers, per_layer_entries(config.to_dict()))
+    depth = representative_depth(kinds)
+    shallow = _shallow_model(config, model, stack, kinds[:depth], attention=attention, precision=precision)
+    try:
+        profile = _measure(shallow[0], **measure, blocks=shallow[1]) if shallow else None
+    except UsageError:  # the shallow copy does not run (its layers loop past its depth, ...)
+        profile = None
+    if profile is None:
+        return _measure(model, **measure, blocks=layers)
+    *params, rest = _parameters_per_block(model, layers)
+    blocks = tuple(replace(profile.blocks[kinds.index(kind)], params=n) for kind, n in zip(kinds, params))
+    return replace(profile, blocks=blocks, rest=replace(profile.rest, params=rest))
+
+
+def _shallow_model(config: Any, model: nn.Module, stack, kinds: list[tuple], *, attention: str | None, precision: str):
+    """The model built from a copy of ``config`` with only its first ``len(kinds)`` layers, and those layers;
+    None when that copy is not the model cut short (a config whose other fields follow its depth)."""
+    path, layers = stack
+    if len(kinds) == len(layers):
+        return None
+    try:
+        small = shallow_copy(config, depth=len(kinds))
+        shallow = _build_on_meta(small, attention=attention, name="", precision=precision)
+        shallow_layers = list(shallow.get_submodule(path).children())
+    except Exception:  # noqa: BLE001 - the config cannot be made shallower: measure every layer
+        return None
+    entries = {k: v for k, v in per_layer_entries(small.to_dict()).items() if k in per_layer_entries(config.to_dict())}
+    same_layers = len(shallow_layers) == len(kinds) and layer_kinds(shallow_layers, entries) == kinds
+    same_rest = _parameters_per_block(shallow, shallow_layers)[-1] == _parameters_per_block(model, layers)[-1]
+    return (shallow, shallow_layers) if same_layers and same_rest else None
+
+
+def _parameters_per_block(model: nn.Module, blocks: list[nn.Module]) -> list[int]:
+    """Parameters of each block, each counted in the first block that holds it, then those of the rest."""
+    seen: set[int] = set()
+    counts = []
+    for block in [*blocks, model]:
+        owned = [p for p in block.parameters() if id(p) not in seen]
+        counts.append(sum(p.numel() for p in owned))
+        seen.update(id(p) for p in owned)
+    return counts
+
+
+def _build_on_meta(config: Any, *, attention: str | None, name: str, precision: str) -> nn.Module:
+    """The causal LM of ``config`` on the meta device, its attention ``attention`` (None: the model's choice)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if attention is not None:
+        config._attn_implementation = attention
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=DTYPES[precision])
+    except Exception as exc:
+        raise UsageError(
+            f"{name} cannot be built on the meta device ({type(exc).__name__}: {exc}); "
+            f"pin a cluster plan by hand, or plan from a sample batch of the model itself"
+        ) from None
+    if getattr(model, "loss_type", None) is None:  # what HF falls back to for a causal LM, without its warning
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def _measure(
+    model: nn.Module, *, name: str, seq_len: int, precision: str, sample: Any, blocks: list[nn.Module] | None = None
+) -> ModelProfile:
+    """Run forward+backward on meta, attributing FLOPs and saved bytes to each block (default: the repeated ones)."""
     dtype = DTYPES[precision]
     state = {
         n: torch.empty_like(p, device="meta", dtype=dtype if p.is_floating_point() else p.dtype).requires_grad_(
@@ -178,16 +249,19 @@ def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sampl
     }
     state.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
     param_storages = {t.untyped_storage()._cdata for t in state.values()}
-    blocks = repeated_blocks(model)
+    blocks = repeated_blocks(model) if blocks is None else blocks
     names = {id(m): n for n, m in model.named_modules()}
     current: list[int | None] = [None]
     saved: dict[int | None, dict[int, int]] = {}
     boundary: dict[int, int] = {}
 
+    kept = []  # every saved storage stays alive while measuring: a freed one's id is not taken by another
+
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage._cdata not in param_storages:
             saved.setdefault(current[0], {})[storage._cdata] = storage.nbytes()
+            kept.append(storage)
         return tensor
 
     def enter(index: int):
@@ -214,7 +288,7 @@ def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sampl
         handles.append(block.register_forward_hook(leave))
     args, kwargs = _as_call(_to_meta(sample))
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, GroupedMatmulsInBF16():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), CountOps():
                 output = torch.func.functional_call(model, state, args, kwargs)
             fwd = _per_block(counter, names, blocks)
@@ -245,12 +319,9 @@ def _measure(model: nn.Module, *, name: str, seq_len: int, precision: str, sampl
             ops=3 * ops.get(index, 0),  # backward runs about two operators for each forward one
         )
 
-    block_parts = [part(i, sum(p.numel() for p in b.parameters())) for i, b in enumerate(blocks)]
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    rest = part(None, sum(p.numel() for p in model.parameters() if id(p) not in in_blocks))
-    if repeat != 1 and block_parts:
-        count = round(len(block_parts) * repeat)
-        block_parts = [block_parts[i % len(block_parts)] for i in range(count)]
+    *params, rest_params = _parameters_per_block(model, blocks)
+    block_parts = [part(i, n) for i, n in enumerate(params)]
+    rest = part(None, rest_params)
     return ModelProfile(
         name=name,
         seq_len=seq_len,

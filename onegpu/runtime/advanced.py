@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from onegpu.errors import UsageError
 from onegpu.planner.memory import optimizer_state_slots
 from onegpu.planner.pins import parse_pins
 from onegpu.planner.plan import Plan
@@ -64,7 +65,8 @@ def plan_for_runtime(
 
     device = current_worker().device
     cluster = measure_job_cluster(rank=rank, world_size=world_size, device=device)  # every worker takes part
-    chosen: list[Plan | BaseException | None] = [None]
+    chosen: list[Plan | tuple[str, str] | None] = [None]
+    failure: Exception | None = None
     if rank == 0:
         try:
             chosen[0] = _search(
@@ -77,11 +79,17 @@ def plan_for_runtime(
                 pins=pins,
             )
         except Exception as error:  # every worker raises it, not only rank 0
-            chosen[0] = error
-    if dist.is_initialized():
+            kind = UsageError.__name__ if isinstance(error, UsageError) else type(error).__name__
+            failure, chosen[0] = error, (kind, str(error))
+    if dist.is_initialized():  # an error travels as text: exceptions do not all survive pickling
         dist.broadcast_object_list(chosen, src=0)
-    if isinstance(chosen[0], BaseException):
-        raise chosen[0]
+    if failure is not None and not isinstance(failure, UsageError):
+        raise failure
+    if isinstance(chosen[0], tuple):
+        kind, message = chosen[0]
+        if kind == UsageError.__name__:
+            raise UsageError(message)
+        raise RuntimeError(f"the planner failed on worker 0 ({kind}: {message})")
     return chosen[0]
 
 

@@ -70,10 +70,16 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def holds_columns(batch: list) -> bool:
+    """Whether a list is a batch's columns rather than its rows: torch's collation turns samples that are
+    tuples or lists into a list of batched tensors, one per field."""
+    return any(torch.is_tensor(v) or isinstance(v, Mapping) for v in batch)
+
+
 def slice_batch(batch: Any, start: int, end: int) -> Any:
     """Rows [start, end) of every tensor or list in a collated batch."""
     if torch.is_tensor(batch):
-        return batch[start:end]
+        return batch[start:end] if batch.dim() else batch
     if isinstance(batch, Mapping):
         return type(batch)({k: slice_batch(v, start, end) for k, v in batch.items()})
     if isinstance(batch, tuple):
@@ -83,20 +89,55 @@ def slice_batch(batch: Any, start: int, end: int) -> Any:
             else tuple(slice_batch(v, start, end) for v in batch)
         )
     if isinstance(batch, list):
-        return batch[start:end]
+        return [slice_batch(v, start, end) for v in batch] if holds_columns(batch) else batch[start:end]
     return batch
 
 
 def leading_size(batch: Any) -> int:
-    if torch.is_tensor(batch):
+    """Rows in a collated batch: the leading size of its first tensor, or the length of a list of rows."""
+    if torch.is_tensor(batch) and batch.dim():
         return batch.shape[0]
-    values = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(batch, list) and not holds_columns(batch):
+        return len(batch)
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
     for value in values:
-        if torch.is_tensor(value) or isinstance(value, (Mapping, list, tuple)):
+        if (torch.is_tensor(value) and value.dim()) or isinstance(value, (Mapping, list, tuple)):
             return leading_size(value)
     raise UsageError(
         "onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them"
     )
+
+
+def check_last_batch(loader: DataLoader, *, workers: int) -> None:
+    """Refuse now a last batch too small to share, rather than after an epoch of work."""
+    if loader.batch_size is None or loader.drop_last:
+        return
+    try:
+        samples = len(loader.dataset) if isinstance(loader.dataset, IterableDataset) else len(loader.sampler)
+    except TypeError:  # a stream of unknown length
+        return
+    last = samples % loader.batch_size
+    if 0 < samples < workers:
+        raise UsageError(
+            f"the DataLoader yields {samples} samples, fewer than the {workers} workers: "
+            f"run with --workers {samples}, or give it more samples"
+        )
+    if 0 < last < workers:
+        raise UsageError(
+            f"the last batch holds {last} of {samples} samples in batches of {loader.batch_size}, fewer than the "
+            f"{workers} workers: pass drop_last=True to the DataLoader, or use e.g. batch_size="
+            f"{fitting_batch_size(samples, batch_size=loader.batch_size, workers=workers)}"
+        )
+
+
+def fitting_batch_size(samples: int, *, batch_size: int, workers: int) -> int:
+    """The batch size nearest ``batch_size`` (the larger on a tie) whose every batch has at least ``workers``
+    samples; ``samples`` itself, one batch, always does."""
+    for distance in range(1, samples):
+        for size in (batch_size + distance, batch_size - distance):
+            if workers <= size <= samples and (samples % size == 0 or samples % size >= workers):
+                return size
+    return samples
 
 
 class GlobalBatchLoader(DataLoader):
@@ -109,8 +150,9 @@ class GlobalBatchLoader(DataLoader):
         self.worker, self.original = worker, loader
         self.shard = shard or (worker.rank, worker.world_size)
         self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
-        if loader.batch_size is not None:  # fail now, not at the first batch
+        if loader.batch_size is not None:  # fail now, not at the first batch or the last
             slice_bounds(loader.batch_size, rank=self.shard[0], world_size=self.shard[1])
+            check_last_batch(loader, workers=self.shard[1])
         if self.slices_indices:
             super().__init__(
                 loader.dataset,

@@ -50,6 +50,7 @@ def prepare(
     if len(models) != 1:
         raise UsageError(f"onegpu.prepare() takes exactly one model (an nn.Module), got {len(models)}")
     model = models[0]
+    _refuse_prepared(objects)
     if loss_fn is not None:
         check_loss_fn(model, loss_fn)
     optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
@@ -87,10 +88,11 @@ def prepare(
         pipelined = _pipeline(
             model, plan, loaders, worker=worker, optimizers=list(zip(optimizers, names)), loss_fn=loss_fn
         )
-        pipelined.onegpu_plan = plan
+        pipelined.onegpu_plan = model.onegpu_plan = plan
         prepared = [pipelined if o is model else o for o in prepared]
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
     data_group = _parallelize(model, plan, worker=worker, loaders=loaders)
+    model.onegpu_plan = plan
     for optimizer, groups in zip(optimizers, names):
         repoint(optimizer, model, groups)
     if loss_fn is not None:
@@ -101,8 +103,25 @@ def prepare(
         for optimizer in optimizers:
             optimizer.register_step_pre_hook(lambda *_: watchdog.enter("optimizer.step"))
             optimizer.register_step_post_hook(lambda *_: watchdog.leave())
-    model.onegpu_plan = plan
     return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def trains(model: nn.Module) -> bool:
+    """Whether ``model`` has anything to train (a frozen model, or one without parameters, does not)."""
+    return any(p.requires_grad for p in model.parameters())
+
+
+def _refuse_prepared(objects: tuple) -> None:
+    """A model or DataLoader prepared once is not prepared again (its parallel wrappers would stack)."""
+    for kind, prepared in (
+        ("model", [o for o in objects if hasattr(o, "onegpu_plan")]),
+        ("DataLoader", [o for o in objects if isinstance(o, GlobalBatchLoader)]),
+    ):
+        if prepared:
+            raise UsageError(
+                f"this {kind} was already prepared by onegpu.prepare(): call prepare once and use the objects it "
+                f"returned (to prepare anew, pass newly built ones)"
+            )
 
 
 def _replica_slice(plan: Plan, *, worker: Worker) -> tuple[int, int] | None:
@@ -115,7 +134,7 @@ def _choose_plan(model, optimizers, loaders, *, worker: Worker, strategy, budget
     budget = memory_budget_bytes(device=worker.device, local_world_size=worker.local_world_size, budget_gb=budget_gb)
     sample = _sample_slice(loaders[0], world_size=worker.world_size) if loaders else None
     pins = advanced_pins()
-    if pins is not None and strategy is None:
+    if pins is not None and strategy is None and trains(model):  # the planner plans training
         if sample is None or loaders[0].batch_size is None:
             raise UsageError(
                 "advanced parallelization plans from the DataLoader's batches: pass a DataLoader with a "

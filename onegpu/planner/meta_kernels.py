@@ -1,0 +1,59 @@
+"""Kernels as the planner measures them on the meta device: attention as the flash kernel, grouped matmuls
+(mixture-of-experts) in any precision."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+META_FLASH = "onegpu_meta_attention"  # not "flash": HF would look for a kernel by that name
+
+
+def register_meta_flash() -> None:
+    """A Hugging Face attention implementation that runs the flash kernel on meta tensors."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def meta_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **_):
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:  # flash kernels read shared KV heads in place; repeating costs no memory on meta
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        if sliding_window and sliding_window < key.shape[2]:  # each query reads a window of keys
+            key, value = key[:, :, -sliding_window:], value[:, :, -sliding_window:]
+        if value.shape[-1] == query.shape[-1]:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, scale=scaling)
+        else:  # values narrower than keys (multi-head latent attention): the memory-efficient kernel takes them
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, None, True, dropout, True, scale=scaling
+            )
+        return out[0].transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(META_FLASH, meta_flash)
+    AttentionMaskInterface.register(META_FLASH, sdpa_mask)
+
+
+class GroupedMatmulsInBF16(TorchDispatchMode):
+    """Grouped matmuls run on meta in bfloat16 only, as on CUDA: run the others in bfloat16 (the same
+    FLOPs) and hand back the dtype asked for."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket is not torch.ops.aten._grouped_mm or args[0].dtype == torch.bfloat16:
+            return func(*args, **kwargs)
+
+        def bf16(value):
+            return value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() else value
+
+        return func(*map(bf16, args), **{k: bf16(v) for k, v in kwargs.items()}).to(args[0].dtype)
+
+
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a grouped matmul: each row meets one group's matrix (torch's counter has no formula for it)."""
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (k, rows) @ (rows, n), rows split among the groups
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * a_shape[-1] * math.prod(out_shape)
+
+
+FLOP_FORMULAS = {torch.ops.aten._grouped_mm: grouped_mm_flops}
