@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import onegpu
-from onegpu.planner.plan import Plan
+from onegpu.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import demo_loader, predicted, time_steps  # noqa: E402

@@ -17,7 +17,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from onegpu.parallel import pipeline as pp
-from onegpu.runtime.prepare import pipeline_cuts
+from onegpu.planner.inspection import describe
+from onegpu.planner.stages import flops_cuts
 
 CONFIG = LlamaConfig(
     vocab_size=32000,  # embedding and head: 2 x 8.2M parameters, as much as 4 of the 8 blocks
@@ -34,12 +35,12 @@ BATCH, SEQ, REPEATS = 2, 128, 5
 def stage_seconds(bounds: list[int], index: int, inputs: dict) -> float:
     torch.manual_seed(0)
     model = LlamaForCausalLM(CONFIG)
-    layout = pp.BlockLayout(model)
+    layout = pp.BlockLayout(model, path="model.layers")
     held = set(range(bounds[index], bounds[index + 1]))
     layout.hold_only(held)
-    probe = pp.BlockRangeStage(layout, start=bounds[index], end=bounds[index + 1], held=held)
-    used = probe.used_parameters(inputs, device=torch.device("cpu"))
-    probe.close()
+    outside = describe(model, sample={k: v[:1] for k, v in inputs.items()}, seq_len=SEQ).stage_layout(bounds[1:-1])
+    used = {n for n, stages in outside.outside if index in stages}
+    used |= {n for n, _ in model.named_parameters() if n.startswith("model.layers.")}  # the held blocks' own
     pp.keep_only(model, used, device=torch.device("cpu"))
     stage = pp.BlockRangeStage(layout, start=bounds[index], end=bounds[index + 1], held=held)
     times = []
@@ -71,7 +72,9 @@ def main() -> None:
     print(f"Llama, {CONFIG.num_hidden_layers} blocks, vocabulary {CONFIG.vocab_size}, micro-batch {BATCH} x {SEQ}")
     for stages in (2, 4):
         print(f"{stages} stages: {'split':22} slowest/mean   per stage (forward + backward)")
-        report("planner FLOPs", pipeline_cuts(LlamaForCausalLM(CONFIG), stages=stages, sample=inputs), inputs)
+        one = {k: v[:1] for k, v in inputs.items()}
+        profile = describe(LlamaForCausalLM(CONFIG), sample=one, seq_len=SEQ).profile
+        report("planner FLOPs", flops_cuts(profile, stages=stages), inputs)
         even = CONFIG.num_hidden_layers // stages
         report("equal block counts", [even * i for i in range(1, stages)], inputs)
 

@@ -12,7 +12,7 @@ import time
 
 from onegpu.planner.analysis import analyze
 from onegpu.planner.cluster import load_cluster
-from onegpu.planner.search import plan
+from onegpu.planner.search import find_plan
 
 CASES = [
     ("gpt2", 1024, 64, "a100-80gb", 1),
@@ -31,7 +31,7 @@ def main() -> None:
     for model, seq, batch, gpu, nodes in CASES:
         cluster = load_cluster(gpu, nodes=nodes)
         start = time.perf_counter()
-        chosen = plan(model, global_batch_size=batch, seq_len=seq, cluster=cluster)
+        chosen = find_plan(model, global_batch_size=batch, seq_len=seq, cluster=cluster)
         total = time.perf_counter() - start
         start = time.perf_counter()
         analyze(model, seq_len=seq, precision="bf16")

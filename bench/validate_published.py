@@ -18,11 +18,11 @@ import yaml
 from transformers import GPT2Config, LlamaConfig
 
 from onegpu.errors import UsageError
+from onegpu.plan import Plan
 from onegpu.planner.analysis import analyze
 from onegpu.planner.cluster import load_cluster
 from onegpu.planner.cost_model import Workload, predict
-from onegpu.planner.plan import Plan
-from onegpu.planner.search import plan
+from onegpu.planner.search import find_plan
 
 PRESETS = ("a100-40gb", "a100-80gb", "h100-80gb")
 SHARDING = {
@@ -90,7 +90,7 @@ def predicted(run: dict) -> tuple[Plan, bool]:
     if par.get("micro_batch"):
         pins["microbatches"] = par["global_batch"] // (par["dp"] * par["micro_batch"])
     try:
-        return plan(profile, global_batch_size=par["global_batch"], seq_len=m["seq_len"], cluster=cluster, **pins), True
+        return find_plan(profile, global_batch_size=par["global_batch"], seq_len=m["seq_len"], cluster=cluster, **pins), True
     except UsageError:  # our conservative memory model rejects the run's layout: cost it anyway
         micro = par.get("micro_batch") or 1
         layout = Plan(

@@ -142,7 +142,7 @@ ROWS: list[Row] = [
                 "unfrozen",
                 re.escape(
                     "onegpu: a parameter was unfrozen after onegpu.prepare(): set requires_grad before calling "
-                    "prepare, so that its gradients are averaged across workers"
+                    "prepare, so that its gradients are summed across workers"
                 ),
             ),
             (
@@ -203,8 +203,7 @@ ROWS: list[Row] = [
     Row(  # decided by the planner on rank 0, raised on every worker
         id="advanced-pins-tp-the-model-cannot-take",
         args=("run", "--workers", "3", "{scripts}/faults_prepare.py", "pins", "tp=3", "{tag}"),
-        message=r"onegpu: Qwen2ForCausalLM has no tensor-parallel structure \(.*cannot be divided among 3 "
-        r"workers.*\): use tp=1",
+        message=r"onegpu: tp=3 cannot split Qwen2ForCausalLM \(.*cannot be divided among 3 workers.*\): use one of 1",
     ),
     *(
         Row(id=f"plan-{name}", args=("plan", "--model", "gpt2", "--seq-len", "1024", *extra), message=message, slow=False)

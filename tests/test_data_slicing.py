@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from onegpu.errors import UsageError
+from onegpu.launch.process_group import Worker
 from onegpu.runtime.data import GlobalBatchLoader, slice_bounds
-from onegpu.runtime.distributed import Worker
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import onegpu
 from onegpu.errors import UsageError
+from onegpu.launch.process_group import Worker
 from onegpu.runtime.data import GlobalBatchLoader, fitting_batch_size, leading_size, slice_batch
-from onegpu.runtime.distributed import Worker
 
 
 def launch(tmp_path, mode: str, *, workers: int) -> dict:

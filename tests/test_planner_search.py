@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 import onegpu
 from onegpu.errors import UsageError
-from onegpu.planner.analysis import ModelProfile, PartProfile
+from onegpu.plan import Plan
 from onegpu.planner.cluster import Cluster, DeviceSpec, Link, load_cluster
 from onegpu.planner.cost_model import Workload, memory
-from onegpu.planner.plan import Plan
-from onegpu.planner.search import NoPlanFits, plan
+from onegpu.planner.profile import ModelProfile, PartProfile
+from onegpu.planner.search import NoPlanFits, find_plan
 from onegpu.planner.stages import flops_cuts, worker_stage_blocks
 
 
@@ -77,7 +77,7 @@ def test_the_chosen_plan_and_its_alternatives_always_fit(layers, hidden, nodes, 
     )
     budget = 0.9 * devices.memory_bytes
     try:
-        chosen = plan(profile, global_batch_size=batch, seq_len=2048, cluster=devices)
+        chosen = find_plan(profile, global_batch_size=batch, seq_len=2048, cluster=devices)
     except NoPlanFits as error:
         assert "smallest needs" in str(error)
         return
@@ -152,7 +152,7 @@ def test_a_pipeline_is_costed_as_the_runtime_cuts_it():
 
 def test_pins_are_honoured_by_any_name():
     profile, devices = transformer(layers=16, hidden=4096), cluster(nodes=2, per_node=8, memory_gb=80)
-    pinned = plan(
+    pinned = find_plan(
         profile,
         global_batch_size=64,
         seq_len=2048,
@@ -172,7 +172,7 @@ def test_pins_are_honoured_by_any_name():
         "bf16",
     )
     assert pinned.sharding in ("none", "optimizer", "gradients")
-    assert plan(profile, global_batch_size=64, seq_len=2048, cluster=devices, pipeline_parallel=False, tp=4).pp == 1
+    assert find_plan(profile, global_batch_size=64, seq_len=2048, cluster=devices, pipeline_parallel=False, tp=4).pp == 1
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ def test_pins_are_honoured_by_any_name():
 )
 def test_impossible_pins_say_why(pins, message):
     with pytest.raises(UsageError, match=message):
-        plan(
+        find_plan(
             transformer(layers=16, hidden=4096),
             global_batch_size=64,
             seq_len=2048,
@@ -200,7 +200,7 @@ def test_impossible_pins_say_why(pins, message):
 
 def test_a_model_too_big_for_the_cluster_says_what_would_fit():
     with pytest.raises(NoPlanFits) as error:
-        plan(
+        find_plan(
             transformer(layers=96, hidden=12288),
             global_batch_size=64,
             seq_len=2048,
@@ -213,7 +213,7 @@ def test_a_model_too_big_for_the_cluster_says_what_would_fit():
 
 
 def test_plan_json_shape_is_stable():
-    chosen = plan("gpt2", global_batch_size=32, seq_len=1024, cluster=load_cluster("a100-80gb", nodes=1))
+    chosen = find_plan("gpt2", global_batch_size=32, seq_len=1024, cluster=load_cluster("a100-80gb", nodes=1))
     data = chosen.to_dict()
     assert list(data) == ["plan", "predicted", "alternatives", "search"]
     assert list(data["plan"]) == [
@@ -226,7 +226,12 @@ def test_plan_json_shape_is_stable():
         "activation_checkpointing",
         "offload",
         "precision",
+        "blocks",
+        "stages",
+        "tensor_parallel",
     ]
+    assert data["plan"]["blocks"] == "transformer.h"  # fitted to the model: the runtime builds it from this alone
+    assert Plan.from_json(chosen.to_json()) == chosen
     assert list(data["predicted"]) == [
         "step_time_s",
         "tokens_per_s",
@@ -241,7 +246,7 @@ def test_plan_json_shape_is_stable():
 
 def test_a_batch_no_degree_divides_is_an_error():
     with pytest.raises(UsageError, match="global batch size 7 cannot be split evenly"):
-        plan(
+        find_plan(
             transformer(layers=8, hidden=1024),
             global_batch_size=7,
             seq_len=2048,

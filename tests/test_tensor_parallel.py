@@ -81,9 +81,13 @@ def check(launched, reference, scenario: str, name: str) -> None:
 
 def test_the_structure_is_found_in_the_data_flow_of_four_families():
     """Column layers feeding one row layer, heads that divide, the vocabulary-parallel embedding and head."""
-    from onegpu.parallel.tp_structure import find_tensor_parallel
+    from onegpu.planner.inspection import describe
 
-    ids = torch.randint(0, 64, (2, 12))
+    ids = torch.randint(0, 64, (1, 12))
+
+    def layout(scenario: str, tp: int):
+        return describe(build(scenario)[0], sample={"input_ids": ids, "labels": ids}, seq_len=12).tensor_parallel.layout(tp)
+
     expected = {
         "hf": ({"self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"}, "self_attn.o_proj", "lm_head"),
         "qwen2": ({"self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"}, "self_attn.o_proj", "lm_head"),
@@ -95,12 +99,12 @@ def test_the_structure_is_found_in_the_data_flow_of_four_families():
         ),
     }
     for scenario, (attention, row, head) in expected.items():
-        structure = find_tensor_parallel(build(scenario)[0], {"input_ids": ids, "labels": ids}, tp=2)
-        assert len(structure.groups) == 2, (scenario, structure.reasons)
-        first = structure.groups[0]
+        found, reasons = layout(scenario, 2)
+        assert len(found.groups) == 2, (scenario, reasons)
+        first = found.groups[0]
         assert (set(first.columns), first.row) == (attention, row)
-        assert structure.head == head and structure.embedding is not None
-    gpt2 = find_tensor_parallel(build("gpt2")[0], {"input_ids": ids, "labels": ids}, tp=2)
-    assert gpt2.groups[0].parts == {"attn.c_attn": 3} and gpt2.groups[0].heads == 4  # fused q, k, v
-    odd = find_tensor_parallel(build("hf")[0], {"input_ids": ids, "labels": ids}, tp=3)
-    assert any("cannot be divided among 3 workers" in reason for reason in odd.reasons)
+        assert found.head == head and found.embedding is not None
+    gpt2, _ = layout("gpt2", 2)
+    assert gpt2.groups[0].parts == (("attn.c_attn", 3),) and gpt2.groups[0].heads == 4  # fused q, k, v
+    _, reasons = layout("hf", 3)
+    assert any("cannot be divided among 3 workers" in reason for reason in reasons)

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from onegpu.errors import UsageError
+from onegpu.plan import GB, Plan
 from onegpu.planner.cluster import load_cluster
-from onegpu.planner.plan import GB, Plan
-from onegpu.planner.search import plan as make_plan
+from onegpu.planner.search import find_plan
 
 
 def plan(
@@ -49,7 +49,7 @@ def plan(
 ) -> None:
     """Choose the fastest plan that fits a cluster, with no devices needed, and explain it."""
     try:
-        chosen = make_plan(
+        chosen = find_plan(
             model,
             global_batch_size=global_batch_size,
             seq_len=seq_len,

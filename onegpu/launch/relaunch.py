@@ -16,9 +16,9 @@ def init(*, workers: int | None = None) -> None:
     N workers running the same script (through ``onegpu run``'s launcher) and exits with
     their status; inside a worker, or under torchrun/SLURM, it joins the job and returns.
     """
+    from onegpu.launch.process_group import current_worker
     from onegpu.launch.run import LaunchError, launch
     from onegpu.launch.workers import worker_count
-    from onegpu.runtime.distributed import current_worker
 
     env = current_environment()
     if env.is_distributed or settings().launched:

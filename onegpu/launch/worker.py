@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads_per_worker(local_world)))
     if rank != 0 and not settings().print_all_ranks:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
-    from onegpu.pool.reporting import start_reporting
+    from onegpu.launch.reporting import start_reporting
 
     start_reporting()
     code = run_script(script, args)

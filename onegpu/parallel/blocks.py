@@ -22,3 +22,17 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
             ):
                 best = children
     return best
+
+
+def block_container(model: nn.Module, blocks: list[nn.Module]) -> str:
+    """The module path of the ModuleList/Sequential holding ``blocks`` (``"model.layers"``)."""
+    return next(
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and list(m.children()) == blocks
+    )
+
+
+def blocks_at(model: nn.Module, path: str) -> list[nn.Module]:
+    """The repeated blocks a plan names by their container's path."""
+    return list(model.get_submodule(path).children())

@@ -2,8 +2,7 @@
 
 ``torch.fx`` traces the model (plain PyTorch models trace; Hugging Face models, with their data-
 dependent checks, usually do not, and are cut at their repeated blocks instead). The graph's
-nodes, in order, are cut into contiguous ranges balanced by each node's forward+backward FLOPs,
-measured on fake tensors. Every value a later stage needs (a skip connection's source, an
+nodes, in order, are cut into contiguous ranges (where the planner's :mod:`graph_cuts` says). Every value a later stage needs (a skip connection's source, an
 intermediate used twice) crosses each cut explicitly; the model's inputs reach every stage.
 When tracing fails, the error names the module where it broke.
 """
@@ -14,10 +13,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.func import functional_call
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.errors import UsageError
 from onegpu.parallel.pipeline import contiguous_gradients, last_stage_result
@@ -54,34 +49,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-def measure_nodes(graph: fx.GraphModule, sample: dict[str, Any]) -> tuple[list[float], dict[fx.Node, bool]]:
-    """Each computing node's forward+backward FLOPs (three times the forward's), and whether it makes a
-    tensor, from one run on fake tensors."""
-    costs: list[float] = []
-    tensors: dict[fx.Node, bool] = {}
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        state = {
-            f"graph_module.{n}": torch.empty(t.shape, dtype=t.dtype)
-            for n, t in (*graph.named_parameters(), *graph.named_buffers())
-        }
-        inputs = tree_map(lambda t: fake.from_tensor(t) if torch.is_tensor(t) else t, sample)
+class GraphRunner(nn.Module):
+    """Runs a traced graph through an interpreter of one's choice (to measure or cut it)."""
 
-        class Measure(fx.Interpreter):
-            def run_node(self, node):
-                if node.op in ("placeholder", "output"):
-                    return super().run_node(node)
-                with FlopCounterMode(display=False) as counter:
-                    result = super().run_node(node)
-                costs.append(3.0 * counter.get_total_flops() + 1.0)  # +1: every node costs something
-                tensors[node] = torch.is_tensor(result)
-                return result
-
-        with torch.no_grad():
-            functional_call(_Runner(graph, Measure), state, args=(), kwargs=inputs)
-    return costs, tensors
-
-
-class _Runner(nn.Module):
     def __init__(self, graph: fx.GraphModule, interpreter: type[fx.Interpreter]) -> None:
         super().__init__()
         self.graph_module, self.interpreter = graph, interpreter
@@ -89,6 +59,11 @@ class _Runner(nn.Module):
     def forward(self, **inputs):
         names = [n.target for n in self.graph_module.graph.nodes if n.op == "placeholder"]
         return self.interpreter(self.graph_module).run(*[inputs.get(name) for name in names])
+
+
+def computing_nodes(graph: fx.GraphModule) -> list[fx.Node]:
+    """The graph's nodes that compute (not its inputs and output), in order: the units a cut counts."""
+    return [n for n in graph.graph.nodes if n.op not in ("placeholder", "output")]
 
 
 class GraphStage(nn.Module):
@@ -101,7 +76,7 @@ class GraphStage(nn.Module):
     def __init__(self, graph: fx.GraphModule, *, start: int, end: int, keep_output: bool = False) -> None:
         super().__init__()
         self.model = graph
-        nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output")]
+        nodes = computing_nodes(graph)
         self.first, self.last = start == 0, end == len(nodes)
         self.blocks: list[nn.Module] = []  # no repeated blocks: nothing to checkpoint or shard block by block
         self.nodes = nodes[start:end]
@@ -133,7 +108,7 @@ class GraphStage(nn.Module):
         self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
         return result
 
-    def used_parameters(self, inputs: dict[str, Any], *, device: torch.device) -> set[str]:
+    def used_parameters(self) -> set[str]:
         """Names of the parameters this stage's nodes read."""
         used = set()
         for node in self.nodes:
@@ -152,20 +127,3 @@ def live_across(graph: fx.GraphModule, nodes: list[fx.Node], cut: int) -> list[f
     before = set(nodes[:cut])
     after = set(nodes[cut:]) | {n for n in graph.graph.nodes if n.op == "output"}
     return [n for n in nodes[:cut] if n in before and any(user in after for user in n.users)]
-
-
-def graph_cuts(graph: fx.GraphModule, sample: dict[str, Any], *, stages: int) -> list[int]:
-    """The first node of stages 1..S-1, balanced by node FLOPs among the places a cut may go."""
-    from onegpu.planner.stages import balanced_cuts
-
-    costs, tensors = measure_nodes(graph, sample)
-    nodes = [n for n in graph.graph.nodes if n.op not in ("placeholder", "output")]
-    # stages send tensors only: a cut may go where every value crossing it is one
-    edges = [0, *(c for c in range(1, len(nodes)) if all(tensors[n] for n in live_across(graph, nodes, c))), len(nodes)]
-    if len(edges) - 1 < stages:
-        raise UsageError(
-            f"the traced graph has only {len(edges) - 2} places where tensors alone cross a cut: "
-            f"use at most {len(edges) - 1} pipeline stages"
-        )
-    segments = [sum(costs[a:b]) for a, b in zip(edges, edges[1:])]
-    return [edges[cut] for cut in balanced_cuts(segments, stages=stages)]

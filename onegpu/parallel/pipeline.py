@@ -7,24 +7,23 @@ next stage. Values the model computes around its blocks (embeddings, attention m
 position embeddings, skip connections) are recomputed by each stage from the micro-batch's own
 inputs, so nothing but block activations crosses a cut.
 
-Each worker keeps only the parameters its stage uses, found by running the stage once on the
-meta device; the modules around the blocks whose parameters it does not use (the embedding on
-later stages, the head on earlier ones) only produce tensors of the right shape. A parameter
-several stages use (tied embeddings, a skip connection's projection) is held by each of them,
-with one value and its gradients summed across them.
+Each worker keeps only the parameters its stages use (the plan says which); the modules around the
+blocks whose parameters it does not use (the embedding on later stages, the head on earlier ones)
+only produce tensors of the right shape. A parameter several stages use (tied embeddings, a skip
+connection's projection) is held by each of them, with one value and its gradients summed across
+them.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -33,24 +32,19 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
-from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
-from onegpu.parallel.blocks import repeated_blocks
-from onegpu.planner.plan import INTERLEAVED
+from onegpu.parallel.blocks import blocks_at
 
-SCHEDULES = {
+FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
+SCHEDULE_CLASSES = {
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
     "interleaved": ScheduleInterleaved1F1B,
     "zero-bubble": ScheduleInterleavedZeroBubble,  # backward split in input and weight gradients
 }
-
-
-def worker_stages(schedule: str, *, pp: int, rank: int) -> list[int]:
-    """The stages worker ``rank`` of ``pp`` runs: its own, or two (``rank`` and ``rank + pp``) interleaved."""
-    return [rank, rank + pp] if schedule in INTERLEAVED else [rank]
 
 
 class _StageDone(Exception):
@@ -87,21 +81,12 @@ class ShapeOnly(nn.Module):
 
 
 class BlockLayout:
-    """Where a model keeps its repeated blocks, found before any of them is replaced."""
+    """Where a model keeps its repeated blocks (``path``: their container), found before any is replaced."""
 
-    def __init__(self, model: nn.Module) -> None:
-        blocks = repeated_blocks(model)
-        if not blocks:
-            raise UsageError(
-                f"{type(model).__name__} cannot be cut into pipeline stages: it keeps no repeated blocks in an "
-                "nn.ModuleList or nn.Sequential; keep its layers in one, or train it with pp=1"
-            )
-        self.model, self.blocks = model, blocks
-        self.path = next(
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, (nn.ModuleList, nn.Sequential)) and list(m.children()) == blocks
-        )
+    def __init__(self, model: nn.Module, *, path: str) -> None:
+        self.model, self.path = model, path
+        self.blocks = blocks_at(model, path)
+        self.user_class = type(model)
 
     def hold_only(self, held: set[int]) -> None:
         """Replace the blocks outside ``held`` (other workers' stages) by :class:`Passthrough`, in place."""
@@ -111,11 +96,12 @@ class BlockLayout:
                 container[index] = Passthrough()
 
     def view(self, passing: set[int]) -> nn.Module:
-        """The model with blocks ``passing`` passed through: a copy of the modules on the way to the
-        blocks; every other module, and so every parameter, is shared with the model."""
-        if not passing:
-            return self.model
+        """The model with blocks ``passing`` passed through, run by its own class's forward: a copy of the modules
+        on the way to the blocks; every other module, and so every parameter, is shared with the model."""
         root = node = _shallow_copy(self.model)
+        root.__class__ = self.user_class  # the model's own forward, even once the model is a pipeline
+        for hooks in FORWARD_HOOKS:
+            setattr(root, hooks, OrderedDict())  # hooks on the model run once per call, not once per stage
         for name in self.path.split(".") if self.path else []:
             child = _shallow_copy(node._modules[name])
             node._modules[name] = child
@@ -212,26 +198,6 @@ class BlockRangeStage(nn.Module):
         self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
         return result
 
-    def used_parameters(self, inputs: dict[str, Any], *, device: torch.device) -> set[str]:
-        """Names of the parameters this stage's forward and backward use, found with fake tensors
-        (shapes and dtypes only: nothing is allocated, and the model may be on the meta device)."""
-        with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.enable_grad():  # even when built in eval
-            params = {
-                f"model.{name}": torch.empty(p.shape, dtype=p.dtype, device=device).requires_grad_(
-                    p.is_floating_point()
-                )
-                for name, p in self.model.named_parameters()
-            }
-            buffers = {
-                f"model.{name}": torch.empty(b.shape, dtype=b.dtype, device=device)
-                for name, b in self.model.named_buffers()
-            }
-            fake_inputs = tree_map(lambda t: fake.from_tensor(t) if torch.is_tensor(t) else t, inputs)
-            output = functional_call(self, {**params, **buffers}, args=(), kwargs=fake_inputs)
-            if output.requires_grad:
-                output.sum().backward()
-        return {name.removeprefix("model.") for name, p in params.items() if p.grad is not None}
-
 
 def contiguous_gradients(received: tuple[torch.Tensor, ...]) -> None:
     """Make the gradients of a stage's received values contiguous: they are sent back into buffers laid out
@@ -263,14 +229,6 @@ def last_stage_result(output: Any, *, keep_output: bool) -> tuple[bool, Any]:
     return False, loss
 
 
-def as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional inputs named after the model's forward parameters."""
-    if not args:
-        return dict(kwargs)
-    names = list(inspect.signature(model.forward).parameters)
-    return {**dict(zip(names, args)), **kwargs}
-
-
 def schedule(
     stages: dict[int, BlockRangeStage],
     *,
@@ -283,8 +241,8 @@ def schedule(
     inputs: dict[str, Any],
 ):
     """The schedule ``name`` running this worker's ``stages`` (by stage index); ``inputs`` shows the batch's keys."""
-    if name not in SCHEDULES:
-        raise UsageError(f"schedule {name!r} is not executable yet: use one of {', '.join(SCHEDULES)}")
+    if name not in SCHEDULE_CLASSES:
+        raise UsageError(f"schedule {name!r} is not executable yet: use one of {', '.join(SCHEDULE_CLASSES)}")
     workers = dist.get_world_size(group)
     if name != "gpipe" and microbatches < workers:
         raise UsageError(
@@ -298,7 +256,7 @@ def schedule(
         )
     runners = [PipelineStage(stage, index, num_stages, device, group=group) for index, stage in stages.items()]
     spec = {k: TensorChunkSpec(0) if torch.is_tensor(v) and v.dim() > 0 else _Replicate() for k, v in inputs.items()}
-    return SCHEDULES[name](
+    return SCHEDULE_CLASSES[name](
         runners if len(runners) > 1 else runners[0],
         n_microbatches=microbatches,
         loss_fn=loss_fn,

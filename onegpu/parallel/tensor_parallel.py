@@ -1,4 +1,4 @@
-"""Tensor parallelism with DTensor: the structure :mod:`tp_structure` found, split over a mesh dimension.
+"""Tensor parallelism with DTensor: a plan's tensor-parallel layout, split over a mesh dimension.
 
 Columns and the LM head are column-parallel, rows and the token embedding row-parallel (the
 embedding by vocabulary), with ``parallelize_module``. Between a group's columns and its row each
@@ -27,7 +27,22 @@ from torch.distributed.tensor.parallel import (
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
-from onegpu.parallel.tp_structure import TensorParallelStructure, output_features
+from onegpu.plan import TensorParallelLayout
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer computing ``x @ W (+ b)``: ``nn.Linear``, or a transposed one like GPT-2's ``Conv1D``."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def output_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.nf
 
 
 class _TransposedColumn(ParallelStyle):
@@ -112,56 +127,23 @@ def _permute_outputs(module: nn.Module, order: torch.Tensor) -> None:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, structure: TensorParallelStructure, *, mesh: DeviceMesh
+    model: nn.Module, layout: TensorParallelLayout, *, mesh: DeviceMesh, blocks: list[str], first: str, last: str
 ) -> dict[str, tuple[torch.Tensor, int]]:
-    """Split ``model`` in place over the 1-D ``mesh``; returns each fused column parameter's output order
-    and dimension, by name (for :func:`unpermuted`)."""
+    """Split ``model`` in place over the 1-D ``mesh``: the groups of ``blocks`` (the names of this worker's
+    blocks; ``first`` and ``last`` name the model's), and the embedding and head where it holds them. Returns
+    each fused column parameter's output order and dimension, by name (for :func:`unpermuted`)."""
     tp = mesh.size()
-    sequence = structure.sequence_parallel
-    summed = Shard(1) if sequence else Replicate()  # rows reduce-scatter by sequence position, or all-reduce
     plan: dict[str, ParallelStyle] = {}
     orders: dict[str, tuple[torch.Tensor, int]] = {}
     part_sizes: dict[nn.Module, set[int]] = {}
-    for block in structure.blocks:
-        for group in structure.groups:
-            for column in group.columns:
-                name = f"{block}.{column}"
-                layer = model.get_submodule(name)
-                plan[name] = ColwiseParallel() if isinstance(layer, nn.Linear) else _TransposedColumn()
-                parts = group.parts.get(column, 1)
-                if parts > 1:
-                    order = _fused_order(output_features(layer), parts=parts, tp=tp)
-                    _permute_outputs(layer, order)
-                    for key, _ in layer.named_parameters(recurse=False):
-                        orders[f"{name}.{key}"] = (order, _output_dim(layer, key))
-                parent = model.get_submodule(name.rpartition(".")[0])
-                part_sizes.setdefault(parent, set()).add(output_features(layer) // parts)
-            row = f"{block}.{group.row}"
-            linear = isinstance(model.get_submodule(row), nn.Linear)
-            plan[row] = RowwiseParallel(output_layouts=summed) if linear else _TransposedRow(output_layout=summed)
-            if sequence:  # the group's module gathers the sequence it is given
-                plan[f"{block}.{group.parent}"] = _gathering(group.parent_input, positional=group.parent_positional)
-        if sequence:
-            plan.update({f"{block}.{norm}": SequenceParallel(use_local_output=True) for norm in structure.norms})
-    if sequence:
-        if structure.last_block in structure.blocks:  # and gathered where it leaves them
-            outputs = max(structure.last_block_outputs, 1)
-            split, whole = (Shard(1), *(None,) * (outputs - 1)), (Replicate(), *(None,) * (outputs - 1))
-            plan[structure.last_block] = PrepareModuleOutput(
-                output_layouts=split if structure.last_block_outputs else split[0],
-                desired_output_layouts=whole if structure.last_block_outputs else whole[0],
-                use_local_output=True,
-            )
-        if structure.first_block in structure.blocks:  # the residual stream is split where it enters the blocks
-            _check_sequence_length(model.get_submodule(structure.first_block), tp)
-            rest = (None,) * (structure.first_block_positional - 1)
-            plan[structure.first_block] = PrepareModuleInput(
-                input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest), use_local_output=True
-            )
-    if structure.embedding is not None:
-        plan[structure.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if structure.head is not None and isinstance(model.get_submodule(structure.head), nn.Linear):
-        plan[structure.head] = ColwiseParallel(output_layouts=Replicate())
+    for block in blocks:
+        plan.update(_block_plan(model, layout, block=block, tp=tp, orders=orders, part_sizes=part_sizes))
+    if layout.sequence_parallel:
+        plan.update(_sequence_edges(model, layout, blocks=blocks, first=first, last=last, tp=tp))
+    if _holds(model, layout.embedding):
+        plan[layout.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if _holds(model, layout.head) and isinstance(model.get_submodule(layout.head), nn.Linear):
+        plan[layout.head] = ColwiseParallel(output_layouts=Replicate())
     for parent, sizes in part_sizes.items():
         _divide_part_sizes(parent, sizes, tp)
     references = _parameter_references(model)
@@ -179,6 +161,65 @@ def apply_tensor_parallel(
         )
     parallelize_module(model, mesh, whole)
     return orders
+
+
+def _holds(model: nn.Module, name: str | None) -> bool:
+    """Whether this worker holds module ``name`` (a pipeline stage leaves out the modules it does not use)."""
+    from onegpu.parallel.pipeline import ShapeOnly
+
+    if name is None:
+        return False
+    try:
+        return not isinstance(model.get_submodule(name), ShapeOnly)
+    except AttributeError:  # inside a module the stage left out
+        return False
+
+
+def _block_plan(model, layout: TensorParallelLayout, *, block: str, tp: int, orders, part_sizes) -> dict:
+    """The styles of one block's groups (columns, row, their module under sequence parallelism) and norms."""
+    summed = Shard(1) if layout.sequence_parallel else Replicate()  # rows reduce-scatter by position, or all-reduce
+    plan: dict[str, ParallelStyle] = {}
+    for group in layout.groups:
+        for column in group.columns:
+            name = f"{block}.{column}"
+            layer = model.get_submodule(name)
+            plan[name] = ColwiseParallel() if isinstance(layer, nn.Linear) else _TransposedColumn()
+            parts = group.parts_of(column)
+            if parts > 1:
+                order = _fused_order(output_features(layer), parts=parts, tp=tp)
+                _permute_outputs(layer, order)
+                for key, _ in layer.named_parameters(recurse=False):
+                    orders[f"{name}.{key}"] = (order, _output_dim(layer, key))
+            parent = model.get_submodule(name.rpartition(".")[0])
+            part_sizes.setdefault(parent, set()).add(output_features(layer) // parts)
+        row = f"{block}.{group.row}"
+        linear = isinstance(model.get_submodule(row), nn.Linear)
+        plan[row] = RowwiseParallel(output_layouts=summed) if linear else _TransposedRow(output_layout=summed)
+        if layout.sequence_parallel:  # the group's module gathers the sequence it is given
+            plan[f"{block}.{group.parent}"] = _gathering(group.parent_input, positional=group.parent_positional)
+    if layout.sequence_parallel:
+        plan.update({f"{block}.{norm}": SequenceParallel(use_local_output=True) for norm in layout.norms})
+    return plan
+
+
+def _sequence_edges(model, layout: TensorParallelLayout, *, blocks: list[str], first: str, last: str, tp: int):
+    """Where the residual stream is split by position (entering the first block) and gathered (leaving the last)."""
+    plan: dict[str, ParallelStyle] = {}
+    if last in blocks:
+        outputs = max(layout.last_block_outputs, 1)
+        split, whole = (Shard(1), *(None,) * (outputs - 1)), (Replicate(), *(None,) * (outputs - 1))
+        plan[last] = PrepareModuleOutput(
+            output_layouts=split if layout.last_block_outputs else split[0],
+            desired_output_layouts=whole if layout.last_block_outputs else whole[0],
+            use_local_output=True,
+        )
+    if first in blocks:
+        _check_sequence_length(model.get_submodule(first), tp)
+        rest = (None,) * (layout.first_block_positional - 1)
+        plan[first] = PrepareModuleInput(
+            input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest), use_local_output=True
+        )
+    return plan
 
 
 def _gathering(where: int | str, *, positional: int) -> PrepareModuleInput:

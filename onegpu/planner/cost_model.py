@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from onegpu.planner.analysis import ModelProfile
+from onegpu.plan import INTERLEAVED, Plan, Prediction
 from onegpu.planner.cluster import Cluster, Link
-from onegpu.planner.plan import INTERLEAVED, Plan, Prediction
+from onegpu.planner.profile import ModelProfile
 from onegpu.planner.stages import worker_stage_blocks
 
 # Fraction of dense peak that GEMMs of transformer shapes reach in training (cuBLAS/rocBLAS reach

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 META_FLASH = "onegpu_meta_attention"  # not "flash": HF would look for a kernel by that name
 
 
+@functools.cache
 def register_meta_flash() -> None:
     """A Hugging Face attention implementation that runs the flash kernel on meta tensors."""
     from transformers import AttentionInterface
@@ -57,3 +63,34 @@ def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 FLOP_FORMULAS = {torch.ops.aten._grouped_mm: grouped_mm_flops}
+
+
+def _configs(config: Any) -> Iterator[Any]:
+    yield config
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            yield from _configs(sub)
+
+
+def has_attention_choice(model: nn.Module) -> bool:
+    """Whether a model takes its attention from its config (a Hugging Face model)."""
+    return hasattr(getattr(model, "config", None), "_attn_implementation_internal")
+
+
+@contextlib.contextmanager
+def meta_attention(model: nn.Module) -> Iterator[None]:
+    """While a Hugging Face model is inspected, its attention runs as the flash kernel (what autograd keeps is
+    then what a real run keeps, not the sequence-squared attention matrix); other models are unchanged."""
+    if not has_attention_choice(model):
+        yield
+        return
+    config = model.config
+    saved = [(c, c._attn_implementation_internal) for c in _configs(config)]
+    register_meta_flash()
+    config._attn_implementation = META_FLASH
+    try:
+        yield
+    finally:
+        for c, value in saved:
+            c._attn_implementation_internal = value

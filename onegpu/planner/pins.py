@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onegpu.errors import UsageError
-from onegpu.planner.plan import OFFLOADS, SCHEDULES, SHARDINGS
+from onegpu.plan import OFFLOADS, SCHEDULES, SHARDINGS
 
 ALIASES = {
     "num_stages": "pp",

@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from onegpu.errors import UsageError
-from onegpu.planner.analysis import ModelProfile, analyze
+from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Capabilities, Plan, Rejection, SearchStats
+from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
 from onegpu.planner.cost_model import Workload, memory, predict
+from onegpu.planner.inspection import ModelDescription
+from onegpu.planner.layout import fit_layout
 from onegpu.planner.pins import Pins, parse_pins
-from onegpu.planner.plan import GB, INTERLEAVED, OFFLOADS, SCHEDULES, SHARDINGS, Plan, Rejection, SearchStats
+from onegpu.planner.profile import ModelProfile
 from onegpu.planner.stages import worker_stage_blocks
 
 DEFAULT_BUDGET_FRACTION = 0.9
+EVERYTHING = Capabilities()
 
 
 class NoPlanFits(UsageError):
     """Not one plan fits the devices' memory; the message says what would."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a runtime can execute; the search offers nothing else. ``None`` leaves a dimension open."""
-
-    tp: bool = True
-    pp: bool = True
-    shardings: tuple[str, ...] = SHARDINGS
-    offloads: tuple[str, ...] = OFFLOADS
-    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
-    accumulation: bool = True
-    schedules: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zero-bubble")
-    interleaving_with_sharding: bool = True  # an interleaved schedule over sharded stages
-    sequence_parallel: bool = True  # the model's norms and residuals can be split by position under tp
-
-
-EVERYTHING = Capabilities()
 
 
 @dataclass
@@ -46,7 +33,7 @@ class _Tally:
     feasible: int = 0
 
 
-def plan(
+def find_plan(
     model: Any,
     *,
     global_batch_size: int,
@@ -57,7 +44,9 @@ def plan(
     capabilities: Capabilities = EVERYTHING,
     **pins: Any,
 ) -> Plan:
-    """The fastest plan that fits ``cluster`` for ``model`` (an nn.Module, config path, preset or profile)."""
+    """The fastest plan that fits ``cluster`` for ``model`` (a preset, config path or object, a
+    :class:`ModelDescription` or a :class:`ModelProfile`), fitted to the model: with its stage cuts and
+    tensor-parallel groups. ``capabilities``: what the runtime that will run it can execute."""
     started = time.perf_counter()
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise UsageError(f"global batch size {global_batch_size!r}: give a whole number >= 1")
@@ -65,25 +54,28 @@ def plan(
         raise UsageError(f"memory budget fraction {budget_fraction}: give a fraction in (0, 1], e.g. 0.9")
     cluster = load_cluster(cluster) if isinstance(cluster, str) else cluster
     parsed = parse_pins(**pins)
-    profiles = _profiles(model, seq_len=seq_len, precisions=_precisions(parsed, cluster, capabilities))
+    described = _descriptions(model, seq_len=seq_len, precisions=_precisions(parsed, cluster, capabilities))
     budget = int(cluster.memory_bytes * budget_fraction)
     tally = _Tally()
-    scored = list(_score(profiles, global_batch_size, optimizer_slots, cluster, parsed, capabilities, budget, tally))
+    search = _Search(described, global_batch_size, optimizer_slots, cluster, parsed, capabilities, budget)
+    scored = list(search.scored(tally))
     feasible = sorted(
         (p for p in scored if p.predicted.memory_per_device_bytes <= budget), key=lambda p: p.predicted.step_time_s
     )
     if not feasible:
-        raise _nothing_fits(
-            scored, profiles, global_batch_size, optimizer_slots, cluster, parsed, capabilities, budget, budget_fraction
-        )
+        raise search.nothing_fits(scored, budget_fraction)
+    def fit(candidate: Plan) -> Plan:  # a bare profile's model has no known structure to fit a plan to
+        description = described[candidate.precision]
+        return fit_layout(candidate, description) if description.inspected else candidate
+
     best = feasible[0]
-    alternatives = _distinct(feasible[1:], exclude=_family(best), limit=4)
+    alternatives = [fit(a) for a in _distinct(feasible[1:], exclude=_family(best), limit=4)]
     rejected = _rejections(scored, best, budget, shown={_family(best), *map(_family, alternatives)})
     stats = SearchStats(
         candidates=tally.candidates, feasible=tally.feasible, seconds=round(time.perf_counter() - started, 4)
     )
     return replace(
-        best,
+        fit(best),
         alternatives=tuple(alternatives),
         rejected=tuple(rejected),
         search=stats,
@@ -102,132 +94,186 @@ def _precisions(pins: Pins, cluster: Cluster, capabilities: Capabilities) -> lis
     return options or ["fp32"]
 
 
-def _profiles(model: Any, *, seq_len: int, precisions: list[str]) -> dict[str, ModelProfile]:
+def _descriptions(model: Any, *, seq_len: int, precisions: list[str]) -> dict[str, ModelDescription]:
+    """The model described at each precision (once per precision; a given description or profile as it is)."""
+    if isinstance(model, ModelDescription):
+        return {model.profile.precision: model}
     if isinstance(model, ModelProfile):
-        return {model.precision: model}
+        return {model.precision: ModelDescription.of_profile(model)}
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise UsageError(f"sequence length {seq_len!r}: give a whole number >= 1")
-    return {p: analyze(model, seq_len=seq_len, precision=p) for p in precisions}
+    if hasattr(getattr(model, "config", None), "to_dict"):  # a Hugging Face module: planned from its config
+        model = model.config
+    return {p: describe_model(model, seq_len=seq_len, precision=p) for p in precisions}
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _layouts(
-    profile: ModelProfile, cluster: Cluster, pins: Pins, caps: Capabilities, global_batch: int
-) -> Iterator[tuple[int, int, int]]:
-    """(dp, tp, pp) that use every device, with tensor parallelism inside a node."""
-    world, blocks = cluster.world_size, max(1, len(profile.blocks))
-    tps = profile.tp_degrees(_divisors(cluster.devices_per_node)) if caps.tp else [1]
-    if pins.tp is not None:
-        if pins.tp not in _divisors(cluster.devices_per_node):
+@dataclass(frozen=True)
+class _Search:
+    """One search: the model at each precision, the job, the cluster, the pins and what the runtime runs."""
+
+    described: dict[str, ModelDescription]
+    global_batch: int
+    optimizer_slots: int
+    cluster: Cluster
+    pins: Pins
+    caps: Capabilities
+    budget: int
+
+    @property
+    def any_description(self) -> ModelDescription:
+        return next(iter(self.described.values()))
+
+    def layouts(self) -> Iterator[tuple[int, int, int]]:
+        """(dp, tp, pp) that use every device, with tensor parallelism inside a node."""
+        pins, described = self.pins, self.any_description
+        world, blocks = self.cluster.world_size, max(1, len(described.profile.blocks))
+        node = _divisors(self.cluster.devices_per_node)
+        tps = described.tensor_parallel_degrees(node)
+        if pins.tp is not None:
+            if pins.tp not in node:
+                raise UsageError(
+                    f"tp={pins.tp} must divide the {self.cluster.devices_per_node} devices of a node: "
+                    f"tensor parallelism stays inside a node"
+                )
+            if pins.tp not in tps:
+                raise UsageError(f"tp={pins.tp} cannot split {described.name} ({described.why_not_tp(pins.tp)}): "
+                                 f"use one of {', '.join(map(str, tps))}")  # fmt: skip
+            tps = [pins.tp]
+        if pins.pp is not None and pins.pp > blocks:
+            raise UsageError(f"pp={pins.pp} is more pipeline stages than {described.name}'s {blocks} blocks")
+        found = False
+        for tp in tps:
+            for pp in _divisors(world // tp) if world % tp == 0 else []:
+                if pp > blocks or pp < pins.min_pp or (pins.pp and pp != pins.pp):
+                    continue
+                dp = world // (tp * pp)
+                if pins.dp is not None and dp != pins.dp:
+                    continue
+                found = True
+                if self.global_batch % dp == 0:
+                    yield dp, tp, pp
+        if not found:
             raise UsageError(
-                f"tp={pins.tp} must divide the {cluster.devices_per_node} devices of a node: "
-                f"tensor parallelism stays inside a node"
+                f"no layout with dp={pins.dp}, tp={pins.tp}, pp={pins.pp} uses the {world} devices: "
+                f"dp * tp * pp must equal {world}"
             )
-        if pins.tp not in tps:
-            heads = f"{profile.num_heads} attention heads" if profile.num_heads else "no known head count"
+
+    def microbatches(self, local_batch: int, pp: int) -> list[int]:
+        if self.pins.microbatches is not None:
+            return [self.pins.microbatches] if local_batch % self.pins.microbatches == 0 else []
+        if pp == 1:
+            if not self.caps.accumulation:
+                return [1]
+            return [m for m in _divisors(local_batch) if m & (m - 1) == 0]  # powers of two
+        options = [m for m in _divisors(local_batch) if m >= pp]
+        return [m for m in options if m == options[-1] or (m // pp) & (m // pp - 1) == 0 and m % pp == 0][:8]
+
+    def schedules(self, pp: int) -> list[str]:
+        if pp == 1:
+            return ["none"] if self.pins.schedule is None else []  # a pinned schedule asks for a pipeline
+        return list(SCHEDULES[1:]) if self.pins.schedule is None else [self.pins.schedule]
+
+    def candidates(self, precision: str) -> Iterator[Plan]:
+        """Every plan without checkpointing the pins allow and the runtime runs, in the search's order."""
+        cluster, blocks = self.cluster, len(self.described[precision].profile.blocks)
+        for dp, tp, pp in self.layouts():
+            for m in self.microbatches(self.global_batch // dp, pp):
+                for schedule, sharding, offload in itertools.product(
+                    self.schedules(pp), self.pins.shardings, self.pins.offloads
+                ):
+                    plan = Plan(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, sharding=sharding,
+                                offload=offload, precision=precision)  # fmt: skip
+                    if not self.caps.missing(plan) and _sensible(plan, blocks=blocks, cluster=cluster):
+                        yield plan
+
+    def scored(self, tally: _Tally) -> Iterator[Plan]:
+        """Each candidate with the fewest checkpointed blocks that fit, and its prediction; once one fits,
+        plans that only offload more are skipped."""
+        if not any(True for _ in self.layouts()):
             raise UsageError(
-                f"tp={pins.tp} cannot split {profile.name} ({heads}, {profile.num_kv_heads} KV heads): "
-                f"use one of {', '.join(map(str, tps))}"
+                f"global batch size {self.global_batch} cannot be split evenly over any data-parallel degree "
+                f"the {self.cluster.world_size} devices allow: use a multiple of "
+                f"{self.cluster.world_size // max(1, self.pins.tp or 1) // max(1, self.pins.pp or 1)}"
             )
-        tps = [pins.tp]
-    if pins.pp is not None and pins.pp > blocks:
-        raise UsageError(f"pp={pins.pp} is more pipeline stages than {profile.name}'s {blocks} blocks")
-    found = False
-    for tp in tps:
-        for pp in _divisors(world // tp) if world % tp == 0 else []:
-            if pp > blocks or pp < pins.min_pp or (pp > 1 and not caps.pp) or (pins.pp and pp != pins.pp):
-                continue
-            dp = world // (tp * pp)
-            if pins.dp is not None and dp != pins.dp:
-                continue
-            found = True
-            if global_batch % dp == 0:
-                yield dp, tp, pp
-    if not found:
-        raise UsageError(
-            f"no layout with dp={pins.dp}, tp={pins.tp}, pp={pins.pp} uses the {world} devices: "
-            f"dp * tp * pp must equal {world}"
+        shardings = [s for s in self.pins.shardings if s in self.caps.shardings]
+        offloads = [o for o in self.pins.offloads if o in self.caps.offloads]
+        if not shardings or not offloads:
+            raise UsageError(
+                f"sharding {self.pins.shardings} / offload {self.pins.offloads} is not executable here yet: "
+                f"choose from sharding {', '.join(self.caps.shardings)} and offload {', '.join(self.caps.offloads)}"
+            )
+        any_plan, fitted = False, set()
+        for precision, described in self.described.items():
+            work = Workload(
+                profile=described.profile,
+                global_batch=self.global_batch,
+                optimizer_slots=self.optimizer_slots,
+                sequence_parallel=described.sequence_parallel,
+            )
+            for base in self.candidates(precision):
+                any_plan = True
+                key = _family(base)[:-2] + (base.dp, base.microbatches, base.precision)
+                if key in fitted:
+                    continue  # a smaller offload of this plan already fits
+                found = _with_checkpointing(base, work, self.cluster, self.pins, self.budget, tally)
+                yield found
+                if found.predicted.memory_per_device_bytes <= self.budget:
+                    fitted.add(key)
+        if not any_plan and self.pins.microbatches is not None:
+            raise UsageError(
+                f"microbatches={self.pins.microbatches} does not divide the per-replica batch: choose a divisor "
+                f"of global batch / dp"
+            )
+
+    def fits(self, **changes: Any) -> bool:
+        """Whether any plan fits with another global batch or cluster."""
+        try:
+            return any(
+                p.predicted.memory_per_device_bytes <= self.budget for p in replace(self, **changes).scored(_Tally())
+            )
+        except UsageError:
+            return False
+
+    def nothing_fits(self, scored: list[Plan], fraction: float) -> NoPlanFits:
+        cluster = self.cluster
+        smallest = min((p.predicted.memory_per_device_bytes for p in scored), default=0)
+        advice = []
+        for factor in (2, 4, 8, 16, 32, 64, 128):
+            bigger = cluster.with_overrides(nodes=cluster.nodes * factor)
+            if self.fits(cluster=bigger):
+                advice.append(f"{bigger.world_size} devices ({bigger.nodes} nodes) would fit")
+                break
+        batch = self.global_batch // 2
+        while batch >= 1:
+            if self.fits(global_batch=batch):
+                advice.append(f"a global batch of {batch} would fit on these {cluster.world_size} devices")
+                break
+            batch //= 2
+        return NoPlanFits(
+            f"no plan fits: the smallest needs {smallest / GB:.1f} GB per device, and each {cluster.device.name} "
+            f"offers {self.budget / GB:.2f} GB ({fraction:.0%} of {cluster.memory_bytes / GB:.2f} GB)"
+            + ("; " + "; ".join(advice) if advice else "; no larger cluster or smaller batch tried fits either")
         )
 
 
-def _microbatches(local_batch: int, pp: int, pins: Pins, caps: Capabilities) -> list[int]:
-    if pins.microbatches is not None:
-        return [pins.microbatches] if local_batch % pins.microbatches == 0 else []
-    if pp == 1:
-        if not caps.accumulation:
-            return [1]
-        return [m for m in _divisors(local_batch) if m & (m - 1) == 0]  # powers of two
-    options = [m for m in _divisors(local_batch) if m >= pp]
-    return [m for m in options if m == options[-1] or (m // pp) & (m // pp - 1) == 0 and m % pp == 0][:8]
-
-
-def _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget, tally) -> Iterator[Plan]:
-    any_profile = next(iter(profiles.values()))
-    layouts = list(_layouts(any_profile, cluster, pins, caps, global_batch))
-    if not layouts:
-        raise UsageError(
-            f"global batch size {global_batch} cannot be split evenly over any data-parallel degree "
-            f"the {cluster.world_size} devices allow: use a multiple of "
-            f"{cluster.world_size // max(1, pins.tp or 1) // max(1, pins.pp or 1)}"
-        )
-    shardings = [s for s in pins.shardings if s in caps.shardings]
-    offloads = [o for o in pins.offloads if o in caps.offloads]
-    if not shardings or not offloads:
-        raise UsageError(
-            f"sharding {pins.shardings} / offload {pins.offloads} is not executable here yet: "
-            f"choose from sharding {', '.join(caps.shardings)} and offload {', '.join(caps.offloads)}"
-        )
-    any_microbatches = False
-    for precision, profile in profiles.items():
-        work = Workload(
-            profile=profile,
-            global_batch=global_batch,
-            optimizer_slots=optimizer_slots,
-            sequence_parallel=caps.sequence_parallel,
-        )
-        for dp, tp, pp in layouts:
-            for m in _microbatches(global_batch // dp, pp, pins, caps):
-                any_microbatches = True
-                schedules = ["none"] if pp == 1 else [s for s in SCHEDULES[1:] if s in caps.schedules]
-                if pins.schedule is not None:
-                    schedules = [pins.schedule] if pp > 1 and pins.schedule in caps.schedules else []
-                for schedule in schedules:
-                    if schedule in INTERLEAVED and (len(profile.blocks) < 2 * pp or m % pp):
-                        continue
-                    if schedule != "gpipe" and m < pp:  # 1F1B's steady state needs a micro-batch per stage
-                        continue
-                    for sharding in shardings:
-                        if dp == 1 and sharding != "none":
-                            continue
-                        if schedule in INTERLEAVED and sharding != "none" and not caps.interleaving_with_sharding:
-                            continue
-                        if sharding == "hybrid" and (cluster.nodes == 1 or dp <= cluster.devices_per_node // (tp * pp)):
-                            continue
-                        for offload in offloads:
-                            if offload == "parameters" and sharding not in ("parameters", "hybrid"):
-                                continue
-                            base = Plan(
-                                dp=dp,
-                                tp=tp,
-                                pp=pp,
-                                microbatches=m,
-                                schedule=schedule,
-                                sharding=sharding,
-                                offload=offload,
-                                precision=precision,
-                            )
-                            found = _with_checkpointing(base, work, cluster, pins, budget, tally)
-                            yield found
-                            if found.predicted.memory_per_device_bytes <= budget:
-                                break  # offloading more is only slower
-    if not any_microbatches:
-        raise UsageError(
-            f"microbatches={pins.microbatches} does not divide the per-replica batch: choose a divisor "
-            f"of global batch / dp"
-        )
+def _sensible(plan: Plan, *, blocks: int, cluster: Cluster) -> bool:
+    """Plans worth costing: interleaving needs two blocks per stage and micro-batches per worker, 1F1B's steady
+    state a micro-batch per stage; sharding needs replicas, hybrid sharding replicas across nodes, and
+    offloaded parameters sharded ones."""
+    dp, pp, m, schedule, sharding = plan.dp, plan.pp, plan.microbatches, plan.schedule, plan.sharding
+    if schedule in INTERLEAVED and (blocks < 2 * pp or m % pp):
+        return False
+    if schedule not in ("none", "gpipe") and m < pp:
+        return False
+    if dp == 1 and sharding != "none":
+        return False
+    if sharding == "hybrid" and (cluster.nodes == 1 or dp <= cluster.devices_per_node // (plan.tp * pp)):
+        return False
+    return not (plan.offload == "parameters" and sharding not in ("parameters", "hybrid"))
 
 
 def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
@@ -310,30 +356,3 @@ def _rank(p: Plan, budget: int) -> tuple:
     return (over > 0, over, p.predicted.step_time_s)
 
 
-def _nothing_fits(scored, profiles, global_batch, optimizer_slots, cluster, pins, caps, budget, fraction) -> NoPlanFits:
-    smallest = min((p.predicted.memory_per_device_bytes for p in scored), default=0)
-    advice = []
-    for factor in (2, 4, 8, 16, 32, 64, 128):
-        bigger = cluster.with_overrides(nodes=cluster.nodes * factor)
-        if _fits(profiles, global_batch, optimizer_slots, bigger, pins, caps, budget):
-            advice.append(f"{bigger.world_size} devices ({bigger.nodes} nodes) would fit")
-            break
-    batch = global_batch // 2
-    while batch >= 1:
-        if _fits(profiles, batch, optimizer_slots, cluster, pins, caps, budget):
-            advice.append(f"a global batch of {batch} would fit on these {cluster.world_size} devices")
-            break
-        batch //= 2
-    return NoPlanFits(
-        f"no plan fits: the smallest needs {smallest / GB:.1f} GB per device, and each {cluster.device.name} "
-        f"offers {budget / GB:.2f} GB ({fraction:.0%} of {cluster.memory_bytes / GB:.2f} GB)"
-        + ("; " + "; ".join(advice) if advice else "; no larger cluster or smaller batch tried fits either")
-    )
-
-
-def _fits(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget) -> bool:
-    try:
-        scored = _score(profiles, global_batch, optimizer_slots, cluster, pins, caps, budget, _Tally())
-        return any(p.predicted.memory_per_device_bytes <= budget for p in scored)
-    except UsageError:
-        return False

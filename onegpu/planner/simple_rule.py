@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from onegpu.errors import UsageError
+from onegpu.plan import Plan
 from onegpu.planner.memory import GIB, MemoryEstimate
-from onegpu.planner.plan import Plan
 
 
 def choose_plan(*, estimate: MemoryEstimate, budget_bytes: int, world_size: int, strategy: str | None = None) -> Plan:

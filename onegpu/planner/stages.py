@@ -6,8 +6,8 @@ import functools
 import math
 
 from onegpu.errors import UsageError
-from onegpu.planner.analysis import ModelProfile
-from onegpu.planner.plan import INTERLEAVED
+from onegpu.plan import INTERLEAVED
+from onegpu.planner.profile import ModelProfile
 
 
 def balanced_cuts(costs: list[float], *, stages: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from onegpu.errors import UsageError
+from onegpu.launch.process_group import collective_timeout, current_worker
 from onegpu.launch.status import endings
-from onegpu.runtime.distributed import collective_timeout, current_worker
 from onegpu.runtime.watchdog import process_watchdog
 
 WEIGHTS_NAME = "model.safetensors"
@@ -38,8 +38,17 @@ AT_FDCWD, RENAME_EXCHANGE = -100, 2
 
 
 def user_class(model: nn.Module) -> type:
-    """The user's model class behind the wrappers DDP/FSDP put in front of it."""
-    return next(c for c in type(model).__mro__ if c.__module__.split(".")[0] != "torch" or c is nn.Module)
+    """The user's model class behind the classes FSDP2 or a pipeline put in front of it."""
+    return next(c for c in type(model).__mro__ if c.__module__.split(".")[0] not in ("torch", "onegpu") or c is nn.Module)
+
+
+def _whole_value(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A state tensor as this worker holds it whole (a replicated DTensor's local value), or None when split."""
+    if not hasattr(tensor, "full_tensor"):
+        return tensor
+    if all(placement.is_replicate() for placement in tensor.placements):
+        return tensor.to_local()
+    return None
 
 
 def held_whole(model: nn.Module) -> bool:
@@ -47,11 +56,9 @@ def held_whole(model: nn.Module) -> bool:
     it is sharded, split into tensor-parallel pieces or cut into pipeline stages."""
     if current_worker().world_size == 1:
         return True
-    from onegpu.runtime.pipelined import PipelinedModel
-
-    if isinstance(model, PipelinedModel):
+    if "onegpu_pipeline" in model.__dict__:
         return False
-    return not any(hasattr(tensor, "full_tensor") for tensor in model.state_dict().values())  # DTensors: split
+    return all(_whole_value(tensor) is not None for tensor in model.state_dict().values())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,10 +66,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     communication. A split one (FSDP, tensor or pipeline parallel): gathered from every worker (each
     must call this) onto rank 0, empty elsewhere."""
     if held_whole(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from onegpu.runtime.pipelined import PipelinedModel, pipeline_state_dict
+        return {k: _whole_value(v).detach().cpu() for k, v in model.state_dict().items()}
+    if "onegpu_pipeline" in model.__dict__:
+        from onegpu.runtime.pipelined import pipeline_state_dict
 
-    if isinstance(model, PipelinedModel):
         return pipeline_state_dict(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # 1 s to import
 
@@ -95,7 +102,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     check_target(target)
     if held_whole(model):
         if worker.is_main:
-            _write_atomically(_whole(model), full_state_dict(model), target)
+            _write_atomically(model, full_state_dict(model), target)
         return target
     watchdog = process_watchdog(rank=worker.rank, timeout_s=collective_timeout())
     watchdog.enter(EVERY_WORKER)  # a worker left waiting here is reported by rank and phase
@@ -105,7 +112,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     finally:
         watchdog.leave()
     if worker.is_main:
-        _write_atomically(_whole(model), state, target)
+        _write_atomically(model, state, target)
     return target
 
 
@@ -136,13 +143,6 @@ def _meet_every_worker(model: nn.Module, *, worker) -> None:
             f"onegpu.save_pretrained {problem}: the model is split among the workers"
             f"{f' ({plan.strategy})' if plan else ''}, so call it on every worker, not only on the main process"
         )
-
-
-def _whole(model: nn.Module) -> nn.Module:
-    """The user's model behind a pipeline stage (its class and config are what a checkpoint records)."""
-    from onegpu.runtime.pipelined import PipelinedModel
-
-    return model.model if isinstance(model, PipelinedModel) else model
 
 
 def check_target(target: Path) -> None:

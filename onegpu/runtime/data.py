@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from onegpu.batches import leading_size, move_to, slice_batch
 from onegpu.errors import UsageError
-from onegpu.runtime.distributed import Worker
+from onegpu.launch.process_group import Worker
 
 
 def slice_bounds(batch_size: int, *, rank: int, world_size: int) -> tuple[int, int]:
@@ -57,57 +58,6 @@ class SlicedBatchSampler(Sampler[list[int]]):
             yield indices[start:end]
 
 
-def move_to(batch: Any, device: torch.device) -> Any:
-    """The batch with every tensor on ``device`` (dicts, lists, tuples and HF BatchEncodings kept)."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if hasattr(batch, "to") and isinstance(batch, Mapping):  # transformers BatchEncoding
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: move_to(v, device) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
-
-
-def holds_columns(batch: list) -> bool:
-    """Whether a list is a batch's columns rather than its rows: torch's collation turns samples that are
-    tuples or lists into a list of batched tensors, one per field."""
-    return any(torch.is_tensor(v) or isinstance(v, Mapping) for v in batch)
-
-
-def slice_batch(batch: Any, start: int, end: int) -> Any:
-    """Rows [start, end) of every tensor or list in a collated batch."""
-    if torch.is_tensor(batch):
-        return batch[start:end] if batch.dim() else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: slice_batch(v, start, end) for k, v in batch.items()})
-    if isinstance(batch, tuple):
-        return (
-            type(batch)(*(slice_batch(v, start, end) for v in batch))
-            if hasattr(batch, "_fields")
-            else tuple(slice_batch(v, start, end) for v in batch)
-        )
-    if isinstance(batch, list):
-        return [slice_batch(v, start, end) for v in batch] if holds_columns(batch) else batch[start:end]
-    return batch
-
-
-def leading_size(batch: Any) -> int:
-    """Rows in a collated batch: the leading size of its first tensor, or the length of a list of rows."""
-    if torch.is_tensor(batch) and batch.dim():
-        return batch.shape[0]
-    if isinstance(batch, list) and not holds_columns(batch):
-        return len(batch)
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        if (torch.is_tensor(value) and value.dim()) or isinstance(value, (Mapping, list, tuple)):
-            return leading_size(value)
-    raise UsageError(
-        "onegpu cannot find the batch dimension of this DataLoader's batches: yield tensors, or dicts/tuples of them"
-    )
-
-
 def check_last_batch(loader: DataLoader, *, workers: int) -> None:
     """Refuse now a last batch too small to share, rather than after an epoch of work."""
     if loader.batch_size is None or loader.drop_last:
@@ -140,6 +90,20 @@ def fitting_batch_size(samples: int, *, batch_size: int, workers: int) -> int:
     return samples
 
 
+def check_loader(loader: DataLoader, *, replicas: int) -> None:
+    """Fail now, not at the first batch or the last, when the loader's batches cannot be shared by ``replicas``."""
+    if loader.batch_size is not None:
+        slice_bounds(loader.batch_size, rank=0, world_size=replicas)
+        check_last_batch(loader, workers=replicas)
+
+
+def first_samples(loader: DataLoader, count: int) -> Any | None:
+    """The first ``count`` samples of a map-style loader's dataset, collated (no RNG drawn, no loader iterated)."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return None
+    return loader.collate_fn([loader.dataset[i] for i in range(min(len(loader.dataset), count))])
+
+
 class GlobalBatchLoader(DataLoader):
     """The user's DataLoader, yielding this worker's slice of every global batch on its device.
 
@@ -150,9 +114,7 @@ class GlobalBatchLoader(DataLoader):
         self.worker, self.original = worker, loader
         self.shard = shard or (worker.rank, worker.world_size)
         self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
-        if loader.batch_size is not None:  # fail now, not at the first batch or the last
-            slice_bounds(loader.batch_size, rank=self.shard[0], world_size=self.shard[1])
-            check_last_batch(loader, workers=self.shard[1])
+        check_loader(loader, replicas=self.shard[1])
         if self.slices_indices:
             super().__init__(
                 loader.dataset,

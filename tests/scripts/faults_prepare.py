@@ -157,9 +157,9 @@ elif mode == "qwen2-advanced":
 elif mode == "pins":  # ARGS: name=value, the value as JSON when it reads as JSON
     qwen2(**{name: pin_value(value) for name, value in (arg.split("=", 1) for arg in args)})
 elif mode == "planner-error":
-    import onegpu.runtime.advanced
+    import onegpu.api
 
-    onegpu.runtime.advanced._search = fail_to_plan
+    onegpu.api._searched = fail_to_plan
     qwen2()
 else:
     raise SystemExit(f"unknown mode {mode}")

@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scenarios import meta_llama, write_gathered  # noqa: E402
 
 import onegpu  # noqa: E402
-from onegpu.planner.plan import Plan  # noqa: E402
-from onegpu.pool.reporting import resident_bytes  # noqa: E402
+from onegpu.machine import resident_bytes  # noqa: E402
+from onegpu.plan import Plan  # noqa: E402
 
 model = meta_llama(
     hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4

@@ -19,7 +19,7 @@ from scenarios import build, train  # noqa: E402
 
 import onegpu  # noqa: E402
 from onegpu.errors import UsageError  # noqa: E402
-from onegpu.planner.plan import Plan  # noqa: E402
+from onegpu.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
 world = int(os.environ.get("WORLD_SIZE", "1"))

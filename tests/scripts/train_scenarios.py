@@ -12,7 +12,7 @@ import torch.distributed as dist  # noqa: E402
 from scenarios import train  # noqa: E402
 
 import onegpu  # noqa: E402
-from onegpu.planner.plan import Plan  # noqa: E402
+from onegpu.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
 world = int(os.environ.get("WORLD_SIZE", "1"))

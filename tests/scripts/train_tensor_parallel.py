@@ -19,7 +19,7 @@ from scenarios import build, train  # noqa: E402
 
 import onegpu  # noqa: E402
 from onegpu.errors import UsageError  # noqa: E402
-from onegpu.planner.plan import Plan  # noqa: E402
+from onegpu.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,10 +38,10 @@ for scenario in scenarios:
         # the share of the model's parameters this worker holds
         held = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
         run["held"] = held / sum(p.numel() for p in build(scenario)[0].parameters())
-        structure = getattr(model, "onegpu_tensor_parallel", None)
-        if structure is not None:  # how many positions a norm inside a block sees: all, or this worker's share
-            run["sequence_parallel"] = structure.sequence_parallel
-            norm = model.get_submodule(f"{structure.first_block}.{(structure.norms or ('',))[0]}".rstrip("."))
+        layout = model.onegpu_plan.tensor_parallel
+        if plan.pp == 1:  # how many positions a norm inside a block sees: all, or this worker's share
+            run["sequence_parallel"] = layout.sequence_parallel
+            norm = model.get_submodule(f"{model.onegpu_plan.blocks}.0.{(layout.norms or ('',))[0]}".rstrip("."))
             seen = []
             handle = norm.register_forward_pre_hook(
                 lambda module, args, seen=seen: seen.append(args[0].shape[1]),

@@ -1,4 +1,4 @@
-"""The process group of this worker: device, backend and the few collectives onegpu needs."""
+"""This process as one worker of the job: its device, and the process group it joins (once)."""
 
 from __future__ import annotations
 
@@ -85,23 +85,6 @@ def current_worker(environment: Environment | None = None) -> Worker:
 def _leave_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce_sum(values: list[float], *, worker: Worker, group=None) -> list[float]:
-    """Sum a few numbers over all workers, or ``group`` (float64, so token counts stay exact)."""
-    if worker.world_size == 1:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=worker.device)
-    dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
-
-
-def broadcast_from_main(tensors: list[torch.Tensor], *, worker: Worker) -> None:
-    """Overwrite ``tensors`` on every worker with rank 0's values, in place."""
-    if worker.world_size == 1:
-        return
-    for tensor in tensors:
-        dist.broadcast(tensor.data, src=0)
 
 
 def is_main_process() -> bool:

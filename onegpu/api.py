@@ -1,0 +1,250 @@
+"""``onegpu.prepare``: the planner chooses a Plan, the runtime executes it.
+
+Rank 0 inspects the model once and chooses the plan (the simple rule, the plan the user gave, or
+Advanced Parallelization's search); every worker receives it as JSON and executes it. The plan is the
+only thing that passes from the planner to the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from onegpu.batches import as_call, as_keywords, first_sample, leading_size, sequence_length
+from onegpu.errors import UsageError
+from onegpu.launch.process_group import Worker, current_worker
+from onegpu.plan import Plan
+from onegpu.runtime.budget import memory_budget_bytes
+from onegpu.runtime.data import check_loader, first_samples
+from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
+from onegpu.runtime.user_loss import check_loss_fn
+
+_pins: dict[str, Any] | None = None
+
+
+def enable_advanced_parallelization(**pins: Any) -> None:
+    """Let the planner choose how ``prepare`` splits the work; pins (e.g. ``sharding="parameters"``) constrain it."""
+    from onegpu.planner.pins import parse_pins
+
+    global _pins
+    parse_pins(**pins)  # a wrong pin fails here, at the line that gave it
+    _pins = dict(pins)
+
+
+def disable_advanced_parallelization() -> None:
+    global _pins
+    _pins = None
+
+
+def prepare(
+    *objects: Any,
+    strategy: str | None = None,
+    plan: Plan | None = None,
+    memory_budget_gb: float | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> Any:
+    """Make a model, its optimizers and data loaders run on all workers; returns them in the same order.
+
+    The model keeps its class and attributes; optimizers are re-pointed at its (possibly
+    sharded) parameters; each DataLoader still yields the global batch, of which each worker
+    loads its slice. ``strategy`` forces ``"ddp"`` or ``"fsdp"``, ``plan`` a whole Plan; after
+    ``onegpu.enable_advanced_parallelization()`` the planner chooses. ``memory_budget_gb`` sets the
+    memory one worker may use (default: the device's, or the machine's shared by CPU workers).
+    ``loss_fn(output, target)``, for a model that does not compute its loss: ``model(inputs,
+    target=y)`` then returns the loss (the global-batch loss), under every plan, pipelines included.
+    """
+    given = TrainingObjects.sort(objects)
+    if loss_fn is not None:
+        check_loss_fn(given.model, loss_fn)
+    worker = current_worker()
+    for loader in given.loaders:  # a batch the workers cannot share fails before any heavy work
+        check_loader(loader, replicas=worker.world_size if plan is None else plan.dp)
+    budget = memory_budget_bytes(device=worker.device, local_world_size=worker.local_world_size, budget_gb=memory_budget_gb)
+    chosen = _shared(
+        lambda cluster: _choose(given, cluster, worker=worker, plan=plan, strategy=strategy, budget=budget),
+        worker=worker,
+    )
+    if worker.is_main:
+        backend = dist.get_backend() if dist.is_initialized() else "single process"
+        print(
+            f"onegpu: {worker.world_size} worker{'s' if worker.world_size > 1 else ''} ({worker.device.type}, "
+            f"{backend}) | strategy: {chosen.strategy} | {chosen.reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if chosen.fitted:
+        prepared = execute(chosen, given, worker=worker, loss_fn=loss_fn)
+    else:  # no batch to fit the plan's layout to yet: the model's first call shows one
+        prepared = sliced_loaders(given, chosen, worker=worker)
+        _defer(given, chosen, worker=worker, loss_fn=loss_fn)
+    return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+class _Deferred:
+    """In front of the model's class from ``prepare`` to its first call, when its inputs show what the plan
+    needs to be fitted; the model is then prepared and called."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        build = self.__dict__.pop("onegpu_deferred")
+        build(args, kwargs)
+        return self(*args, **kwargs)
+
+
+def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn) -> None:
+    from onegpu.planner.layout import fit_layout
+
+    model, user_class = given.model, type(given.model)
+
+    def build(args: tuple, kwargs: dict[str, Any]) -> None:
+        model.__class__ = user_class
+        del model.onegpu_plan
+        keywords = as_keywords(model.forward, args, kwargs)
+
+        def fit(cluster) -> Plan:
+            description, unavailable = _describe(model, keywords)
+            return fit_layout(plan, description, model=model, sample=keywords, unavailable=unavailable)
+
+        execute(_shared(fit, worker=worker, measure=False), given, worker=worker, loss_fn=loss_fn)
+
+    model.__class__ = type(f"Deferred{user_class.__name__}", (_Deferred, user_class), {})
+    model.__dict__["onegpu_deferred"] = build
+    model.onegpu_plan = plan
+
+
+def _shared(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool = True) -> Plan:
+    """The plan rank 0 chooses, on every worker; an error there reaches the others as text. Under
+    Advanced Parallelization every worker first takes part in measuring the job's devices."""
+    cluster = _measured_cluster(worker) if measure and _pins is not None else None
+    message: list[Any] = [None]
+    chosen = failure = None
+    if worker.is_main:
+        try:
+            chosen = choose(cluster)
+        except Exception as error:  # every worker raises it, not only rank 0
+            failure = error
+            kind = UsageError.__name__ if isinstance(error, UsageError) else type(error).__name__
+            message[0] = ("error", kind, str(error))
+        else:
+            message[0] = ("plan", chosen)  # plain frozen data: its predictions and reason travel too
+    if worker.world_size > 1:
+        dist.broadcast_object_list(message, src=0)
+    if failure is not None and not isinstance(failure, UsageError):
+        raise failure
+    if message[0][0] == "error":
+        _, kind, text = message[0]
+        if kind == UsageError.__name__:
+            raise UsageError(text)
+        raise RuntimeError(f"the planner failed on worker 0 ({kind}: {text})")
+    return message[0][1]
+
+
+def _measured_cluster(worker: Worker):
+    from onegpu.planner.cluster import measure_job_cluster
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return measure_job_cluster(rank=rank, world_size=worker.world_size, device=worker.device)
+
+
+def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | None, strategy, budget: int) -> Plan:
+    """The plan for this job, fitted to the model (on rank 0): the one given, Advanced Parallelization's
+    search, or the simple rule."""
+    from onegpu.planner.layout import fit_layout
+
+    model = given.model
+    if plan is not None and plan.fitted:  # fitted elsewhere (a plan from JSON): nothing to inspect
+        return fit_layout(replace(plan, reason=plan.reason or "the plan given to prepare()"), None, model=model)
+    slice_ = _worker_slice(given, worker=worker, plan=plan)
+    description, unavailable = _describe(model, slice_)
+    if plan is not None:
+        chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
+    elif cluster is not None and strategy is None and _trains(model):
+        chosen = _searched(given, description, unavailable, cluster=cluster, worker=worker, budget=budget)
+    else:
+        chosen = _simple(given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_)
+    if slice_ is None and not chosen.fitted and description is None:
+        return chosen  # fitted at the model's first call, whose inputs are the sample it needs
+    keywords = None if slice_ is None else as_keywords(model.forward, *as_call(slice_))
+    return fit_layout(chosen, description, model=model, sample=keywords, unavailable=unavailable)
+
+
+def _worker_slice(given: TrainingObjects, *, worker: Worker, plan: Plan | None) -> Any | None:
+    """One worker's slice of the first batch (its replica's, under a given plan)."""
+    if not given.loaders or given.loaders[0].batch_size is None:
+        return None
+    replicas = worker.world_size if plan is None else plan.dp
+    return first_samples(given.loaders[0], math.ceil(given.loaders[0].batch_size / replicas))
+
+
+def _describe(model: nn.Module, slice_: Any | None):
+    """The model's one inspection, on one sample of its batches; or None and why it could not be made."""
+    from onegpu.planner.inspection import describe
+
+    if slice_ is None:
+        return None, "no DataLoader of a map-style dataset with a batch_size was given to prepare()"
+    try:
+        return describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_)), ""
+    except UsageError as error:
+        return None, str(error)
+
+
+def _trains(model: nn.Module) -> bool:
+    """Whether ``model`` has anything to train (a frozen model, or one without parameters, does not)."""
+    return any(p.requires_grad for p in model.parameters())
+
+
+def _simple(given: TrainingObjects, description, *, worker: Worker, strategy, budget: int, slice_) -> Plan:
+    from onegpu.planner.memory import estimate_memory
+    from onegpu.planner.simple_rule import choose_plan
+
+    activations = None
+    if description is not None:
+        activations = description.profile.activation_bytes_per_sample * leading_size(slice_)
+    optimizer = given.optimizers[0] if given.optimizers else None
+    estimate = estimate_memory(given.model, optimizer=optimizer, activations=activations)
+    return choose_plan(estimate=estimate, budget_bytes=budget, world_size=worker.world_size, strategy=strategy)
+
+
+def _searched(given: TrainingObjects, description, unavailable: str, *, cluster, worker: Worker, budget: int) -> Plan:
+    """Advanced Parallelization's choice among the plans the runtime executes, for the job's own devices."""
+    from onegpu.planner.memory import optimizer_state_slots
+    from onegpu.planner.search import find_plan
+
+    loader = given.loaders[0] if given.loaders else None
+    if loader is None or loader.batch_size is None:
+        raise UsageError(
+            "advanced parallelization plans from the DataLoader's batches: pass a DataLoader with a "
+            "batch_size over a map-style dataset to prepare()"
+        )
+    if description is None:
+        raise UsageError(f"advanced parallelization cannot plan this model: {unavailable}")
+    if worker.world_size > 1 and description.tensor_parallel_degrees([2]) == [1] and _pins.get("tp") is None:
+        print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
+    cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
+    chosen = find_plan(
+        description,
+        global_batch_size=loader.batch_size,
+        seq_len=description.profile.seq_len,
+        cluster=cluster,
+        budget_fraction=1.0,
+        optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
+        capabilities=EXECUTABLE,
+        **_pins,
+    )
+    return replace(chosen, reason=_advanced_reason(chosen, budget_bytes=budget))
+
+
+def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:
+    """The one line prepare() logs about the planner's choice."""
+    p, s = plan.predicted, plan.search
+    return (
+        f"advanced parallelization: {s.candidates} candidates, {s.feasible} fit, {s.seconds:.2f} s | chosen: "
+        f"{plan.describe()} | predicted {p.step_time_s:.3f} s/step, {p.tokens_per_s:,.0f} tokens/s, "
+        f"{p.memory_per_device_bytes / 1e9:.2f} of {budget_bytes / 1e9:.2f} GB per worker"
+    )

@@ -1,0 +1,67 @@
+"""Data parallelism, one way for every layout: FSDP2 over the mesh's data-parallel dimension.
+
+Each block is one unit, then the rest of the module (its root). Replicated plans use FSDP2's
+``replicate`` (every replica holds the whole module; gradients are all-reduced per unit while
+backward runs); sharded plans use ``fully_shard``: ZeRO-2 (``sharding="gradients"``) keeps the
+parameters gathered from forward to backward, ZeRO-3 (``"parameters"``) gathers them per block
+and frees them again. Offload keeps the shards in host memory.
+
+Replicas SUM their gradients: each replica's loss is already its share of the global batch
+(:mod:`onegpu.runtime.loss_weighting`), the one rule every plan follows.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+from onegpu.errors import UsageError
+from onegpu.plan import Plan
+
+
+def apply_data_parallel(
+    module: nn.Module,
+    *,
+    mesh: DeviceMesh,
+    plan: Plan,
+    blocks: list[nn.Module],
+    ignored: set[nn.Parameter] | None = None,
+) -> None:
+    """Make ``module`` (a model, or a pipeline stage) data parallel over ``mesh``, in place: ``blocks`` are its
+    units; ``ignored`` parameters are left to another unit (a stage sharing modules with another)."""
+    if not any(p.requires_grad for p in module.parameters()):  # nothing to train: nothing to synchronise
+        module.register_forward_pre_hook(_refuse_unfrozen)
+        return
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if plan.sharding == "none":
+        for block in blocks:
+            replicate(block, mesh=mesh)
+        replicate(module, mesh=mesh, ignored_params=ignored)
+    else:
+        shard = plan.sharding in ("parameters", "hybrid")
+        policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if plan.offload == "parameters" else None
+        for index, block in enumerate(blocks):
+            # the last block's parameters are needed again at once by backward: keep them gathered
+            reshard = shard and index < len(blocks) - 1
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy or OffloadPolicy())
+        fully_shard(module, mesh=mesh, reshard_after_forward=shard, offload_policy=policy or OffloadPolicy(),
+                    ignored_params=ignored)  # fmt: skip
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):  # each replica's loss is its share of the global batch: sum
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def _refuse_unfrozen(module: nn.Module, args) -> None:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        raise UsageError(
+            "a parameter was unfrozen after onegpu.prepare(): set requires_grad before calling prepare, "
+            "so that its gradients are summed across workers"
+        )

@@ -1,0 +1,67 @@
+"""One function per layout, each built on the one (dp, pp, tp) device mesh of a plan.
+
+``parallelize`` picks the function for a plan without a pipeline: data parallelism (replicated or
+sharded, :mod:`data_parallel`), or tensor parallelism inside each replica with data parallelism
+across. Pipelines are built by ``onegpu.runtime.pipelined.parallelize_pipeline`` from the same
+pieces, per stage. Every function reads the plan and the model, nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from onegpu.parallel.blocks import blocks_at
+from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.data_parallel import apply_data_parallel
+from onegpu.parallel.materialize import materialize
+from onegpu.parallel.tensor_parallel import apply_tensor_parallel
+from onegpu.plan import MESH_DIMS, Plan
+
+
+def device_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
+    """The plan's mesh: tensor-parallel ranks are nearest neighbours, pipeline stages next (inside a node),
+    data-parallel replicas outermost."""
+    return init_device_mesh(device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=MESH_DIMS)
+
+
+def parallelize(
+    model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device: torch.device, on_meta: bool
+) -> None:
+    """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing); a
+    meta-built model is materialized once split."""
+    if mesh is None:
+        _checkpointed(model, plan)
+    elif plan.tp > 1:
+        parallelize_tensor_parallel(model, plan, mesh=mesh)
+    else:
+        parallelize_data_parallel(model, plan, mesh=mesh)
+    if on_meta:
+        materialize(model, device=device)
+
+
+def parallelize_data_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMesh) -> None:
+    """Every worker a replica: the model whole (``sharding="none"``) or sharded (ZeRO-2/3) over the replicas."""
+    blocks = _checkpointed(model, plan)
+    if plan.dp > 1:
+        apply_data_parallel(model, mesh=mesh["dp"], plan=plan, blocks=blocks)
+
+
+def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMesh) -> None:
+    """Each replica's blocks split over its ``tp`` neighbouring workers; replicas data parallel across."""
+    count = len(blocks_at(model, plan.blocks))
+    names = [f"{plan.blocks}.{b}" for b in range(count)]
+    model.onegpu_fused_orders = apply_tensor_parallel(
+        model, plan.tensor_parallel, mesh=mesh["tp"], blocks=names, first=names[0], last=names[-1]
+    )
+    blocks = _checkpointed(model, plan)
+    if plan.dp > 1:
+        apply_data_parallel(model, mesh=mesh["dp"], plan=plan, blocks=blocks)
+
+
+def _checkpointed(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """The model's blocks, the first ``plan.checkpointed_blocks`` of them checkpointed."""
+    blocks = blocks_at(model, plan.blocks) if plan.blocks else []
+    apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
+    return blocks

@@ -1,0 +1,108 @@
+"""What a model costs to train, per repeated block: the cost model's input, measured by the inspection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from onegpu.errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_OPS = ("scaled_dot_product", "bmm")  # flash kernels, or the math path's batched matmuls
+
+
+@dataclass(frozen=True)
+class PartProfile:
+    """One block (or the rest of the model) for one sample of ``seq_len`` tokens."""
+
+    params: int
+    fwd_flops: float
+    bwd_flops: float
+    activation_bytes: int  # saved for backward, no checkpointing
+    boundary_bytes: int  # the block's input: all a checkpointed block keeps
+    attention_flops: float = 0.0  # of fwd + bwd, in attention kernels (slower than plain GEMMs)
+    ops: int = 0  # operators run in forward + backward (each costs a launch or an eager dispatch)
+
+    def scaled(self, factor: float) -> PartProfile:
+        return replace(
+            self,
+            fwd_flops=self.fwd_flops * factor,
+            bwd_flops=self.bwd_flops * factor,
+            activation_bytes=int(self.activation_bytes * factor),
+            boundary_bytes=int(self.boundary_bytes * factor),
+            attention_flops=self.attention_flops * factor,
+        )
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A model's training costs, per sample of ``seq_len`` tokens, at one precision."""
+
+    name: str
+    seq_len: int
+    precision: str
+    blocks: tuple[PartProfile, ...]
+    rest: PartProfile  # embeddings, final norm, head and loss
+    param_bytes: int  # bytes of one parameter as stored
+    analysed_blocks: int = 0  # blocks actually run (a config's shortened copy runs two)
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    vocab_size: int | None = None
+
+    @property
+    def params(self) -> int:
+        return self.rest.params + sum(b.params for b in self.blocks)
+
+    @property
+    def flops_per_sample(self) -> float:
+        """Forward + backward FLOPs of one sample, without recomputation."""
+        return sum(p.fwd_flops + p.bwd_flops for p in (*self.blocks, self.rest))
+
+    @property
+    def activation_bytes_per_sample(self) -> int:
+        """Bytes one sample's forward keeps for backward, every block and the rest, without checkpointing."""
+        return self.rest.activation_bytes + sum(b.activation_bytes for b in self.blocks)
+
+    def tp_degrees(self, candidates: list[int]) -> list[int]:
+        """Tensor-parallel degrees that divide the heads, KV heads and hidden size (1 when unknown): the rule
+        for a profile whose model's structure was not inspected."""
+        if self.num_heads is None or self.hidden_size is None:
+            return [1]
+        kv = self.num_kv_heads or self.num_heads
+        return [t for t in candidates if self.num_heads % t == 0 and kv % t == 0 and self.hidden_size % t == 0]
+
+
+def per_block(counter: FlopCounterMode, names: dict[int, str], blocks: list[nn.Module], ops: tuple[str, ...] = ()):
+    """FLOPs so far per block (None: outside blocks), of every op or only of ``ops``."""
+    counts = counter.get_flop_counts()
+
+    def flops(per_op: dict) -> float:
+        return float(sum(v for op, v in per_op.items() if not ops or any(o in str(op) for o in ops)))
+
+    total = flops(counts.get("Global", {}))
+    out: dict[int | None, float] = {}
+    for index, block in enumerate(blocks):
+        key = next((k for k in counts if k.endswith(names[id(block)]) and k != "Global"), None)
+        out[index] = flops(counts[key]) if key else 0.0
+    out[None] = total - sum(out.values())
+    return out
+
+
+def attention_flops_of(counter: FlopCounterMode, names: dict[int, str], blocks: list[nn.Module]):
+    return per_block(counter, names, blocks, ops=ATTENTION_OPS)
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """A scalar to run backward from: the model's loss, or the sum of its first output."""
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        first = output if torch.is_tensor(output) else (output[0] if isinstance(output, (tuple, list)) else None)
+        if first is None:
+            raise UsageError("the model's output has no tensor to take a loss from: return a loss or a tensor")
+        loss = first.float().sum() if first.dim() else first
+    return loss
