@@ -1,20 +1,35 @@
-"""onegpu: a cluster of accelerators that single-device PyTorch code sees as one device."""
+"""onegpu: a cluster of accelerators that single-device PyTorch code sees as one device.
 
-from onegpu.api import disable_advanced_parallelization, enable_advanced_parallelization, prepare
-from onegpu.launch.process_group import is_main_process
-from onegpu.launch.relaunch import init
-from onegpu.plan import Plan
-from onegpu.planner.search import find_plan
-from onegpu.runtime.checkpoint import save_pretrained
+The public names are imported when first used, so that ``onegpu smi`` and other commands that need
+neither torch's distributed stack nor the planner start in a fraction of the time.
+"""
 
-__all__ = [
-    "Plan",
-    "disable_advanced_parallelization",
-    "enable_advanced_parallelization",
-    "find_plan",
-    "init",
-    "is_main_process",
-    "prepare",
-    "save_pretrained",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "Plan": "onegpu.plan",
+    "disable_advanced_parallelization": "onegpu.api",
+    "enable_advanced_parallelization": "onegpu.api",
+    "find_plan": "onegpu.planner.search",
+    "init": "onegpu.launch.relaunch",
+    "is_main_process": "onegpu.launch.process_group",
+    "prepare": "onegpu.api",
+    "save_pretrained": "onegpu.runtime.checkpoint",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'onegpu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -37,7 +37,6 @@ class Row:
     setup: Callable[[Path], None] | None = None  # prepares the home (or breaks it) before the command
     tracebacks: bool = False  # a failing worker's own traceback may be shown above the last line
     timeout: float = 120
-    slow: bool = True  # starts workers: runs with the slow tests
 
 
 @dataclass(frozen=True)
@@ -107,20 +106,17 @@ ROWS: list[Row] = [
         id="script-missing",
         args=("run", "missing.py"),
         message=re.escape("onegpu: script 'missing.py' not found: give the path of a Python file, e.g. onegpu run train.py"),
-        slow=False,
     ),
     Row(
         id="workers-zero",
         args=("run", "--workers", "0", "{scripts}/job.py", "ok"),
         message=re.escape("onegpu: --workers 0: a job needs at least 1 worker"),
-        slow=False,
     ),
     Row(
         id="workers-env-not-a-number",
         args=("run", "{scripts}/job.py", "ok"),
         env={"ONEGPU_WORKERS": "two"},
         message=re.escape("onegpu: ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2"),
-        slow=False,
     ),
     # prepare and the planner's model analysis: prepare twice, unfrozen models, batches the workers cannot
     # share, Advanced Parallelization pins, errors of the planner, and `onegpu plan`'s bad input
@@ -206,7 +202,7 @@ ROWS: list[Row] = [
         message=r"onegpu: tp=3 cannot split Qwen2ForCausalLM \(.*cannot be divided among 3 workers.*\): use one of 1",
     ),
     *(
-        Row(id=f"plan-{name}", args=("plan", "--model", "gpt2", "--seq-len", "1024", *extra), message=message, slow=False)
+        Row(id=f"plan-{name}", args=("plan", "--model", "gpt2", "--seq-len", "1024", *extra), message=message)
         for name, extra, message in (
             (
                 "unknown-cluster",
@@ -239,13 +235,11 @@ ROWS: list[Row] = [
         args=("plan", "--model", "gpt2", "--seq-len", "1024", "--global-batch-size", "32", "--cluster", "{home}/bad.yaml"),
         message=r"onegpu: .*/bad\.yaml: invalid YAML at line 2 \(.*\): fix the syntax there",
         setup=lambda home: (home / "bad.yaml").write_text("device: {name: x\nnodes: [\n"),
-        slow=False,
     ),
     Row(
         id="plan-unknown-model",
         args=("plan", "--model", "llama9", "--global-batch-size", "8", "--seq-len", "8", "--cluster", "a100-80gb"),
         message=r"onegpu: model 'llama9' is neither a preset \(gpt2, .*\) nor a config\.json file or directory",
-        slow=False,
     ),
 ]
 
@@ -304,7 +298,6 @@ ROWS += [
         args=("usage",),
         pool_toml=POOL + "price_per_device_hour = -5\n",
         message=r"onegpu: \S+/pool\.toml: price_per_device_hour = -5: give 0 or a positive number",
-        slow=False,
     ),
     *(
         Row(
@@ -312,7 +305,6 @@ ROWS += [
             args=args,
             pool_toml=POOL + "[flavors]\nHuge = 99\n",
             message=HUGE,
-            slow=False,
         )
         for args in (("smi",), ("run", "{scripts}/job.py", "ok", "{tag}"), ("switch", "Huge"), ("usage",))
     ),
@@ -321,7 +313,6 @@ ROWS += [
         args=("switch", "Huge"),
         pool_toml=POOL + "[flavors]\nSmall = 1\nHuge = 99\n",
         message=re.escape("onegpu: Huge needs 99 devices and this pool has 4: choose one of Small.2GB"),
-        slow=False,
     ),
     *(
         Row(
@@ -329,7 +320,6 @@ ROWS += [
             args=args,
             env={"ONEGPU_HOME": "{home}/pool.toml"},
             message=rf"onegpu: ONEGPU_HOME=\S+/pool\.toml is a file, not a directory: {HOME_FIX}",
-            slow=False,
         )
         for args in (
             ("run", "--workers", "2", "{scripts}/job.py", "ok", "{tag}"),
@@ -344,7 +334,6 @@ ROWS += [
             args=args,
             env={"ONEGPU_HOME": "{home}/pool.toml/onegpu"},
             message=rf"onegpu: ONEGPU_HOME=\S+/pool\.toml/onegpu cannot be written \(Not a directory\): {HOME_FIX}",
-            slow=False,
         )
         for args in (("run", "{scripts}/job.py", "ok", "{tag}"), ("smi",), ("switch", "Large"), ("usage",))
     ),
@@ -354,7 +343,6 @@ ROWS += [
             args=args,
             env={"ONEGPU_DATABASE_URL": "postgresql://onegpu@127.0.0.1:1/onegpu"},
             message=PG_DOWN,
-            slow=False,
         )
         for args in (("run", "--workers", "2", "{scripts}/job.py", "ok", "{tag}"), ("smi",), ("usage",))
     ),
@@ -363,7 +351,6 @@ ROWS += [
         args=("smi",),
         pool_toml="cpu_slots = \n",
         message=r"onegpu: \S+/pool\.toml is not valid TOML \(.*\): fix it, or delete it for the defaults",
-        slow=False,
     ),
     Row(
         id="pool-unknown-key",
@@ -371,14 +358,12 @@ ROWS += [
         pool_toml="cpu_slot = 4\n",
         message=r"onegpu: \S+/pool\.toml: unknown key 'cpu_slot'; known keys are cpu_slots, database_url, flavors, "
         r"lease_ttl_s, price_per_device_hour, slot_memory_gb",
-        slow=False,
     ),
     *(
         Row(
             id=f"pool-{key}-{value.strip(chr(39))}",
             args=args,
             pool_toml=f"{key} = {value}\n",
-            slow=False,
             message=rf"onegpu: \S+/pool\.toml: {key} = {value}: give {wanted} number",
         )
         for key, value, wanted, args in (
@@ -394,7 +379,6 @@ ROWS += [
             id=f"pool-bad-flavors-{name}",
             args=("smi",),
             pool_toml=POOL + flavors,
-            slow=False,
             message=r"onegpu: \S+/pool\.toml: \[flavors\] maps names to device counts \(whole numbers >= 1\)",
         )
         for name, flavors in (("zero", "[flavors]\nSmall = 0\n"), ("not-a-table", "flavors = 3\n"))
@@ -404,7 +388,6 @@ ROWS += [
             id=f"ledger-corrupt-{args[0]}",
             args=args,
             setup=_corrupt_ledger,
-            slow=False,
             message=r"onegpu: the ledger \S+/ledger\.sqlite cannot be used \(DatabaseError: file is not a database\): "
             r"move it aside to start a new one; the usage recorded in it stays there",
         )
@@ -417,18 +400,15 @@ ROWS += [
         env={"ONEGPU_LEDGER_BUSY_S": "0.5"},
         message=r"onegpu: the ledger \S+/ledger\.sqlite stayed locked by another process: retry, or stop the process "
         r"holding it",
-        slow=False,
     ),
     Row(
         id="switch-unknown-flavor",
         args=("switch", "Jumbo"),
-        slow=False,
         message=re.escape(f"onegpu: no flavor 'Jumbo' on this pool: {FLAVORS}"),
     ),
     Row(
         id="switch-flavor-larger-than-the-pool",
         args=("switch", "xLarge"),
-        slow=False,
         message=re.escape(f"onegpu: xLarge needs 8 devices and this pool has 4: {FLAVORS}"),
     ),
 ]

@@ -7,6 +7,8 @@ from typer.testing import CliRunner
 
 from onegpu.cli import app
 
+pytestmark = pytest.mark.slow  # the real CLI, in processes of its own
+
 BASE = ["plan", "--model", "gpt2", "--global-batch-size", "32", "--seq-len", "1024"]
 
 

@@ -113,6 +113,7 @@ raise SystemExit("not killed")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("step", "left"),
     [("staged", 1), ("writing", 1), ("written", 1), ("swapping", 1), ("swapped", 2), ("removing", 2)],
@@ -138,6 +139,7 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_checkpoint_and_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.mark.slow
 def test_a_first_save_killed_while_writing_leaves_no_checkpoint_and_nothing_after_the_next_save(tmp_path):
     target = tmp_path / "ckpt"
     killed = subprocess.run(

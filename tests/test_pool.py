@@ -19,6 +19,8 @@ from onegpu.pool.config import load_pool
 from onegpu.pool.flavors import all_flavors, current_flavor, standard_name, standard_sizes, switch_flavor
 from onegpu.pool.ledger import open_ledger
 
+pytestmark = pytest.mark.slow  # the real CLI, in processes of its own
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

@@ -11,8 +11,6 @@ from rich.table import Table
 
 from onegpu.errors import UsageError
 from onegpu.plan import GB, Plan
-from onegpu.planner.cluster import load_cluster
-from onegpu.planner.search import find_plan
 
 
 def plan(
@@ -49,6 +47,9 @@ def plan(
 ) -> None:
     """Choose the fastest plan that fits a cluster, with no devices needed, and explain it."""
     try:
+        from onegpu.planner.cluster import load_cluster  # the planner (and torch) only when planning
+        from onegpu.planner.search import find_plan
+
         chosen = find_plan(
             model,
             global_batch_size=global_batch_size,

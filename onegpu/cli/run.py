@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from onegpu.launch.run import LaunchError, launch
 from onegpu.launch.workers import worker_count
 
 WORKERS_HELP = "Workers behind the virtual device (default: ONEGPU_WORKERS, else your flavor's devices)."
@@ -22,6 +21,8 @@ def run(
     ] = False,
 ) -> None:
     """Run SCRIPT on N workers as if on one device."""
+    from onegpu.launch.run import LaunchError, launch  # torchelastic only when running
+
     try:
         code = launch(script, list(args or []), workers=worker_count(workers), wait=not no_wait)
     except (LaunchError, ValueError) as exc:

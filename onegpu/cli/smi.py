@@ -23,12 +23,21 @@ def smi(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scr
     flavor = current_flavor(pool)
     ledger = pool_ledger(pool)
     holdings, stats = ledger.holdings(), {s.device: s for s in ledger.stats()}
+    report = _report(pool, flavor, holdings, stats)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print(report, pool=pool, flavor=flavor, holdings=holdings)
+
+
+def _report(pool, flavor, holdings, stats) -> dict:
+    """What ``--json`` prints: the virtual device (your jobs' memory and utilization), each device, each job."""
     job_of = {device: h for h in holdings for device in h.devices}
     mine = [d for h in holdings if h.user == getpass.getuser() for d in h.devices]
     used = sum(stats[d].memory_bytes for d in mine if d in stats) / 1e9
     reporting = [stats[d].utilization for d in mine if d in stats]
     utilization = sum(reporting) / len(reporting) if reporting else 0.0
-    report = {
+    return {
         "virtual_device": {
             "name": "onegpu Virtual Device",
             "model": flavor.name,
@@ -54,9 +63,11 @@ def smi(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scr
             for h in holdings
         ],
     }
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-        return
+
+
+def _print(report: dict, *, pool, flavor, holdings) -> None:
+    """The table ``onegpu smi`` prints, nvidia-smi style."""
+    used, utilization = report["virtual_device"]["memory_used_gb"], report["virtual_device"]["utilization"]
     cells = ["  Device  ", "          Name          ", "     Model     ", " Memory Usage ", " Total Memory ", " Util "]
     row = [
         "  * 0     ",

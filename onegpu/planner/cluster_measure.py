@@ -292,16 +292,29 @@ def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool 
     import torch.distributed as dist
 
     device = device or torch.device("cpu")
-    accelerator = device.type != "cpu"
     distributed = dist.is_available() and dist.is_initialized() and world_size > 1
-    key = world_size if not accelerator else f"{world_size}-{device.type}"
+    key = world_size if device.type == "cpu" else f"{world_size}-{device.type}"
     path = _cache_path(key)
     cached = _read_cache(path, key) if cache and rank == 0 else None
     shared: list[Any] = [None if cached is None else cached.to_dict()]  # plain data: it is pickled
     if distributed:
         dist.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        return cluster_from_dict(shared[0], name="local")
+    if shared[0] is None:
+        cluster = _measure_job(rank=rank, world_size=world_size, device=device, distributed=distributed)
+        shared = [None if cluster is None else cluster.to_dict()]
+        if cluster is not None:
+            _write_cache(path, key, cluster)
+        if distributed:
+            dist.broadcast_object_list(shared, src=0)
+    return cluster_from_dict(shared[0], name="local")
+
+
+def _measure_job(*, rank: int, world_size: int, device, distributed: bool) -> Cluster | None:
+    """Every worker measures its device; the slowest counts. Rank 0 returns the cluster (others None)."""
+    import torch
+    import torch.distributed as dist
+
+    accelerator = device.type != "cpu"
     if distributed:
         dist.barrier()
     flops = _matmul_flops(device=device)
@@ -321,22 +334,15 @@ def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool 
         dist.all_reduce(slowest, op=dist.ReduceOp.MIN)  # synchronous training runs at the slowest worker
         latency = _ping_pong_latency(rank, device=device)
         link = _all_reduce_bus_bandwidth(world_size, device=device)
-    shared = [None]
-    if rank == 0:  # only ranks 0 and 1 measured the latency
-        peaks = {"fp32": slowest[0].item()}
-        if accelerator:
-            peaks["bf16"] = slowest[1].item()
-        cluster = _measured_node(
-            name=f"{device.type} (measured)" if accelerator else _cpu_name(torch.get_num_threads()),
-            devices=world_size,
-            device_memory_bytes=memory,
-            flops_per_s=peaks,
-            memory_bytes_per_s=slowest[2].item(),
-            link_bytes_per_s=link,
-            latency_s=latency,
-        )
-        _write_cache(path, key, cluster)
-        shared = [cluster.to_dict()]
-    if distributed:
-        dist.broadcast_object_list(shared, src=0)
-    return cluster_from_dict(shared[0], name="local")
+    if rank != 0:  # only ranks 0 and 1 measured the latency
+        return None
+    peaks = {"fp32": slowest[0].item(), **({"bf16": slowest[1].item()} if accelerator else {})}
+    return _measured_node(
+        name=f"{device.type} (measured)" if accelerator else _cpu_name(torch.get_num_threads()),
+        devices=world_size,
+        device_memory_bytes=memory,
+        flops_per_s=peaks,
+        memory_bytes_per_s=slowest[2].item(),
+        link_bytes_per_s=link,
+        latency_s=latency,
+    )

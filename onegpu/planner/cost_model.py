@@ -169,108 +169,161 @@ def _dp_link(plan: Plan, cluster: Cluster) -> Link:
     return cluster.inter_node if plan.world_size > cluster.devices_per_node else cluster.intra_node
 
 
-def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
-    """Seconds per optimizer step, by kind."""
-    prof, tp, pp, m = work.profile, plan.tp, plan.pp, plan.microbatches
-    cpu = is_cpu(cluster)
-    peak = cluster.device.peak_flops(plan.precision if plan.precision in cluster.device.peak_tflops else "fp32")
-    attainable = peak * (CPU_GEMM_EFFICIENCY if cpu else GEMM_EFFICIENCY)
-    bandwidth = cluster.device.memory_bandwidth_gbps * 1e9
-    op_overhead = CPU_OP_OVERHEAD_S if cpu else GPU_OP_OVERHEAD_S
-    fullest = max(worker_stage_blocks(prof, pp=pp, schedule=plan.schedule), key=sum)
-    n = sum(fullest)
-    block = prof.blocks[0] if prof.blocks else prof.rest
-    b = micro_batch_size(plan, work.global_batch)
-    c = sum(plan.checkpointed_blocks(size) for size in fullest)  # a number of blocks is per stage
-    compute_bytes = prof.param_bytes
+@dataclass(frozen=True)
+class _Step:
+    """What every part of a step's time depends on: the plan, the work, the cluster, and figures derived once."""
 
-    attention_rate = peak * (CPU_GEMM_EFFICIENCY if cpu else ATTENTION_EFFICIENCY)
-    tp_share = tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
+    plan: Plan
+    work: Workload
+    cluster: Cluster
 
-    def part_time(part, *, recompute: bool) -> float:
+    @property
+    def cpu(self) -> bool:
+        return is_cpu(self.cluster)
+
+    @property
+    def peak(self) -> float:
+        device, precision = self.cluster.device, self.plan.precision
+        return device.peak_flops(precision if precision in device.peak_tflops else "fp32")
+
+    @property
+    def attainable(self) -> float:
+        return self.peak * (CPU_GEMM_EFFICIENCY if self.cpu else GEMM_EFFICIENCY)
+
+    @property
+    def bandwidth(self) -> float:
+        return self.cluster.device.memory_bandwidth_gbps * 1e9
+
+    @property
+    def fullest(self) -> tuple[int, ...]:
+        """The block counts of the stages of the worker that holds the most blocks."""
+        return max(worker_stage_blocks(self.work.profile, pp=self.plan.pp, schedule=self.plan.schedule), key=sum)
+
+    @property
+    def block(self):
+        prof = self.work.profile
+        return prof.blocks[0] if prof.blocks else prof.rest
+
+    @property
+    def micro_batch(self) -> float:
+        return micro_batch_size(self.plan, self.work.global_batch)
+
+    @property
+    def stage_params(self) -> float:
+        return (sum(self.fullest) * self.block.params + self.work.profile.rest.params) / self.plan.tp
+
+    def part_time(self, part, *, recompute: bool) -> float:
+        """One micro-batch's forward and backward through ``part`` (recomputing its forward, or not)."""
+        b, tp, compute_bytes = self.micro_batch, self.plan.tp, self.work.profile.param_bytes
         passes = 4 / 3 if recompute else 1.0  # recomputation repeats the forward: a third of the work
         attention = b * part.attention_flops * passes / tp
         flops = b * (part.fwd_flops * (2 if recompute else 1) + part.bwd_flops) / tp - attention
         weight_reads = (4 if recompute else 3) * part.params / tp * compute_bytes
-        gemm = max(flops / attainable, weight_reads / bandwidth) + attention / attention_rate
+        attention_rate = self.peak * (CPU_GEMM_EFFICIENCY if self.cpu else ATTENTION_EFFICIENCY)
+        gemm = max(flops / self.attainable, weight_reads / self.bandwidth) + attention / attention_rate
         # elementwise work: activations written in forward, read in backward, their gradients written and read
-        elementwise = 4 * b * part.activation_bytes * tp_share / bandwidth
+        share = tp_activation_share(tp, sequence_parallel=self.work.sequence_parallel)
+        elementwise = 4 * b * part.activation_bytes * share / self.bandwidth
         launches = (part.ops or OPS_WHEN_UNKNOWN) * (4 / 3 if recompute else 1)
-        return gemm + elementwise + launches * op_overhead
+        return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
-    block_time = part_time(block, recompute=False)
-    stage_compute = c * part_time(block, recompute=True) + (n - c) * block_time + part_time(prof.rest, recompute=False)
-    recompute = c * (part_time(block, recompute=True) - block_time)
 
-    # tensor parallelism: 4 all-reduce-sized collectives of the block's boundary per micro-batch, exposed
+def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
+    """Seconds per optimizer step, by kind."""
+    step = _Step(plan, work, cluster)
+    m = plan.microbatches
+    stage, recompute, tp_comm = _stage_times(step)
+    bubble, p2p = _pipeline_times(step, stage_micro=stage + tp_comm)
+    optimizer, offload = _optimizer_times(step)
+    return {
+        "compute": m * (stage - recompute),
+        "recompute": m * recompute,
+        "pipeline_bubble": bubble,
+        "tensor_parallel_comm": m * tp_comm,
+        "pipeline_comm": m * p2p,
+        "data_parallel_comm": _data_parallel_comm(step),
+        "optimizer": optimizer,
+        "offload": offload,
+    }
+
+
+def _stage_times(step: _Step) -> tuple[float, float, float]:
+    """One micro-batch on the fullest stage: its compute, the part of it that recomputes, and the exposed
+    tensor-parallel communication (4 all-reduce-sized collectives of each block's boundary)."""
+    plan, block, n = step.plan, step.block, sum(step.fullest)
+    c = sum(plan.checkpointed_blocks(size) for size in step.fullest)  # a number of blocks is per stage
+    block_time = step.part_time(block, recompute=False)
+    rest = step.part_time(step.work.profile.rest, recompute=False)
+    compute = c * step.part_time(block, recompute=True) + (n - c) * block_time + rest
+    recompute = c * (step.part_time(block, recompute=True) - block_time)
     tp_comm = 0.0
-    if tp > 1:
-        tp_volume = 2 * (tp - 1) / tp * b * block.boundary_bytes
-        tp_comm = 4 * n * _collective(tp_volume, tp, cluster.intra_node)
-    stage_micro = stage_compute + tp_comm
+    if plan.tp > 1:
+        volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes
+        tp_comm = 4 * n * _collective(volume, plan.tp, step.cluster.intra_node)
+    return compute, recompute, tp_comm
 
-    # pipeline: (m + bubble) micro-batch slots of the slowest stage, plus activation sends
+
+def _pipeline_times(step: _Step, *, stage_micro: float) -> tuple[float, float]:
+    """The bubble ((pp - 1) micro-batch slots, fewer for interleaved and zero-bubble schedules) and the
+    activations sent between stages, per micro-batch."""
+    plan, cluster = step.plan, step.cluster
     virtual = 2 if plan.schedule in INTERLEAVED else 1
-    bubble = (pp - 1) / virtual
+    bubble = (plan.pp - 1) / virtual
     if plan.schedule == "zero-bubble":  # Qi et al. 2024: weight gradients fill the bubble, about a third is left
         bubble /= 3
     p2p = 0.0
-    if pp > 1:
-        link = cluster.inter_node if tp * pp > cluster.devices_per_node else cluster.intra_node
-        p2p = 2 * virtual * _collective(b * block.boundary_bytes / tp, 2, link)
+    if plan.pp > 1:
+        link = cluster.inter_node if plan.tp * plan.pp > cluster.devices_per_node else cluster.intra_node
+        p2p = 2 * virtual * _collective(step.micro_batch * step.block.boundary_bytes / plan.tp, 2, link)
+    return bubble * (stage_micro + p2p), p2p
 
-    # data parallelism
-    dp, link = plan.dp, _dp_link(plan, cluster)
-    stage_params = (n * block.params + prof.rest.params) / tp
-    grad_bytes = stage_params * compute_bytes
+
+def _data_parallel_comm(step: _Step) -> float:
+    """Gradient reduction and parameter gathering across replicas, what of it backward does not hide."""
+    plan, cluster, block, m, n = step.plan, step.cluster, step.block, step.plan.microbatches, sum(step.fullest)
+    dp, link, compute_bytes = plan.dp, _dp_link(plan, cluster), step.work.profile.param_bytes
+    grad_bytes = step.stage_params * compute_bytes
     ring = 2 * (dp - 1) / dp if dp > 1 else 0.0
     # compute that communication can hide behind; on a CPU "device" gloo runs on the same cores: none
-    overlap = 0.0 if cpu else 1.0
-    backward = overlap * m * n * b * block.bwd_flops / tp / attainable
-    dp_comm = 0.0
+    overlap = 0.0 if step.cpu else 1.0
+    backward = overlap * m * n * step.micro_batch * block.bwd_flops / plan.tp / step.attainable
     if plan.sharding == "none":
         exposed_after = _collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, link)
-        dp_comm = max(_collective(ring * grad_bytes, dp, link) - backward, 0.0) + exposed_after
+        comm = max(_collective(ring * grad_bytes, dp, link) - backward, 0.0) + exposed_after
     elif plan.sharding in ("optimizer", "gradients"):
         reduce_scatter = _collective(ring / 2 * grad_bytes, dp, link)
-        all_gather = _collective(ring / 2 * stage_params * compute_bytes, dp, link)
-        dp_comm = max(reduce_scatter - backward, 0.0) + all_gather
+        all_gather = _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
+        comm = max(reduce_scatter - backward, 0.0) + all_gather
     else:  # parameters / hybrid: per block all-gathers (forward, backward) and a reduce-scatter, prefetched
         group = shard_factors(plan, cluster)[0]
         shard_link = cluster.intra_node if plan.sharding == "hybrid" else link
         half_ring = (group - 1) / group
-        gather = _collective(half_ring * block.params / tp * compute_bytes, group, shard_link)
-        per_block = 2 * gather + _collective(half_ring * block.params / tp * compute_bytes, group, shard_link) / m
-        dp_comm = m * n * max(per_block - overlap * block_time, 0.0) + gather
+        gather = _collective(half_ring * block.params / plan.tp * compute_bytes, group, shard_link)
+        per_block = 2 * gather + _collective(half_ring * block.params / plan.tp * compute_bytes, group, shard_link) / m
+        comm = m * n * max(per_block - overlap * step.part_time(block, recompute=False), 0.0) + gather
         if plan.sharding == "hybrid" and dp > group:
             replicas = dp // group
-            dp_comm += _collective(2 * (replicas - 1) / replicas * grad_bytes / group, replicas, cluster.inter_node)
-
+            comm += _collective(2 * (replicas - 1) / replicas * grad_bytes / group, replicas, cluster.inter_node)
     # sharded gradients and parameters are copied into and out of flat communication buffers
     gathers = {"gradients": 1, "parameters": 2, "hybrid": 2}.get(plan.sharding, 0)
     if gathers:
-        dp_comm += m * (gathers + 1) * 2 * stage_params * compute_bytes / bandwidth
+        comm += m * (gathers + 1) * 2 * step.stage_params * compute_bytes / step.bandwidth
+    return comm
 
-    # optimizer step: memory bound, on the device or the host
-    shard = shard_factors(plan, cluster)[2]
-    state_bytes = stage_params / shard * MASTER_BYTES * (2 + work.optimizer_slots) * 2
-    optimizer = state_bytes / bandwidth
-    offload = 0.0
+
+def _optimizer_times(step: _Step) -> tuple[float, float]:
+    """The optimizer step (memory bound, on the device or the host) and the transfers offload adds."""
+    plan, work = step.plan, step.work
+    shard = shard_factors(plan, step.cluster)[2]
+    state_bytes = step.stage_params / shard * MASTER_BYTES * (2 + work.optimizer_slots) * 2
+    optimizer, offload = state_bytes / step.bandwidth, 0.0
+    host = HOST_LINK.bandwidth_gbps * 1e9
     if plan.offload in ("optimizer", "parameters"):
         optimizer = state_bytes / HOST_OPTIMIZER_BYTES_PER_S
-        offload = 2 * stage_params / shard * MASTER_BYTES / (HOST_LINK.bandwidth_gbps * 1e9)
+        offload = 2 * step.stage_params / shard * MASTER_BYTES / host
     if plan.offload == "parameters":
-        offload += 2 * m * stage_params / shard * compute_bytes / (HOST_LINK.bandwidth_gbps * 1e9)
-    return {
-        "compute": m * (stage_compute - recompute),
-        "recompute": m * recompute,
-        "pipeline_bubble": bubble * (stage_micro + p2p),
-        "tensor_parallel_comm": m * tp_comm,
-        "pipeline_comm": m * p2p,
-        "data_parallel_comm": dp_comm,
-        "optimizer": optimizer,
-        "offload": offload,
-    }
+        offload += 2 * plan.microbatches * step.stage_params / shard * work.profile.param_bytes / host
+    return optimizer, offload
 
 
 def predict(plan: Plan, work: Workload, cluster: Cluster) -> Prediction:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from onegpu.planner.taint import Taint
 
 START = -2  # what feeds the first block's hidden states (the embedding): the first stage only
 END = -1  # the unit after the last block
@@ -27,27 +28,13 @@ class ParameterUsage(TorchDispatchMode):
     def __init__(self, blocks: list[nn.Module], parameters: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.blocks = blocks
-        self.taint: dict[int, frozenset[str]] = {}
-        self.alive: list[torch.Tensor] = []
+        self.taint = Taint()
         self.unit: int | None = None  # the block running, END after the last, None before the first
         self.consumers: dict[str, set[int]] = {}
         self.handles: list[Any] = []
         self.active = True
         for name, tensor in parameters.items():
-            self._mark(tensor, frozenset({name}))
-
-    def _mark(self, value: Any, names: frozenset[str]) -> None:
-        for t in tree_leaves(value):
-            if isinstance(t, torch.Tensor):
-                self.taint[id(t)] = names
-                self.alive.append(t)
-
-    def _of(self, value: Any) -> frozenset[str]:
-        found: frozenset[str] = frozenset()
-        for t in tree_leaves(value):
-            if isinstance(t, torch.Tensor):
-                found |= self.taint.get(id(t), frozenset())
-        return found
+            self.taint.mark(tensor, frozenset({name}))
 
     def _consume(self, names: frozenset[str], unit: int) -> None:
         for name in names:
@@ -56,9 +43,9 @@ class ParameterUsage(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.active:
-            names = self._of((args, kwargs))
+            names = self.taint.of((args, kwargs))
             if names and self.unit is None:  # before the first block: what is made from parameters flows on
-                self._mark(out, names)
+                self.taint.mark(out, names)
             elif names:  # inside a block, or after the last one: consumed there
                 self._consume(names, self.unit)
         return out
@@ -79,9 +66,9 @@ class ParameterUsage(TorchDispatchMode):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states")
             others = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}) if args else (args, kwargs)
-            self._consume(self._of(others), index)  # masks, position embeddings: every block's own inputs
+            self._consume(self.taint.of(others), index)  # masks, position embeddings: every block's own inputs
             if index == 0:
-                self._consume(self._of(hidden), START)  # later blocks receive theirs from the previous stage
+                self._consume(self.taint.of(hidden), START)  # later blocks receive theirs from the previous stage
             self.unit = index
 
         return hook

@@ -32,6 +32,10 @@ class Pins:
     precision: str | None = None
 
 
+KNOWN = ["dp", "tp", "pp", "microbatches", "schedule", "sharding", "activation_checkpointing", "offload",
+         "mixed_precision", *ALIASES, "distribute_parameter", "pipeline_parallel"]  # fmt: skip
+
+
 def parse_pins(**raw: Any) -> Pins:
     """Normalize pins given in Python or on the command line; unknown names and values are errors."""
     values: dict[str, Any] = {}
@@ -42,62 +46,48 @@ def parse_pins(**raw: Any) -> Pins:
         if name in values:
             raise UsageError(f"pin {name!r} was given twice (directly and by an alias): give it once")
         values[name] = value
+    unknown = [name for name in values if name not in KNOWN]
+    if unknown:
+        raise UsageError(f"unknown pin {unknown[0]!r}: known pins are {', '.join(KNOWN)}")
     pins: dict[str, Any] = {}
     for name in ("dp", "tp", "pp", "microbatches"):
         if name in values:
-            value = values.pop(name)
+            value = values[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name}={value!r}: give a whole number >= 1")
             pins[name] = value
     if "pipeline_parallel" in values:
-        if values.pop("pipeline_parallel"):
+        if values["pipeline_parallel"]:
             pins["min_pp"] = 2
         elif pins.setdefault("pp", 1) != 1:
             raise UsageError(f"pipeline_parallel=False contradicts pp={pins['pp']}: drop one of them")
-    if "schedule" in values:
-        schedule = str(values.pop("schedule")).lower()
-        if schedule not in SCHEDULES[1:]:
-            raise UsageError(f"schedule={schedule!r} is not known: use one of {', '.join(SCHEDULES[1:])}")
-        pins["schedule"] = schedule
-    if "sharding" in values:
-        sharding = str(values.pop("sharding")).lower()
-        if sharding not in SHARDINGS:
-            raise UsageError(f"sharding={sharding!r} is not known: use one of {', '.join(SHARDINGS)}")
-        pins["shardings"] = (sharding,)
-    if "distribute_parameter" in values:
-        wanted = ("parameters", "hybrid") if values.pop("distribute_parameter") else ("none", "optimizer", "gradients")
-        pins["shardings"] = tuple(s for s in pins.get("shardings", SHARDINGS) if s in wanted)
-        if not pins["shardings"]:
-            raise UsageError("distribute_parameter contradicts the sharding pin: drop one of them")
+    pins.update(_choices(values))
     if "activation_checkpointing" in values:
-        pins["activation_checkpointing"] = _checkpointing(values.pop("activation_checkpointing"))
-    if "offload" in values:
-        offload = str(values.pop("offload")).lower()
-        if offload not in OFFLOADS:
-            raise UsageError(f"offload={offload!r} is not known: use one of {', '.join(OFFLOADS)}")
-        pins["offloads"] = (offload,)
+        pins["activation_checkpointing"] = _checkpointing(values["activation_checkpointing"])
     if "mixed_precision" in values:
-        precision = str(values.pop("mixed_precision")).lower()
+        precision = str(values["mixed_precision"]).lower()
         if precision not in PRECISION_OF:
             raise UsageError(f"mixed_precision={precision!r} is not known: use bf16, fp16 or off")
         pins["precision"] = PRECISION_OF[precision]
-    if values:
-        known = [
-            "dp",
-            "tp",
-            "pp",
-            "microbatches",
-            "schedule",
-            "sharding",
-            "activation_checkpointing",
-            "offload",
-            "mixed_precision",
-            *ALIASES,
-            "distribute_parameter",
-            "pipeline_parallel",
-        ]
-        raise UsageError(f"unknown pin {next(iter(values))!r}: known pins are {', '.join(known)}")
     return Pins(**pins)
+
+
+def _choices(values: dict[str, Any]) -> dict[str, Any]:
+    """The pins that name one of a few choices (schedule, sharding, offload), checked against them."""
+    pins: dict[str, Any] = {}
+    for name, allowed, field in (("schedule", SCHEDULES[1:], "schedule"), ("sharding", SHARDINGS, "shardings"),
+                                 ("offload", OFFLOADS, "offloads")):  # fmt: skip
+        if name in values:
+            choice = str(values[name]).lower()
+            if choice not in allowed:
+                raise UsageError(f"{name}={choice!r} is not known: use one of {', '.join(allowed)}")
+            pins[field] = choice if field == "schedule" else (choice,)
+    if "distribute_parameter" in values:
+        wanted = ("parameters", "hybrid") if values["distribute_parameter"] else ("none", "optimizer", "gradients")
+        pins["shardings"] = tuple(s for s in pins.get("shardings", SHARDINGS) if s in wanted)
+        if not pins["shardings"]:
+            raise UsageError("distribute_parameter contradicts the sharding pin: drop one of them")
+    return pins
 
 
 def _checkpointing(value: Any) -> str | int:

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from onegpu.parallel.tensor_parallel import is_linear, output_features
 from onegpu.plan import TensorParallelGroup, TensorParallelLayout
+from onegpu.planner.taint import Taint
 
 INPUT = "<block input>"
 IDS = "<input ids>"
@@ -123,8 +124,7 @@ class TensorParallelRecorder(TorchDispatchMode):
         self.model, self.blocks = model, blocks
         self.names = {m: n for n, m in model.named_modules()}
         self.layers = {n: m for n, m in blocks[0].named_modules() if n and is_linear(m)}
-        self.taint: dict[int, frozenset[str]] = {}
-        self.alive: list[torch.Tensor] = []  # ids stay unique while recording
+        self.taint = Taint()
         self.ops: list[tuple[str, frozenset[str], list[tuple[int, ...]], list[tuple[int, ...]]]] = []
         self.arguments: list[list[Any]] = []  # each op's other arguments (reduction dimensions)
         self.inside_layer = 0
@@ -135,19 +135,11 @@ class TensorParallelRecorder(TorchDispatchMode):
         self.seen: dict[str, Any] = {}
         self.handles: list[Any] = []
 
-    # --- taint ---------------------------------------------------------------------------------
-    def mark(self, tensor: Any, sources: frozenset[str]) -> None:
-        for t in tree_leaves(tensor):
-            if isinstance(t, torch.Tensor):
-                self.taint[id(t)] = sources
-                self.alive.append(t)
+    def mark(self, value: Any, sources: frozenset[str]) -> None:
+        self.taint.mark(value, sources)
 
     def of(self, value: Any) -> frozenset[str]:
-        found: frozenset[str] = frozenset()
-        for t in tree_leaves(value):
-            if isinstance(t, torch.Tensor):
-                found |= self.taint.get(id(t), frozenset())
-        return found
+        return self.taint.of(value)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
