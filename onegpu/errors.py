@@ -3,3 +3,7 @@
 
 class UsageError(ValueError):
     """Bad input or configuration. Its message names the fix."""
+
+
+class LaunchError(Exception):
+    """A job could not start or one of its workers failed; the message says which and what to do."""

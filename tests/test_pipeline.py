@@ -86,7 +86,8 @@ def test_each_worker_allocates_only_its_stage(tmp_path):
 def check(launched, reference, scenario: str, name: str) -> None:
     out, results = launched
     run = results[f"{scenario}-{name}"]
-    assert run["model_class"].startswith("Pipelined")  # the user's model, in front of its class a pipeline's
+    assert run["model_class"].startswith("Pipelined") and run["is_the_users_class"]  # a subclass of the user's
+    assert run["clip_unpatched"]  # the norm over stages comes from the gradients, not from a patched torch
     assert run["held"] < 0.8  # rank 0 holds its stage's parameters, not the whole model
     checkpointed = name in ("1f1b-checkpointed", "fsdp2-gpipe") and scenario != "tower"  # Tower has no blocks
     assert (run["checkpointed_blocks"] > 0) == checkpointed

@@ -9,7 +9,6 @@ from onegpu.cli import run as run_command
 from onegpu.cli import smi as smi_command
 from onegpu.cli import switch as switch_command
 from onegpu.cli import usage as usage_command
-from onegpu.errors import UsageError
 
 app = typer.Typer(
     name="onegpu",
@@ -31,8 +30,4 @@ def _root() -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except UsageError as exc:  # a mistake in the input or the setup: its one line, no traceback
-        typer.echo(f"onegpu: {exc}", err=True)
-        raise SystemExit(1) from None
+    app()

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from onegpu.errors import UsageError
+from onegpu.cli.one_line import one_line_errors
 from onegpu.plan import GB, Plan
 
 
@@ -46,29 +46,25 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Choose the fastest plan that fits a cluster, with no devices needed, and explain it."""
-    try:
-        from onegpu.planner.cluster import load_cluster  # the planner (and torch) only when planning
-        from onegpu.planner.search import find_plan
+    from onegpu.planner.cluster import load_cluster  # the planner (and torch) only when planning
+    from onegpu.planner.search import find_plan
 
-        chosen = find_plan(
-            model,
-            global_batch_size=global_batch_size,
-            seq_len=seq_len,
-            cluster=load_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node),
-            budget_fraction=memory_fraction,
-            dp=dp,
-            tp=tp,
-            pp=pp,
-            microbatches=microbatches,
-            schedule=schedule,
-            sharding=sharding,
-            activation_checkpointing=activation_checkpointing,
-            offload=offload,
-            mixed_precision=mixed_precision,
-        )
-    except UsageError as error:
-        typer.echo(f"onegpu: {error}", err=True)
-        raise typer.Exit(1) from None
+    chosen = find_plan(
+        model,
+        global_batch_size=global_batch_size,
+        seq_len=seq_len,
+        cluster=load_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node),
+        budget_fraction=memory_fraction,
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        microbatches=microbatches,
+        schedule=schedule,
+        sharding=sharding,
+        activation_checkpointing=activation_checkpointing,
+        offload=offload,
+        mixed_precision=mixed_precision,
+    )
     if as_json:
         typer.echo(json.dumps(chosen.to_dict(), indent=2))
     else:
@@ -116,4 +112,4 @@ def show(chosen: Plan, *, model: str, cluster: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("plan")(plan)
+    app.command("plan")(one_line_errors(plan))

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from onegpu.cli.one_line import one_line_errors
 from onegpu.launch.workers import worker_count
 
 WORKERS_HELP = "Workers behind the virtual device (default: ONEGPU_WORKERS, else your flavor's devices)."
@@ -21,18 +22,13 @@ def run(
     ] = False,
 ) -> None:
     """Run SCRIPT on N workers as if on one device."""
-    from onegpu.launch.run import LaunchError, launch  # torchelastic only when running
+    from onegpu.launch.run import launch  # torchelastic only when running
 
-    try:
-        code = launch(script, list(args or []), workers=worker_count(workers), wait=not no_wait)
-    except (LaunchError, ValueError) as exc:
-        typer.echo(f"onegpu: {exc}", err=True)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code)
+    raise typer.Exit(launch(script, list(args or []), workers=worker_count(workers), wait=not no_wait))
 
 
 def register(app: typer.Typer) -> None:
     app.command(
         "run",
         context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
-    )(run)
+    )(one_line_errors(run))

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from onegpu.cli.one_line import one_line_errors
 from onegpu.pool.config import load_pool
 from onegpu.pool.flavors import current_flavor
 from onegpu.pool.lease import pool_ledger
@@ -95,4 +96,4 @@ def _print(report: dict, *, pool, flavor, holdings) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("smi")(smi)
+    app.command("smi")(one_line_errors(smi))

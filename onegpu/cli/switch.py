@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from onegpu.cli.one_line import one_line_errors
 from onegpu.pool.config import load_pool
 from onegpu.pool.flavors import all_flavors, current_flavor, switch_flavor
 
@@ -47,4 +48,4 @@ def _menu(pool) -> str | None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("switch")(switch)
+    app.command("switch")(one_line_errors(switch))

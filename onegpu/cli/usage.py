@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from onegpu.cli.one_line import one_line_errors
 from onegpu.errors import UsageError
 from onegpu.pool.config import load_pool
 from onegpu.pool.lease import pool_ledger
@@ -82,4 +83,4 @@ def _parse_since(since: str | None) -> float | None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("usage")(usage)
+    app.command("usage")(one_line_errors(usage))

@@ -16,8 +16,9 @@ def init(*, workers: int | None = None) -> None:
     N workers running the same script (through ``onegpu run``'s launcher) and exits with
     their status; inside a worker, or under torchrun/SLURM, it joins the job and returns.
     """
+    from onegpu.errors import LaunchError
     from onegpu.launch.process_group import current_worker
-    from onegpu.launch.run import LaunchError, launch
+    from onegpu.launch.run import launch
     from onegpu.launch.workers import worker_count
 
     env = current_environment()

@@ -13,14 +13,11 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from onegpu.errors import LaunchError
 from onegpu.launch.failures import root_cause
 from onegpu.launch.workers import threads_per_worker
 from onegpu.pool.lease import leased_devices
 from onegpu.settings import worker_environment
-
-
-class LaunchError(Exception):
-    """A job could not start or one of its workers failed; the message says which and what to do."""
 
 
 def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> int:

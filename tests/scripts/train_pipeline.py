@@ -50,6 +50,8 @@ def record(scenario: str, name: str, **how) -> None:
     """Train ``scenario`` under ``how``; keep its results, the share of the model this worker holds (its
     stage's parameters; its shard of them under FSDP) and its checkpoint."""
     run = train(scenario, prepare=onegpu.prepare, **how)
+    run["is_the_users_class"] = isinstance(run["model"], type(build(scenario, layers=how.get("layers", 2))[0]))
+    run["clip_unpatched"] = torch.nn.utils.clip_grad._get_total_norm.__module__ == "torch.nn.utils.clip_grad"
     held = sum(getattr(p, "_local_tensor", p).numel() for p in run["model"].parameters())
     whole = build(scenario, layers=how.get("layers", 2))[0]
     run["held"] = held / sum(p.numel() for p in whole.parameters())
