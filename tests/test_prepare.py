@@ -47,5 +47,5 @@ def test_exactly_one_model():
 
 def test_bad_memory_budget_names_the_fix(monkeypatch):
     monkeypatch.setenv("ONEGPU_MEMORY_BUDGET_GB", "lots")
-    with pytest.raises(UsageError, match="ONEGPU_MEMORY_BUDGET_GB='lots' is not a number"):
+    with pytest.raises(UsageError, match="ONEGPU_MEMORY_BUDGET_GB='lots' is not a positive number"):
         onegpu.prepare(torch.nn.Linear(2, 2))
