@@ -70,6 +70,7 @@ def prepare(
     chosen = _shared(
         lambda cluster: _choose(given, cluster, worker=worker, plan=plan, strategy=strategy, budget=budget),
         worker=worker,
+        measure=plan is None and strategy is None,  # only a search uses the measured devices
     )
     if worker.is_main:
         backend = dist.get_backend() if dist.is_initialized() else "single process"
