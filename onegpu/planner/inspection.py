@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.batches import as_call, to_meta
 from onegpu.errors import UsageError
+from onegpu.parallel.batch_norm import batch_norm_layers
 from onegpu.parallel.blocks import block_container, repeated_blocks
 from onegpu.plan import StageLayout, TensorParallelLayout
 from onegpu.planner.meta_kernels import FLOP_FORMULAS, GroupedMatmulsInBF16, has_attention_choice, meta_attention
@@ -42,6 +43,7 @@ class ModelDescription:
     block_count: int
     usage: tuple[tuple[str, frozenset[int]], ...]  # parameter -> blocks (START, END) that use it
     tensor_parallel: TensorParallelFindings | None = None  # None: not inspected (a bare profile)
+    batch_norm: str | None = None  # its first BatchNorm layer: no pipeline can reproduce its batch statistics
 
     @classmethod
     def of_profile(cls, profile: ModelProfile) -> ModelDescription:
@@ -174,6 +176,7 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         tensor_parallel=tensor_parallel.findings() if tensor_parallel else TensorParallelFindings(
             reasons=(f"{name} has no repeated blocks",)
         ),
+        batch_norm=next(iter(batch_norm_layers(model)), None),
     )
 
 
