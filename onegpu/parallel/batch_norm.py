@@ -32,18 +32,19 @@ def batch_norm_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
 
 
-def refuse_in_pipeline(model: nn.Module) -> None:
-    """A pipeline normalises each micro-batch alone: one device's whole-batch statistics cannot be reproduced."""
+def refuse_micro_batches(model: nn.Module) -> None:
+    """For a plan with a pipeline or micro-batches: each stage or micro-batch would normalise by statistics of its
+    own, and one device's whole-batch statistics cannot be reproduced."""
     layers = batch_norm_layers(model)
     if layers:
-        raise UsageError(no_pipeline_for(type(model).__name__, layers[0]))
+        raise UsageError(no_micro_batches_for(type(model).__name__, layers[0]))
 
 
-def no_pipeline_for(model_name: str, layer: str) -> str:
-    """The one line refusing a pipeline to a model with BatchNorm ``layer``."""
+def no_micro_batches_for(model_name: str, layer: str) -> str:
+    """The one line refusing micro-batches (pipelines) to a model with BatchNorm ``layer``."""
     return (
-        f"{model_name} has BatchNorm layers ({layer!r}), whose batch statistics a pipeline's micro-batches "
-        f"cannot share: use a plan without pp (data or tensor parallelism)"
+        f"{model_name} has BatchNorm layers ({layer!r}), whose batch statistics micro-batches cannot share: "
+        f"use a plan without pp or micro-batches (data or tensor parallelism)"
     )
 
 

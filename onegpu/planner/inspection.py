@@ -144,6 +144,7 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         with (
             torch.enable_grad(),  # the model may be first called under no_grad (evaluation)
             meta_attention(model) if flash else contextlib.nullcontext(),
+            _running_statistics(model),
             FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter,
             GroupedMatmulsInBF16(),
             costs.recording(),
@@ -178,6 +179,20 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         ),
         batch_norm=next(iter(batch_norm_layers(model)), None),
     )
+
+
+@contextlib.contextmanager
+def _running_statistics(model: nn.Module):
+    """BatchNorm layers normalise by their running statistics during the pass (same cost): a batch of one sample
+    has no batch statistics (``BatchNorm1d`` refuses it)."""
+    training = [m for n in batch_norm_layers(model) if (m := model.get_submodule(n)).training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 class _CostRecorder:
