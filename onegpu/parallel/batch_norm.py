@@ -21,7 +21,6 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from onegpu.errors import UsageError
@@ -111,11 +110,29 @@ def global_statistics(
         ]
     )
     if group is not None:
-        sums = all_reduce(sums, group=group)
+        sums = _SumOverGroup.apply(sums, group)
     count = sums[-1]
     offset = sums[:channels] / count
     var = (sums[channels : 2 * channels] / count - offset.square()).clamp_min(0)
     return (offset if shift is None else offset + shift.detach().double()), var, count.detach()
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """A sum over ``group`` whose gradient is the sum of every member's gradient (each replica's loss depends on
+    every slice through the statistics)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def normalize(
