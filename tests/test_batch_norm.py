@@ -63,13 +63,31 @@ def test_plain_batch_norm_is_untouched_on_one_replica():
     model = BatchNormCNN()
     apply_global_batch_norm(model, group=None)
     assert type(model.norm) is nn.BatchNorm1d
-    assert batch_norm_layers(model) == ["features.1", "features.4", "norm"]
+    assert batch_norm_layers(model) == ["stem.1", "blocks.0.norm", "blocks.1.norm", "spread", "norm"]
+
+
+def test_recomputing_a_checkpointed_block_counts_its_batch_once():
+    """Activation checkpointing runs a block's BatchNorm again in backward: its running statistics and
+    num_batches_tracked stay those of one forward, and the gradients those without checkpointing."""
+    from onegpu.parallel.checkpointing import apply_activation_checkpointing
+
+    plain = BatchNormCNN()
+    checkpointed = copy.deepcopy(plain)
+    apply_activation_checkpointing(list(checkpointed.blocks))
+    x, y = images()[:7]
+    for model in (plain, checkpointed):
+        for _ in range(2):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+    for (name, value), expected in zip(checkpointed.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    for (name, param), expected in zip(checkpointed.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(param.grad, expected.grad, rtol=0, atol=0, msg=name)
 
 
 def test_the_inspection_names_the_first_batch_norm_layer():
     from onegpu.planner.inspection import describe
 
-    assert describe(BatchNormCNN(), sample=(images()[0][0][None],), seq_len=1).batch_norm == "features.1"
+    assert describe(BatchNormCNN(), sample=(images()[0][0][None],), seq_len=1).batch_norm == "stem.1"
     assert describe(nn.Sequential(nn.Linear(4, 4)), sample=(torch.ones(1, 4),), seq_len=1).batch_norm is None
 
 
@@ -111,13 +129,15 @@ def trained(out, name: str, *, sync: bool = False) -> nn.Module:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("workers", "name"), [(2, "ddp"), (2, "fsdp"), (2, "sync-ddp"), (2, "zero3-sync"), (3, "ddp"), (3, "fsdp")]
+    ("workers", "name"),
+    [(2, "ddp"), (2, "fsdp"), (2, "sync-ddp"), (2, "zero3-sync"), (2, "ddp-checkpoint"), (3, "ddp"), (3, "fsdp")],
 )
 def test_batch_norm_trains_like_one_device(reference, runs, workers, name):
     out, results = runs[workers]
     sync = "sync" in name
     run, ref = results[name], reference[sync]
     assert run["norm_is_users_class"], run["norm_class"]
+    assert run["checkpointed_blocks"] == (2 if "checkpoint" in name else 0)
     model = trained(out, name, sync=sync)
     assert_same_training(run, ref, trained=model)
     for (key, value), expected in zip(model.state_dict().items(), ref["model"].state_dict().values()):
@@ -129,6 +149,6 @@ def test_batch_norm_trains_like_one_device(reference, runs, workers, name):
 def test_a_pipeline_given_to_prepare_is_refused_in_one_line(runs):
     _, results = runs[2]
     assert results["refused-given-pp"] == (
-        "BatchNormCNN has BatchNorm layers ('features.1'), whose batch statistics micro-batches cannot share: "
+        "BatchNormCNN has BatchNorm layers ('stem.1'), whose batch statistics micro-batches cannot share: "
         "use a plan without pp or micro-batches (data or tensor parallelism)"
     )

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from batch_norm_cnn import BatchNormCNN, build, images, train  # noqa: E402
+from scenarios import checkpointed_blocks  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import onegpu  # noqa: E402
@@ -22,11 +23,13 @@ runs = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"}}
 if world == 2:
     runs["sync-ddp"] = {"strategy": "ddp", "sync": True}
     runs["zero3-sync"] = {"plan": Plan(dp=2, sharding="parameters"), "sync": True}
+    runs["ddp-checkpoint"] = {"plan": Plan(dp=2, activation_checkpointing="full")}
 results = {}
 for name, how in runs.items():
     run = train(prepare=onegpu.prepare, **how)
     model = run.pop("model")
     run["norm_class"] = type(model.norm).__name__
+    run["checkpointed_blocks"] = checkpointed_blocks(model)
     run["norm_is_users_class"] = isinstance(model.norm, type(build(sync=how.get("sync", False)).norm))
     onegpu.save_pretrained(model, out / name)
     results[name] = run
