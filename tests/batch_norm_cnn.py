@@ -72,11 +72,11 @@ def global_mean(value: torch.Tensor, count: int) -> float:
     return float(both[0] / both[1])
 
 
-def train(*, prepare=None, sync: bool = False, **how) -> dict:
+def train(*, prepare=None, sync: bool = False, batch: int = BATCH, **how) -> dict:
     """Single-device training; returns the per-step losses, gradient norms, eval loss and the model."""
     model = build(sync=sync)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loader = DataLoader(images(), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(images(), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(1))
     if prepare is not None:
         model, optimizer, loader = prepare(model, optimizer, loader, **how)
     losses, norms = [], []

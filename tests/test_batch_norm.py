@@ -112,7 +112,7 @@ def test_the_search_plans_a_batch_norm_model_without_pipelines_or_micro_batches(
 
 @pytest.fixture(scope="module")
 def reference():
-    return {sync: train(sync=sync) for sync in (False, True)}
+    return {sync: train(sync=sync) for sync in (False, True)} | {"batch of 8": train(batch=8)}
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +146,15 @@ def test_batch_norm_trains_like_one_device(reference, runs, workers, name):
 
 
 @pytest.mark.slow
-def test_a_pipeline_given_to_prepare_is_refused_in_one_line(runs):
+def test_pipelines_are_refused_and_the_planner_avoids_them(reference, runs):
+    """A pipeline given to prepare, or pinned for Advanced Parallelization, is refused in one line; the planner's
+    own choice has no pipeline or micro-batches and trains like one device."""
     _, results = runs[2]
-    assert results["refused-given-pp"] == (
-        "BatchNormCNN has BatchNorm layers ('stem.1'), whose batch statistics micro-batches cannot share: "
-        "use a plan without pp or micro-batches (data or tensor parallelism)"
-    )
+    for refused in ("refused-given-pp", "refused-pinned-pp"):
+        assert results[refused] == (
+            "BatchNormCNN has BatchNorm layers ('stem.1'), whose batch statistics micro-batches cannot share: "
+            "use a plan without pp or micro-batches (data or tensor parallelism)"
+        )
+    advanced = results["advanced"]
+    assert (advanced["plan"]["pp"], advanced["plan"]["microbatches"]) == (1, 1)
+    assert_same_training(advanced, reference["batch of 8"])

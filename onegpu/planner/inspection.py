@@ -15,6 +15,7 @@ parameters); the runtime reads the Plan and never inspects the model itself.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +134,7 @@ def describe(
 def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) -> ModelDescription:
     """The one pass: costs, tensor-parallel structure and parameter usage recorded together."""
     state = _meta_state(model, dtype=DTYPES[precision])
-    args, kwargs = as_call(to_meta(sample))
+    args, kwargs = _inputs_taken(model, as_call(to_meta(sample)))
     costs = _CostRecorder(model, blocks, state)
     usage = ParameterUsage(blocks, {n: t for n, t in state.items() if n in dict(model.named_parameters())})
     tensor_parallel = TensorParallelRecorder(model, blocks) if blocks else None
@@ -179,6 +180,23 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         ),
         batch_norm=next(iter(batch_norm_layers(model)), None),
     )
+
+
+def _inputs_taken(model: nn.Module, call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The leading values of a batch ``(x, y)`` that the forward takes, when it does not take them all: the loop
+    calls ``model(x)`` and computes the loss from the output itself."""
+    args, kwargs = call
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return call
+    for count in range(len(args), 0, -1):
+        try:
+            signature.bind(*args[:count], **kwargs)
+        except TypeError:
+            continue
+        return args[:count], kwargs
+    return call
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Worker script: the BatchNorm CNN through onegpu (DDP, FSDP, a user's SyncBatchNorm) and the pipeline it must
-refuse; rank 0 writes results.json and one checkpoint per run."""
+"""Worker script: the BatchNorm CNN through onegpu (DDP, FSDP, a user's SyncBatchNorm, checkpointing, the planner's
+choice) and the pipelines it must refuse; rank 0 writes results.json and one checkpoint per run."""
 
 import json
 import os
@@ -43,10 +43,18 @@ def refusal(**how) -> str | None:
         onegpu.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, **how)
     except UsageError as error:
         return str(error)
+    finally:
+        onegpu.disable_advanced_parallelization()
     return None
 
 
 if world == 2:
     results["refused-given-pp"] = refusal(plan=Plan(dp=1, pp=2, microbatches=2, schedule="gpipe"))
+    onegpu.enable_advanced_parallelization(pp=2)
+    results["refused-pinned-pp"] = refusal()
+    onegpu.enable_advanced_parallelization()  # the planner's choice (it splits batches evenly)
+    run = train(prepare=onegpu.prepare, batch=8)
+    onegpu.disable_advanced_parallelization()
+    results["advanced"] = run | {"plan": run.pop("model").onegpu_plan.config_dict()}
 if onegpu.is_main_process():
     (out / "results.json").write_text(json.dumps(results))
