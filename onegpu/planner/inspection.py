@@ -44,7 +44,7 @@ class ModelDescription:
     block_count: int
     usage: tuple[tuple[str, frozenset[int]], ...]  # parameter -> blocks (START, END) that use it
     tensor_parallel: TensorParallelFindings | None = None  # None: not inspected (a bare profile)
-    batch_norm: str | None = None  # its first BatchNorm layer: its statistics need the whole batch (no pp, micro-batches)
+    batch_norm: str | None = None  # its first BatchNorm layer: statistics of the whole batch (no pp, micro-batches)
 
     @classmethod
     def of_profile(cls, profile: ModelProfile) -> ModelDescription:
