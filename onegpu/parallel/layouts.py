@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from onegpu.parallel.batch_norm import apply_global_batch_norm
 from onegpu.parallel.blocks import blocks_at
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.data_parallel import apply_data_parallel
@@ -31,6 +32,7 @@ def parallelize(
 ) -> None:
     """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing); a
     meta-built model is materialized once split."""
+    apply_global_batch_norm(model, group=mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)
     if mesh is None:
         _checkpointed(model, plan)
     elif plan.tp > 1:

@@ -15,6 +15,7 @@ parameters); the runtime reads the Plan and never inspects the model itself.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from onegpu.batches import as_call, to_meta
 from onegpu.errors import UsageError
+from onegpu.parallel.batch_norm import batch_norm_layers
 from onegpu.parallel.blocks import block_container, repeated_blocks
 from onegpu.plan import StageLayout, TensorParallelLayout
 from onegpu.planner.meta_kernels import FLOP_FORMULAS, GroupedMatmulsInBF16, has_attention_choice, meta_attention
@@ -42,6 +44,7 @@ class ModelDescription:
     block_count: int
     usage: tuple[tuple[str, frozenset[int]], ...]  # parameter -> blocks (START, END) that use it
     tensor_parallel: TensorParallelFindings | None = None  # None: not inspected (a bare profile)
+    batch_norm: str | None = None  # its first BatchNorm layer: statistics of the whole batch (no pp, micro-batches)
 
     @classmethod
     def of_profile(cls, profile: ModelProfile) -> ModelDescription:
@@ -131,7 +134,7 @@ def describe(
 def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) -> ModelDescription:
     """The one pass: costs, tensor-parallel structure and parameter usage recorded together."""
     state = _meta_state(model, dtype=DTYPES[precision])
-    args, kwargs = as_call(to_meta(sample))
+    args, kwargs = _inputs_taken(model, as_call(to_meta(sample)))
     costs = _CostRecorder(model, blocks, state)
     usage = ParameterUsage(blocks, {n: t for n, t in state.items() if n in dict(model.named_parameters())})
     tensor_parallel = TensorParallelRecorder(model, blocks) if blocks else None
@@ -142,6 +145,7 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         with (
             torch.enable_grad(),  # the model may be first called under no_grad (evaluation)
             meta_attention(model) if flash else contextlib.nullcontext(),
+            _running_statistics(model),
             FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter,
             GroupedMatmulsInBF16(),
             costs.recording(),
@@ -174,7 +178,39 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         tensor_parallel=tensor_parallel.findings() if tensor_parallel else TensorParallelFindings(
             reasons=(f"{name} has no repeated blocks",)
         ),
+        batch_norm=next(iter(batch_norm_layers(model)), None),
     )
+
+
+def _inputs_taken(model: nn.Module, call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The leading values of a batch ``(x, y)`` that the forward takes, when it does not take them all: the loop
+    calls ``model(x)`` and computes the loss from the output itself."""
+    args, kwargs = call
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return call
+    for count in range(len(args), 0, -1):
+        try:
+            signature.bind(*args[:count], **kwargs)
+        except TypeError:
+            continue
+        return args[:count], kwargs
+    return call
+
+
+@contextlib.contextmanager
+def _running_statistics(model: nn.Module):
+    """BatchNorm layers normalise by their running statistics during the pass (same cost): a batch of one sample
+    has no batch statistics (``BatchNorm1d`` refuses it)."""
+    training = [m for n in batch_norm_layers(model) if (m := model.get_submodule(n)).training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 class _CostRecorder:

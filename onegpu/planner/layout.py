@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from onegpu.errors import UsageError
+from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.plan import Plan, StageLayout
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.stages import flops_cuts
@@ -26,6 +27,8 @@ def fit_layout(
     and loss on the last stage); a model without them is traced and cut between the nodes of its graph, for
     which ``model`` and ``sample`` (one worker's batch, by keyword) are needed. Without a description (the
     model could not be inspected, ``unavailable`` says why) only plans of data parallelism fit."""
+    if (plan.pp > 1 or plan.microbatches > 1) and model is not None:
+        refuse_micro_batches(model)
     if plan.fitted and description is None:  # fitted already: only the blocks' path may be missing
         return plan if plan.blocks is not None else replace(plan, blocks=_blocks_path(model))
     blocks = description.blocks if description is not None else _blocks_path(model)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from onegpu.errors import UsageError
+from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Capabilities, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
@@ -143,12 +144,14 @@ class _Search:
                 raise UsageError(f"tp={pins.tp} cannot split {described.name} ({described.why_not_tp(pins.tp)}): "
                                  f"use one of {', '.join(map(str, tps))}")  # fmt: skip
             tps = [pins.tp]
+        if described.batch_norm is not None and (pins.pp or 1) * pins.min_pp * (pins.microbatches or 1) > 1:
+            raise UsageError(no_micro_batches_for(described.name, described.batch_norm))
         if pins.pp is not None and pins.pp > blocks:
             raise UsageError(f"pp={pins.pp} is more pipeline stages than {described.name}'s {blocks} blocks")
         found = False
         for tp in tps:
             for pp in _divisors(world // tp) if world % tp == 0 else []:
-                if pp > blocks or pp < pins.min_pp or (pins.pp and pp != pins.pp):
+                if pp > blocks or pp < pins.min_pp or (pins.pp and pp != pins.pp) or (pp > 1 and described.batch_norm):
                     continue
                 dp = world // (tp * pp)
                 if pins.dp is not None and dp != pins.dp:
@@ -166,7 +169,7 @@ class _Search:
         if self.pins.microbatches is not None:
             return [self.pins.microbatches] if local_batch % self.pins.microbatches == 0 else []
         if pp == 1:
-            if not self.caps.accumulation:
+            if not self.caps.accumulation or self.any_description.batch_norm:  # its statistics need the whole batch
                 return [1]
             return [m for m in _divisors(local_batch) if m & (m - 1) == 0]  # powers of two
         options = [m for m in _divisors(local_batch) if m >= pp]

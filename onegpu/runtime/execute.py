@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, collective_timeout
+from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
 from onegpu.plan import Capabilities, Plan
@@ -99,6 +100,8 @@ def execute(
         )
     model = given.model
     _check_fits(plan, model)
+    if plan.pp > 1 or plan.microbatches > 1:
+        refuse_micro_batches(model)
     names = [parameter_names(model, optimizer) for optimizer in given.optimizers]
     prepared = sliced_loaders(given, plan, worker=worker)
     mesh = device_mesh(plan, worker.device) if worker.world_size > 1 else None
