@@ -1,0 +1,126 @@
+"""The loss is found in every output shape, under every plan, and is the global batch's; gradients are
+weighted once; a loss averaged over items other than samples is exact with ``count_items``; metrics
+computed in the loop are the global batch's through ``onegpu.gather``.
+
+Reference: tests/shapes.py's single-device loop run as plain PyTorch in this process, on the same global
+batches (fp32, the suite's one tolerance policy, tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict, namedtuple
+from types import MappingProxyType
+
+import pytest
+import torch
+from conftest import assert_same_parameters, assert_same_training, assert_same_values, launch_script
+from safetensors.torch import load_file
+from shapes import SHAPES, STEPS, TinyLM, accuracy, train, train_on_features
+
+from onegpu.outputs import find_loss, replace_loss
+
+PLANS = {1: ("one",), 2: ("ddp", "fsdp", "pp2", "tp2"), 3: ("ddp", "fsdp"), 4: ("pp2-dp2",)}
+BATCH = {"pp2": 8}  # 4 micro-batches; every other plan: 7 rows (slices 4/3 on 2 replicas, 3/2/2 on 3)
+
+
+def trained(path, *, shape: str = "tensor") -> torch.nn.Module:
+    model = TinyLM(shape=shape)
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {batch: train(batch=batch) for batch in (7, 8)}
+
+
+@pytest.fixture(scope="module", params=sorted(PLANS))
+def workers_run(request, tmp_path_factory):
+    return request.param, launch_script(tmp_path_factory, "output_shapes.py", workers=request.param)
+
+
+@pytest.mark.slow
+def test_every_output_shape_under_every_plan_trains_like_one_device(workers_run, reference):
+    workers, (out, results) = workers_run
+    for plan in PLANS[workers]:
+        for shape in SHAPES:
+            name = f"{shape}-{plan}"
+            ref = reference[BATCH.get(plan, 7)]
+            assert len(results[name]["losses"]) == STEPS, name
+            assert_same_training(results[name], ref, trained=trained(out / name))
+
+
+# --- the loss counted in items: a token mean with ignore_index, over slices holding different counts -----
+@pytest.fixture(scope="module")
+def item_reference():
+    return {batch: train("tuple_loss_last", batch=batch, ignored=True) for batch in (7, 8)}
+
+
+@pytest.mark.slow
+def test_a_loss_averaged_over_items_is_exact_with_count_items(workers_run, item_reference):
+    workers, (out, results) = workers_run
+    plans = {2: ("pp2",), 3: ("ddp", "fsdp"), 4: ("pp2-dp2",)}.get(workers, ())
+    for plan in plans:
+        ref = item_reference[8 if plan.startswith("pp2") else 7]
+        assert_same_training(results[f"items-{plan}"], ref, trained=trained(out / f"items-{plan}"))
+        # weighted by samples, as without count_items, the same loss is not the one device's
+        assert results[f"samples-{plan}"]["losses"][1:] != pytest.approx(ref["losses"][1:], rel=1e-3), plan
+
+
+# --- outputs the loss is computed from, the loss among them or not -------------------------------------
+@pytest.mark.slow
+def test_gradients_are_weighted_once_when_the_loss_and_what_it_came_from_are_outputs(workers_run, reference):
+    """3 workers, slices of 3, 2 and 2: the loss returned with the logits it came from (dict, tuples), and a
+    loss the loop computes from features and the logits made from them."""
+    workers, (out, results) = workers_run
+    if workers != 3:
+        pytest.skip("3 workers")
+    for name in ("dict-ddp", "tuple_loss_first-fsdp", "tuple_loss_last-ddp", "model_output-fsdp"):
+        assert_same_parameters(trained(out / name), reference[7]["model"])
+    assert_same_parameters(trained(out / "features-ddp", shape="features"), train_on_features())
+
+
+# --- metrics through onegpu.gather ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_accuracy_through_gather_is_the_global_batch_accuracy(workers_run):
+    workers, (_out, results) = workers_run
+    if workers == 1:
+        pytest.skip("several workers")
+    plain = accuracy()
+    for name in [k for k in results if k.startswith("accuracy-")]:
+        run = results[name]
+        assert run["rows"] == [7, 7], f"{name}: the whole batch's rows"
+        assert run["batches"] == plain["batches"], f"{name}: in the global batch's order"
+        assert_same_values(run["accuracy"], plain["accuracy"], what=name)
+    if workers == 3:
+        assert results["gathered_ranks"] == [0, 1, 2]  # a 0-dim value: one row per replica
+
+
+# --- the finder and the replacer, in this process ------------------------------------------------------
+Named = namedtuple("Named", "logits loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    logits: torch.Tensor
+    loss: torch.Tensor
+
+
+def test_the_loss_is_found_and_replaced_in_every_shape_keeping_its_type():
+    from transformers.modeling_outputs import CausalLMOutput
+
+    loss, logits, new = torch.tensor(2.0), torch.ones(2, 3), torch.tensor(5.0)
+    outputs = [
+        loss, {"loss": loss, "logits": logits}, OrderedDict(logits=logits, loss=loss),
+        MappingProxyType({"loss": loss}), (loss, logits), (logits, loss), [logits, torch.tensor(3), loss],
+        Named(logits, loss), Frozen(logits, loss), CausalLMOutput(loss=loss, logits=logits),
+    ]  # fmt: skip
+    for output in outputs:
+        assert find_loss(output) is loss, type(output).__name__
+        replaced = replace_loss(output, new)
+        assert type(replaced) is type(output) and find_loss(replaced) is new, type(output).__name__
+        if isinstance(output, (tuple, list)):
+            assert [v is new for v in replaced] == [v is loss for v in output]  # its position kept
+    for without in (logits, (logits,), {"logits": logits}, torch.tensor(3), Named(logits, None), {"loss": logits}):
+        assert find_loss(without) is None
