@@ -23,7 +23,6 @@ The loss the user sees is the global-batch loss, the same value on every worker.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -177,7 +176,10 @@ def _sum(values: list[float], *, group, device: torch.device) -> list[float]:
 class MicroBatchLoss:
     """A pipeline's loss function: each micro-batch's share of the global-batch loss (the rule above, per
     micro-batch). ``loss_fn(output, target)``: the user's, for a model that does not compute its loss;
-    ``count_items``: as for :class:`GlobalBatchHooks`, counted per micro-batch."""
+    ``count_items``: as for :class:`GlobalBatchHooks`, counted per micro-batch.
+
+    The schedule cuts the target along with the inputs; the one it is given is the batch's row numbers, so
+    that each call knows its micro-batch's rows (the user's target is taken at them)."""
 
     def __init__(
         self, model: nn.Module, *, group=None, loss_fn: Callable | None = None, count_items=None, microbatches: int = 1
@@ -185,37 +187,38 @@ class MicroBatchLoss:
         self.model, self.group, self.loss_fn = model, group, loss_fn
         self.count_items, self.microbatches = count_items, microbatches
         self.counts: Counts | None = None
-        self.samples = 0
-        self.pending: deque[int] = deque()  # the items of each micro-batch whose loss is still to come
+        self.samples, self.target = 0, None
+        self.items: list[int] = []  # per micro-batch, with count_items
 
     def inputs(
         self, inputs: dict[str, Any], target: Any = None, *, call: tuple[tuple, dict] = ((), {})
     ) -> tuple[dict[str, Any], torch.Tensor]:
-        """The model's inputs for the schedule, and the target it cuts along with them: the user's, for
-        ``loss_fn``, or a per-sample one that carries micro-batch sizes. ``call``: the model's call as given."""
+        """The model's inputs for the schedule, and the target it cuts along with them (the rows).
+        ``call``: the model's call as given, for ``count_items``."""
         if self.loss_fn is not None and target is None:
             raise UsageError("prepare() was given a loss_fn: call the model as model(inputs, target=...)")
         first = next(v for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0)
         self.samples = samples = first.shape[0]
         if target is not None and (not torch.is_tensor(target) or target.dim() == 0 or len(target) != samples):
             raise UsageError(f"target must be a tensor with one row per sample ({samples}), like the inputs")
-        self.pending.clear()
+        self.target, self.items = target, []
         if self.count_items is not None and samples % self.microbatches == 0:
             step = samples // self.microbatches
             for start in range(0, samples, step):
                 args, kwargs = slice_batch(call, start, start + step)
-                self.pending.append(items_in(self.count_items, args, kwargs))
-            items, tokens = sum(self.pending), None
+                self.items.append(items_in(self.count_items, args, kwargs))
+            items, tokens = sum(self.items), None
         else:
             items, tokens = samples, counted_label_tokens(self.model, inputs)
         self.counts = Counts(items=items, tokens=tokens, group=self.group, device=first.device)
         inputs = self.counts.model_inputs(inputs, device=first.device)
-        return inputs, torch.ones(samples, device=first.device) if target is None else target
+        return inputs, torch.arange(samples, device=first.device)
 
-    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: Any, rows: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
-            output = self.loss_fn(output, target)
+            output = self.loss_fn(output, self.target.index_select(0, rows))
         if self.counts.counted:
             return output
-        items = self.pending.popleft() if self.count_items is not None else len(target)
-        return output * self.counts.share(items)
+        if self.count_items is None:
+            return output * self.counts.share(len(rows))
+        return output * self.counts.share(self.items[int(rows[0]) * self.microbatches // self.samples])
