@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import assert_same_parameters, assert_same_training, assert_same_values, launch_script
 from safetensors.torch import load_file
-from shapes import SHAPES, STEPS, TinyLM, accuracy, train, train_on_features
+from shapes import SHAPES, STEPS, TinyLM, Tokens, accuracy, train, train_on_features
 
 from onegpu.outputs import find_loss, replace_loss
 
@@ -124,3 +124,29 @@ def test_the_loss_is_found_and_replaced_in_every_shape_keeping_its_type():
             assert [v is new for v in replaced] == [v is loss for v in output]  # its position kept
     for without in (logits, (logits,), {"logits": logits}, torch.tensor(3), Named(logits, None), {"loss": logits}):
         assert find_loss(without) is None
+
+
+@pytest.mark.parametrize("shape", ["features", "dict"])
+def test_each_gradient_path_is_weighted_once(monkeypatch, shape):
+    """A slice's share (here 1/2) weights the gradient once, whether the model returns its loss with the logits
+    it came from (dict) or features and the logits made from them, both in the loss the loop computes."""
+    from onegpu.runtime.loss_weighting import Counts, GlobalBatchHooks
+
+    monkeypatch.setattr(Counts, "share", lambda self, items=None: 0.5)
+    data = Tokens(samples=3)
+    idx, targets = data.idx, data.targets
+    gradients = []
+    for hooked in (False, True):
+        model = TinyLM(shape=shape)
+        if hooked:
+            GlobalBatchHooks(model, group=None, device=torch.device("cpu"), watchdog=None)
+        if shape == "dict":
+            loss = model(idx, targets)["loss"]
+        else:
+            output = model(idx)
+            loss = torch.nn.functional.cross_entropy(output["logits"].flatten(0, 1), targets.flatten())
+            loss = loss + output["features"].pow(2).mean()
+        loss.backward()
+        gradients.append([p.grad for p in model.parameters()])
+    for plain, weighted in zip(*gradients):
+        torch.testing.assert_close(weighted, plain * 0.5, rtol=1e-6, atol=1e-9)
