@@ -150,3 +150,18 @@ def test_each_gradient_path_is_weighted_once(monkeypatch, shape):
         gradients.append([p.grad for p in model.parameters()])
     for plain, weighted in zip(*gradients):
         torch.testing.assert_close(weighted, plain * 0.5, rtol=1e-6, atol=1e-9)
+
+
+def test_count_items_must_be_a_function_of_the_inputs():
+    import onegpu
+    from onegpu.errors import UsageError
+
+    with pytest.raises(UsageError, match="count_items must be a function of the model's inputs"):
+        onegpu.prepare(torch.nn.Linear(2, 2), count_items=128)
+
+
+def test_gather_in_one_process_returns_its_input():
+    import onegpu
+
+    value = {"hits": torch.tensor([True, False]), "rows": [torch.ones(3, 2)]}
+    assert onegpu.gather(value) is value
