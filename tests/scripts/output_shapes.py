@@ -2,7 +2,7 @@
 count, plus the loss counted in items, outputs a loss is computed from, and metrics through onegpu.gather;
 rank 0 writes results.json and a checkpoint per run.
 
-1 worker: the plain plan. 2: DDP, FSDP, pp2 (1F1B, 4 micro-batches of a batch of 8), tp2. 3: DDP and
+2 workers: DDP, FSDP, pp2 (1F1B, 4 micro-batches of a batch of 8), tp2. 3: DDP and
 FSDP (slices of 3, 2 and 2). 4: pp2 x dp2 (replicas of 4 and 3 rows, one micro-batch each).
 """
 
@@ -23,7 +23,6 @@ from onegpu.plan import Plan  # noqa: E402
 out = Path(sys.argv[1])
 world = int(os.environ.get("WORLD_SIZE", "1"))
 PLANS = {
-    1: {"one": {}},
     2: {
         "ddp": {"strategy": "ddp"},
         "fsdp": {"strategy": "fsdp"},
