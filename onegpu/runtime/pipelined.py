@@ -247,8 +247,9 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = (args, dict(kwargs))  # as given, for count_items
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
-        inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=(args, kwargs))
+        inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=call)
         if self.loss.samples % self.plan.microbatches:
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "
