@@ -14,6 +14,7 @@ _PUBLIC = {
     "disable_advanced_parallelization": "onegpu.api",
     "enable_advanced_parallelization": "onegpu.api",
     "find_plan": "onegpu.planner.search",
+    "gather": "onegpu.runtime.gather",
     "init": "onegpu.launch.relaunch",
     "is_main_process": "onegpu.launch.process_group",
     "prepare": "onegpu.api",

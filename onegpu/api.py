@@ -24,6 +24,7 @@ from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
+from onegpu.runtime.loss_weighting import check_count_items
 from onegpu.runtime.user_loss import check_loss_fn
 
 _pins: dict[str, Any] | None = None
@@ -49,6 +50,7 @@ def prepare(
     plan: Plan | None = None,
     memory_budget_gb: float | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    count_items: Callable[..., Any] | None = None,
 ) -> Any:
     """Make a model, its optimizers and data loaders run on all workers; returns them in the same order.
 
@@ -59,14 +61,24 @@ def prepare(
     memory one worker may use (default: the device's, or the machine's shared by CPU workers).
     ``loss_fn(output, target)``, for a model that does not compute its loss: ``model(inputs,
     target=y)`` then returns the loss (the global-batch loss), under every plan, pipelines included.
+
+    The model's loss (a 0-dim tensor, ``output.loss``, ``output["loss"]``, or a 0-dim loss anywhere in a
+    returned tuple) is the global batch's on every worker: each slice's loss is weighted by its share of
+    the batch's samples, exact for a mean over samples. ``count_items(*args, **kwargs)``, called with the
+    model's inputs, returns how many items its loss averages over, for a loss that is a mean over something
+    else (tokens not ignored: ``count_items=lambda idx, targets: (targets != -1).sum()``); the share is then
+    the slice's items over the global batch's. Hugging Face token losses are counted without it.
     """
     given = TrainingObjects.sort(objects)
     if loss_fn is not None:
         check_loss_fn(given.model, loss_fn)
+    check_count_items(count_items)
     worker = current_worker()
     for loader in given.loaders:  # a batch the workers cannot share fails before any heavy work
         check_loader(loader, replicas=worker.world_size if plan is None else plan.dp)
-    budget = memory_budget_bytes(device=worker.device, local_world_size=worker.local_world_size, budget_gb=memory_budget_gb)
+    budget = memory_budget_bytes(
+        device=worker.device, local_world_size=worker.local_world_size, budget_gb=memory_budget_gb
+    )
     chosen = _shared(
         lambda cluster: _choose(given, cluster, worker=worker, plan=plan, strategy=strategy, budget=budget),
         worker=worker,
@@ -81,10 +93,10 @@ def prepare(
             flush=True,
         )
     if chosen.fitted:
-        prepared = execute(chosen, given, worker=worker, loss_fn=loss_fn)
+        prepared = execute(chosen, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
     else:  # no batch to fit the plan's layout to yet: the model's first call shows one
         prepared = sliced_loaders(given, chosen, worker=worker)
-        _defer(given, chosen, worker=worker, loss_fn=loss_fn)
+        _defer(given, chosen, worker=worker, loss_fn=loss_fn, count_items=count_items)
     return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
 
@@ -98,7 +110,7 @@ class _Deferred:
         return self(*args, **kwargs)
 
 
-def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn) -> None:
+def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count_items) -> None:
     from onegpu.planner.layout import fit_layout
 
     model, user_class = given.model, type(given.model)
@@ -112,7 +124,8 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn) -> No
             description, unavailable = _describe(model, keywords)
             return fit_layout(plan, description, model=model, sample=keywords, unavailable=unavailable)
 
-        execute(_shared(fit, worker=worker, measure=False), given, worker=worker, loss_fn=loss_fn)
+        fitted = _shared(fit, worker=worker, measure=False)
+        execute(fitted, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
 
     model.__class__ = type(f"Deferred{user_class.__name__}", (_Deferred, user_class), {})
     model.__dict__["onegpu_deferred"] = build

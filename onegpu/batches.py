@@ -1,8 +1,9 @@
-"""Batches as trees of tensors (tensors, dicts and Hugging Face BatchEncodings, tuples, named tuples, lists of
-rows or of columns): the one place that walks them."""
+"""Batches (and outputs) as trees of tensors (tensors, dicts and Hugging Face BatchEncodings, tuples, named tuples,
+dataclasses, lists of rows or of columns): the one place that walks them."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,9 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return type(value)(*(map_tensors(v, fn) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(map_tensors(v, fn) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        return dataclasses.replace(value, **{name: map_tensors(getattr(value, name), fn) for name in fields})
     return value
 
 

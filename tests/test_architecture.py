@@ -19,7 +19,7 @@ from onegpu.planner.layout import fit_layout
 # which top-level parts may use which: each only those below it
 LAYERS = [
     {"errors"},
-    {"settings", "machine", "batches", "plan"},
+    {"settings", "machine", "batches", "outputs", "plan"},
     {"pool", "parallel"},
     {"launch", "planner"},
     {"runtime"},

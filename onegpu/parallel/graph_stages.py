@@ -84,7 +84,7 @@ class GraphStage(nn.Module):
         self.sends = live_across(graph, nodes, end)
         self.placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in graph.graph.nodes if n.op == "output")
-        self.returned_tensor = False
+        self.loss_place = (None, 0)  # see BlockRangeStage
         self.keep_output = keep_output  # see BlockRangeStage
 
     def connect(self) -> None:
@@ -105,7 +105,7 @@ class GraphStage(nn.Module):
             values = tuple(env[n] for n in self.sends)
             return values[0] if len(values) == 1 else values
         output = fx.node.map_arg(self.output.args[0], lambda n: env[n])
-        self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
+        self.loss_place, result = last_stage_result(output, keep_output=self.keep_output)
         return result
 
     def used_parameters(self) -> set[str]:

@@ -35,6 +35,7 @@ from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
+from onegpu.outputs import Place, find_loss, loss_place
 from onegpu.parallel.blocks import blocks_at
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -146,7 +147,7 @@ class BlockRangeStage(nn.Module):
         self.model = layout.view(held - set(range(start, end)))
         self.first, self.last = start == 0, end == len(layout.blocks)
         self.blocks = layout.blocks[start:end]
-        self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
+        self.loss_place: tuple[Place, int] = (None, 0)  # see last_stage_result
         self.keep_output = keep_output  # the loss is the user's loss_fn of the model's output: hand that over
         self._received: torch.Tensor | None = None
         self._running = False
@@ -195,7 +196,7 @@ class BlockRangeStage(nn.Module):
             return done.output
         finally:
             self._running, self._received = False, None
-        self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
+        self.loss_place, result = last_stage_result(output, keep_output=self.keep_output)
         return result
 
 
@@ -207,26 +208,24 @@ def contiguous_gradients(received: tuple[torch.Tensor, ...]) -> None:
             value.register_hook(torch.Tensor.contiguous)
 
 
-def last_stage_result(output: Any, *, keep_output: bool) -> tuple[bool, Any]:
-    """What the last stage hands to the schedule's loss function, and whether the model's loss is a bare
-    tensor: the model's own loss, or, when the user gives the loss function, the model's output."""
+def last_stage_result(output: Any, *, keep_output: bool) -> tuple[tuple[Place, int], Any]:
+    """Where the model's output keeps its loss (:func:`onegpu.outputs.loss_place`, and the output's length if
+    it is a sequence), and what the last stage hands to the schedule's loss function: the model's own loss,
+    or, when the user gives the loss function, the model's output (the loss is then the output itself)."""
     if keep_output:
         if not torch.is_tensor(output):
             raise UsageError(
                 f"prepare(loss_fn=...) under a pipeline plan needs the model to return one tensor, not "
                 f"{type(output).__name__}: return the tensor the loss is computed from"
             )
-        return True, output
-    loss = getattr(output, "loss", None)
-    bare = loss is None and torch.is_tensor(output) and output.dim() == 0
-    if bare:
-        return True, output
-    if loss is None:
+        return (None, 0), output
+    found, place = loss_place(output)
+    if not found:
         raise UsageError(
             "under a pipeline plan the model must compute its loss: pass labels, return the loss, or give "
             "prepare(..., loss_fn=...) and call model(inputs, target=...)"
         )
-    return False, loss
+    return (place, len(output) if isinstance(place, int) else 0), find_loss(output)
 
 
 def schedule(

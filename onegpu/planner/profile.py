@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from onegpu.batches import tensors_in
 from onegpu.errors import UsageError
+from onegpu.outputs import find_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_OPS = ("scaled_dot_product", "bmm")  # flash kernels, or the math path's batched matmuls
@@ -98,11 +100,12 @@ def attention_flops_of(counter: FlopCounterMode, names: dict[int, str], blocks: 
 
 
 def loss_of(output: Any) -> torch.Tensor:
-    """A scalar to run backward from: the model's loss, or the sum of its first output."""
-    loss = getattr(output, "loss", None)
+    """A scalar to run backward from: the model's loss (wherever its output keeps it), or the sum of its first
+    output tensor."""
+    loss = find_loss(output)
     if loss is None:
-        first = output if torch.is_tensor(output) else (output[0] if isinstance(output, (tuple, list)) else None)
-        if first is None:
+        tensors = [t for t in tensors_in(output) if t.is_floating_point()]
+        if not tensors:
             raise UsageError("the model's output has no tensor to take a loss from: return a loss or a tensor")
-        loss = first.float().sum() if first.dim() else first
+        loss = tensors[0].float().sum()
     return loss

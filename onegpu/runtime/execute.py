@@ -22,6 +22,7 @@ from onegpu.parallel.materialize import is_on_meta, materialize
 from onegpu.plan import Capabilities, Plan
 from onegpu.runtime.collectives import broadcast_from_main
 from onegpu.runtime.data import GlobalBatchLoader
+from onegpu.runtime.gather import use_replica_group
 from onegpu.runtime.loss_weighting import GlobalBatchHooks
 from onegpu.runtime.optimizer import parameter_names, repoint
 from onegpu.runtime.user_loss import attach_loss_fn
@@ -89,7 +90,12 @@ def sliced_loaders(given: TrainingObjects, plan: Plan, *, worker: Worker) -> lis
 
 
 def execute(
-    plan: Plan, given: TrainingObjects, *, worker: Worker, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    plan: Plan,
+    given: TrainingObjects,
+    *,
+    worker: Worker,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    count_items: Callable[..., Any] | None = None,
 ) -> list[Any]:
     """Build ``plan``'s layout on this worker; returns the objects as the user's loop uses them, in order."""
     check_executable(plan)
@@ -110,14 +116,18 @@ def execute(
     if plan.pp > 1:
         from onegpu.runtime.pipelined import parallelize_pipeline
 
-        parallelize_pipeline(model, plan, mesh=mesh, worker=worker, on_meta=on_meta, loss_fn=loss_fn, watchdog=watchdog)
+        parallelize_pipeline(
+            model, plan, mesh=mesh, worker=worker, on_meta=on_meta, loss_fn=loss_fn, watchdog=watchdog,
+            count_items=count_items,
+        )  # fmt: skip
     else:
         parallelize(model, plan, mesh=mesh, device=worker.device, on_meta=on_meta)
         if loss_fn is not None:
             attach_loss_fn(model, loss_fn)
         if mesh is not None:
             group = mesh["dp"].get_group() if plan.dp > 1 else None
-            GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog)
+            GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog, count_items=count_items)
+    use_replica_group(mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)
     for optimizer, groups in zip(given.optimizers, names):
         repoint(optimizer, model, groups)
         _watch_steps(optimizer, watchdog)

@@ -38,6 +38,7 @@ from onegpu.runtime.stage_gradients import mark_gradients
 from onegpu.runtime.user_loss import TARGET
 from onegpu.runtime.watchdog import Watchdog
 
+BARE, KEYED = -1, -2  # where a model's output keeps its loss, besides a position in a tuple
 CHANGED_LOSS = (
     "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added, "
     "a scale) cannot be honoured; compute it inside the model, and call backward() on the returned loss as it is"
@@ -59,20 +60,40 @@ class _PipelineLoss(torch.autograd.Function):
 
 
 class PipelineOutput:
-    """What a pipelined model returns: the global-batch loss (the other outputs stay on the last stage)."""
+    """What a pipelined model returns: the global-batch loss (the other outputs stay on the last stage), in
+    the loss's place: ``.loss``, ``["loss"]`` and, for a model returning a tuple, its position (``logits,
+    loss = model(x, y)`` unpacks)."""
 
-    def __init__(self, loss: torch.Tensor) -> None:
-        self.loss = loss
+    def __init__(self, loss: torch.Tensor, *, position: int = 0, length: int = 0) -> None:
+        self.loss, self.position, self.length = loss, position, length
 
-    def __getitem__(self, key: int | str) -> torch.Tensor:
-        if key in (0, "loss"):
+    def __getitem__(self, key: int | str) -> Any:
+        if key in (self.position, "loss"):
             return self.loss
+        if isinstance(key, int) and -self.length <= key < 0:
+            return self[key + self.length]
         return self.__getattr__(str(key))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter([self.loss if i == self.position else _NotReturned() for i in range(self.length)])
 
     def __getattr__(self, name: str) -> Any:
         raise UsageError(
             f"under a pipeline plan the model returns only its loss, not {name!r}: "
             "compute what you need from it inside the model, or evaluate with a plan of pp=1"
+        )
+
+
+class _NotReturned:
+    """An output other than the loss, unpacked from a pipelined model's tuple: it stays on the last stage."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise UsageError(
+            "under a pipeline plan the model returns only its loss, not its other outputs: "
+            "compute what you need from them inside the model, or evaluate with a plan of pp=1"
         )
 
 
@@ -92,9 +113,19 @@ def parallelize_pipeline(
     on_meta: bool,
     loss_fn: Callable | None,
     watchdog: Watchdog | None,
+    count_items: Callable | None = None,
 ) -> None:
     """Make ``model`` this worker's stages of the pipeline ``plan`` describes, in place."""
-    pipeline = Pipeline(model, plan, mesh=mesh, worker=worker, on_meta=on_meta, loss_fn=loss_fn, watchdog=watchdog)
+    pipeline = Pipeline(
+        model,
+        plan,
+        mesh=mesh,
+        worker=worker,
+        on_meta=on_meta,
+        loss_fn=loss_fn,
+        watchdog=watchdog,
+        count_items=count_items,
+    )
     cls = type(model)
     model.__class__ = type(f"Pipelined{cls.__name__}", (PipelinedModule, cls), {})
     model.__dict__["onegpu_pipeline"] = pipeline
@@ -103,7 +134,9 @@ def parallelize_pipeline(
 class Pipeline:
     """This worker's stages of one model, and the schedule that runs them."""
 
-    def __init__(self, model: nn.Module, plan: Plan, *, mesh, worker: Worker, on_meta, loss_fn, watchdog) -> None:
+    def __init__(
+        self, model: nn.Module, plan: Plan, *, mesh, worker: Worker, on_meta, loss_fn, watchdog, count_items=None
+    ) -> None:
         self.model, self.plan, self.mesh, self.watchdog = model, plan, mesh, watchdog
         self.user_forward = model.forward  # its signature names the positional inputs
         self.pipe_group = mesh["pp"].get_group()
@@ -111,7 +144,9 @@ class Pipeline:
         self.tensor_group = mesh["tp"].get_group() if plan.tp > 1 else None
         self.stage_index = mesh["pp"].get_local_rank()
         self.last_rank = dist.get_global_rank(self.pipe_group, plan.pp - 1)
-        self.loss = MicroBatchLoss(model, group=self.data_group, loss_fn=loss_fn)
+        self.loss = MicroBatchLoss(
+            model, group=self.data_group, loss_fn=loss_fn, count_items=count_items, microbatches=plan.microbatches
+        )
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
         self.device, self.schedule, self.in_step = worker.device, None, False
         self.fused_orders: dict = {}  # tensor parallelism's permuted fused layers, undone in checkpoints
@@ -212,8 +247,9 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = (args, dict(kwargs))  # as given, for count_items
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
-        inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target)
+        inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=call)
         if self.loss.samples % self.plan.microbatches:
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "
@@ -232,16 +268,20 @@ class Pipeline:
             )
         last = self.stage_index == self.plan.pp - 1
         losses: list[torch.Tensor] = []
-        extra = {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        extra = (
+            {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        )
         if self.watchdog is not None:
             self.watchdog.enter("pipeline schedule")
         try:
             self._step(inputs, extra)
-            loss, bare = self._global_loss(losses if last else None)
+            loss, (place, length) = self._global_loss(losses if last else None)
         finally:
             if self.watchdog is not None:
                 self.watchdog.leave()
-        return loss if bare else PipelineOutput(loss)
+        if place == BARE:
+            return loss
+        return PipelineOutput(loss, position=max(place, 0), length=length)
 
     def _step(self, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():
@@ -255,16 +295,19 @@ class Pipeline:
             self.in_step = False
         mark_gradients(list(self.model.parameters()), group=self.pipe_group, counted_here=self.shared.counted_here)
 
-    def _global_loss(self, losses: list[torch.Tensor] | None) -> tuple[torch.Tensor, bool]:
-        """The global-batch loss on every worker, and whether the model returns it as a bare tensor."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def _global_loss(self, losses: list[torch.Tensor] | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The global-batch loss on every worker, and where the model's output keeps it: ``BARE`` (it is the
+        loss), ``KEYED`` (``.loss``, ``["loss"]``) or a position in a tuple, with the tuple's length."""
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
         if losses is not None:
+            place, length = self.stages[max(self.stages)].loss_place
             total[0] = sum(loss.detach().double() for loss in losses)
-            total[1] = float(self.stages[max(self.stages)].returned_tensor)
+            total[1:] = torch.tensor([BARE if place is None else KEYED if place == "loss" else place, length])
         dist.broadcast(total, src=self.last_rank, group=self.pipe_group)
+        value = total[:1].clone()
         if self.data_group is not None:
-            dist.all_reduce(total, group=self.data_group)
-        return _PipelineLoss.apply(self.anchor, float(total[0])), total[1] > 0
+            dist.all_reduce(value, group=self.data_group)
+        return _PipelineLoss.apply(self.anchor, float(value)), (int(total[1]), int(total[2]))
 
 
 def _block_index(name: str, path: str) -> int | None:
