@@ -31,7 +31,7 @@ from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.materialize import materialize
-from onegpu.parallel.tensor_parallel import apply_tensor_parallel, unpermuted
+from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
 from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.stage_gradients import mark_gradients
@@ -114,7 +114,7 @@ class Pipeline:
         self.loss = MicroBatchLoss(model, group=self.data_group, loss_fn=loss_fn)
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
         self.device, self.schedule, self.in_step = worker.device, None, False
-        self.fused_orders: dict = {}  # tensor parallelism's permuted fused layers, undone in checkpoints
+        self.split_changes = SplitChanges()  # what tensor parallelism changed, undone in checkpoints
         names = [name for name, _ in model.named_parameters()]
         self.indices = plan.worker_stages(self.stage_index)
         build = self._graph_stages if plan.stages.traced else self._block_stages
@@ -187,7 +187,7 @@ class Pipeline:
                     dist.broadcast(tensor.data, src=first, group=group)
 
     def _split_tensors(self) -> None:
-        self.fused_orders = apply_tensor_parallel(
+        self.split_changes = apply_tensor_parallel(
             self.model,
             self.plan.tensor_parallel,
             mesh=self.mesh["tp"],
@@ -285,8 +285,8 @@ def pipeline_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         own[name] = tensor.detach().cpu()
     if any(group is not None and dist.get_rank(group) != 0 for group in (pipeline.data_group, pipeline.tensor_group)):
         own = {}  # one copy of each stage
-    elif pipeline.fused_orders:
-        own = unpermuted(own, pipeline.fused_orders)
+    else:
+        own = pipeline.split_changes.undo(own)
     gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)
     if dist.get_rank() != 0:
