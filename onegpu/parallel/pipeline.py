@@ -32,7 +32,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from onegpu.errors import UsageError
 from onegpu.parallel.blocks import blocks_at
@@ -148,6 +148,7 @@ class BlockRangeStage(nn.Module):
         self.blocks = layout.blocks[start:end]
         self.returned_tensor = False  # the model returns a bare loss tensor, not an output object
         self.keep_output = keep_output  # the loss is the user's loss_fn of the model's output: hand that over
+        self.outputs: list[Any] | None = None  # while a list: the model's whole outputs, kept (evaluation)
         self._received: torch.Tensor | None = None
         self._running = False
         self._hooks: list[Any] = []
@@ -195,8 +196,23 @@ class BlockRangeStage(nn.Module):
             return done.output
         finally:
             self._running, self._received = False, None
-        self.returned_tensor, result = last_stage_result(output, keep_output=self.keep_output)
+        return last_stage_output(self, output)
+
+
+def last_stage_output(stage: nn.Module, output: Any) -> Any:
+    """What the last ``stage`` hands to the schedule's loss function (:func:`last_stage_result`). While the
+    stage keeps outputs (evaluation), the model's whole output is kept too, detached, and a model that
+    computes no loss (inference without labels) hands over a zero."""
+    if stage.outputs is None:
+        stage.returned_tensor, result = last_stage_result(output, keep_output=stage.keep_output)
         return result
+    stage.outputs.append(tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, output))
+    try:
+        stage.returned_tensor, result = last_stage_result(output, keep_output=stage.keep_output)
+    except UsageError:  # no loss to hand over: the outputs are all the user asked for
+        first = next(t for t in tree_flatten(output)[0] if torch.is_tensor(t))
+        return torch.zeros((), device=first.device)
+    return result
 
 
 def contiguous_gradients(received: tuple[torch.Tensor, ...]) -> None:

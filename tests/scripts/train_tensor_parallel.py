@@ -30,7 +30,8 @@ elif world == 4:
     plans = {"tp2-dp2": Plan(dp=2, tp=2), "tp2-pp2": Plan(dp=1, tp=2, pp=2, microbatches=5, schedule="1f1b")}
 else:  # all three on one mesh: replicas of 3 and 2 rows, each a 2-stage pipeline split over 2 workers
     plans = {"tp2-pp2-dp2": Plan(dp=2, tp=2, pp=2, microbatches=1, schedule="gpipe")}
-scenarios = {2: ("hf", "qwen2", "gpt2", "bert", "hf-odd", "gpt2-odd"), 4: ("hf", "gpt2", "gpt2-odd")}.get(world, ("hf",))
+scenarios = {2: ("hf", "qwen2", "gpt2", "bert", "hf-odd", "gpt2-odd"), 4: ("hf", "gpt2", "gpt2-odd")}
+scenarios = scenarios.get(world, ("hf",))
 results = {}
 for scenario in scenarios:
     for name, plan in plans.items():
