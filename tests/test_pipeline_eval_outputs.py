@@ -47,9 +47,10 @@ def test_evaluation_returns_the_model_output_on_every_pipeline_worker(tmp_path_f
             assert seen["type"] == type(expected).__name__, key
             assert_same_values(seen["loss"], float(expected.loss), what=f"{key} eval loss (the global batch's)")
             for logits in ("logits", "inference_logits"):
-                torch.testing.assert_close(torch.tensor(seen[logits]), expected.logits[rows], rtol=SCALAR_RTOL, atol=SCALAR_ATOL)
+                torch.testing.assert_close(
+                    torch.tensor(seen[logits]), expected.logits[rows], rtol=SCALAR_RTOL, atol=SCALAR_ATOL
+                )
             assert seen["inference_loss"] is None
-            right = (expected.logits[rows, :-1].argmax(-1) == batch["labels"][rows, 1:]) & (
-                batch["labels"][rows, 1:] != -100
-            )
-            assert seen["accuracy"] == [int(right.sum()), int((batch["labels"][rows, 1:] != -100).sum())], key
+            wanted, predicted = batch["labels"][rows, 1:], expected.logits[rows, :-1].argmax(-1)
+            counted = wanted != -100
+            assert seen["accuracy"] == [int(((predicted == wanted) & counted).sum()), int(counted.sum())], key
