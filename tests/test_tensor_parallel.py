@@ -80,7 +80,8 @@ def test_a_model_without_the_structure_gets_none(tp_run, tp_dp_run):
 def check(launched, reference, scenario: str, name: str) -> None:
     out, results = launched
     run = results[f"{scenario}-{name}"]
-    assert run["held"] < (0.35 if "pp2" in name else 0.6)  # blocks, embedding and head are split
+    # blocks, embedding and head are split (GPT-2's larger odd vocabulary: both stages hold half of it)
+    assert run["held"] < (0.6 if "pp2" not in name else 0.4 if scenario.endswith("-odd") else 0.35)
     if "pp2" not in name:  # sequence parallelism: between the groups, each worker handles half the positions
         assert run["sequence_parallel"] == (scenario != "bert")  # BERT's residual is inside its attention module
         assert run["norm_positions"] == (6 if scenario != "bert" else 12)
