@@ -13,7 +13,6 @@ import torch
 from conftest import SCALAR_ATOL, SCALAR_RTOL, assert_same_values, launch_script
 from scenarios import build
 
-pytestmark = pytest.mark.slow
 ROWS = 6
 
 
@@ -30,6 +29,7 @@ def reference():
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
 def test_evaluation_returns_the_model_output_on_every_pipeline_worker(tmp_path_factory, reference, workers):
     _, reports = launch_script(tmp_path_factory, "pipeline_eval_outputs.py", workers=workers)
@@ -54,3 +54,16 @@ def test_evaluation_returns_the_model_output_on_every_pipeline_worker(tmp_path_f
             wanted, predicted = batch["labels"][rows, 1:], expected.logits[rows, :-1].argmax(-1)
             counted = wanted != -100
             assert seen["accuracy"] == [int(((predicted == wanted) & counted).sum()), int(counted.sum())], key
+
+
+def test_micro_batch_outputs_join_into_one_of_the_model_type_in_batch_order():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from onegpu.runtime.pipeline_outputs import joined
+
+    logits = torch.randn(6, 3, 5)
+    parts = [CausalLMOutputWithPast(loss=torch.tensor(float(i)), logits=logits[2 * i : 2 * i + 2]) for i in range(3)]
+    output = joined(parts)
+    assert type(output) is CausalLMOutputWithPast and list(output.keys()) == ["loss", "logits"]
+    assert torch.equal(output.logits, logits) and float(output.loss) == 1.0  # 0-dim values averaged
+    assert joined([(logits[:4], None), (logits[4:], None)])[0].equal(logits)
