@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 STEPS_PER_EPOCH = 4
 BATCH = 5  # uneven over 2 and 3 workers
-HF = ("hf", "gpt2", "qwen2", "bert")  # Hugging Face models: batches are dicts, the loss is output.loss
+HF = ("hf", "gpt2", "qwen2", "bert", "hf-odd", "gpt2-odd")  # Hugging Face models: batches are dicts, output.loss
+ODD_VOCAB = 257  # the "-odd" scenarios' vocabulary, which no tensor-parallel degree > 1 divides (GPT-2's is 50257)
 
 
 class PaddedTokens(Dataset):
@@ -137,15 +138,16 @@ def write_gathered(report: dict, path: str) -> None:
 def build(scenario: str, *, layers: int = 2):
     """The scenario's model (``layers`` blocks; SkipNet has one more) and its data set."""
     torch.manual_seed(0)
-    if scenario == "hf":
+    vocab = ODD_VOCAB if scenario.endswith("-odd") else 64
+    if scenario in ("hf", "hf-odd"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(**decoder_size(layers))), PaddedTokens()
-    if scenario == "gpt2":  # tied input and output embeddings
+        return LlamaForCausalLM(LlamaConfig(**decoder_size(layers, vocab_size=vocab))), PaddedTokens(vocab=vocab)
+    if scenario in ("gpt2", "gpt2-odd"):  # tied input and output embeddings
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(
-            vocab_size=64,
+            vocab_size=vocab,
             n_embd=32,
             n_layer=layers,
             n_head=4,
@@ -154,7 +156,7 @@ def build(scenario: str, *, layers: int = 2):
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         )
-        return GPT2LMHeadModel(config), PaddedTokens()
+        return GPT2LMHeadModel(config), PaddedTokens(vocab=vocab)
     if scenario == "qwen2":  # grouped-query attention with q/k/v biases
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -187,7 +189,7 @@ def train(
     """
     given_loss = "loss_fn" in how
     model, data = build(scenario, layers=layers)
-    if scenario == "gpt2":
+    if scenario in ("gpt2", "gpt2-odd"):
         # GPT-2's key bias gets a gradient that is zero in exact arithmetic (softmax ignores it); Adam
         # would scale the rounding noise in it to full-size steps, so this model trains with SGD
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

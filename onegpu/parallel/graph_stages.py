@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from onegpu.errors import UsageError
-from onegpu.parallel.pipeline import contiguous_gradients, last_stage_result
+from onegpu.parallel.pipeline import contiguous_gradients, last_stage_output
 
 
 class _PathTracer(fx.Tracer):
@@ -86,6 +86,7 @@ class GraphStage(nn.Module):
         self.output = next(n for n in graph.graph.nodes if n.op == "output")
         self.loss_place = (None, 0)  # see BlockRangeStage
         self.keep_output = keep_output  # see BlockRangeStage
+        self.outputs: list[Any] | None = None  # see BlockRangeStage
 
     def connect(self) -> None:
         """Nothing to join: the cuts are explicit."""
@@ -104,9 +105,7 @@ class GraphStage(nn.Module):
         if not self.last:
             values = tuple(env[n] for n in self.sends)
             return values[0] if len(values) == 1 else values
-        output = fx.node.map_arg(self.output.args[0], lambda n: env[n])
-        self.loss_place, result = last_stage_result(output, keep_output=self.keep_output)
-        return result
+        return last_stage_output(self, fx.node.map_arg(self.output.args[0], lambda n: env[n]))
 
     def used_parameters(self) -> set[str]:
         """Names of the parameters this stage's nodes read."""

@@ -54,7 +54,7 @@ def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMes
     """Each replica's blocks split over its ``tp`` neighbouring workers; replicas data parallel across."""
     count = len(blocks_at(model, plan.blocks))
     names = [f"{plan.blocks}.{b}" for b in range(count)]
-    model.onegpu_fused_orders = apply_tensor_parallel(
+    model.onegpu_split_changes = apply_tensor_parallel(
         model, plan.tensor_parallel, mesh=mesh["tp"], blocks=names, first=names[0], last=names[-1]
     )
     blocks = _checkpointed(model, plan)

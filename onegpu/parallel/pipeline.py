@@ -32,10 +32,10 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from onegpu.errors import UsageError
-from onegpu.outputs import Place, find_loss, loss_place
+from onegpu.outputs import LOSS, Place, find_loss, loss_place
 from onegpu.parallel.blocks import blocks_at
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -149,6 +149,7 @@ class BlockRangeStage(nn.Module):
         self.blocks = layout.blocks[start:end]
         self.loss_place: tuple[Place, int] = (None, 0)  # see last_stage_result
         self.keep_output = keep_output  # the loss is the user's loss_fn of the model's output: hand that over
+        self.outputs: list[Any] | None = None  # while a list: the model's whole outputs, kept (evaluation)
         self._received: torch.Tensor | None = None
         self._running = False
         self._hooks: list[Any] = []
@@ -196,8 +197,24 @@ class BlockRangeStage(nn.Module):
             return done.output
         finally:
             self._running, self._received = False, None
-        self.loss_place, result = last_stage_result(output, keep_output=self.keep_output)
+        return last_stage_output(self, output)
+
+
+def last_stage_output(stage: nn.Module, output: Any) -> Any:
+    """What the last ``stage`` hands to the schedule's loss function (:func:`last_stage_result`). While the
+    stage keeps outputs (evaluation), the model's whole output is kept too, detached, and a model that
+    computes no loss (inference without labels) hands over a zero."""
+    if stage.outputs is None:
+        stage.loss_place, result = last_stage_result(output, keep_output=stage.keep_output)
         return result
+    stage.outputs.append(tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, output))
+    try:
+        stage.loss_place, result = last_stage_result(output, keep_output=stage.keep_output)
+    except UsageError:  # no loss to hand over: the outputs are all the user asked for
+        stage.loss_place = (LOSS, 0)  # returned as the model's output, without a loss to put in it
+        first = next(t for t in tree_flatten(output)[0] if torch.is_tensor(t))
+        return torch.zeros((), device=first.device)
+    return result
 
 
 def contiguous_gradients(received: tuple[torch.Tensor, ...]) -> None:

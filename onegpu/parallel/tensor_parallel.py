@@ -4,11 +4,15 @@ Columns and the LM head are column-parallel, rows and the token embedding row-pa
 embedding by vocabulary), with ``parallelize_module``. Between a group's columns and its row each
 worker holds plain tensors with its own features (its heads), so the model's code runs unchanged.
 A fused column (GPT-2's qkv) is permuted first so that each worker's contiguous shard holds its
-slice of every part; :func:`unpermuted` undoes that for checkpoints.
+slice of every part. A vocabulary that ``tp`` does not divide (GPT-2's 50257 tokens) is padded with
+zero rows to a multiple of ``tp``, as Megatron does: no token reads them, the head's logits are cut
+back to the vocabulary before anything sees them, so their gradients are zero and the loss, the
+logits and every other gradient are the model's own. :class:`SplitChanges` undoes both for checkpoints.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -126,13 +130,33 @@ def _permute_outputs(module: nn.Module, order: torch.Tensor) -> None:
             param.copy_(param.index_select(_output_dim(module, key), order.to(param.device)))
 
 
+@dataclass(frozen=True)
+class SplitChanges:
+    """What splitting changed in the model's parameters, by name, to undo in a checkpoint: each fused
+    column's output order and dimension, and the vocabulary's rows before padding."""
+
+    orders: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    vocabulary: dict[str, int] = field(default_factory=dict)
+
+    def undo(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A full state dict as the model's own: fused outputs in its order, without the padding rows."""
+        for name, (order, dim) in self.orders.items():
+            if name in state:
+                state[name] = state[name].index_select(dim, torch.argsort(order))
+        for name, rows in self.vocabulary.items():
+            if name in state:
+                state[name] = state[name][:rows]
+        return state
+
+
 def apply_tensor_parallel(
     model: nn.Module, layout: TensorParallelLayout, *, mesh: DeviceMesh, blocks: list[str], first: str, last: str
-) -> dict[str, tuple[torch.Tensor, int]]:
+) -> SplitChanges:
     """Split ``model`` in place over the 1-D ``mesh``: the groups of ``blocks`` (the names of this worker's
-    blocks; ``first`` and ``last`` name the model's), and the embedding and head where it holds them. Returns
-    each fused column parameter's output order and dimension, by name (for :func:`unpermuted`)."""
+    blocks; ``first`` and ``last`` name the model's), and the embedding and head where it holds them (their
+    vocabulary padded to a multiple of the mesh's size). Returns what a checkpoint must undo."""
     tp = mesh.size()
+    vocabulary = _pad_vocabulary(model, [n for n in (layout.embedding, layout.head) if _holds(model, n)], tp=tp)
     plan: dict[str, ParallelStyle] = {}
     orders: dict[str, tuple[torch.Tensor, int]] = {}
     part_sizes: dict[nn.Module, set[int]] = {}
@@ -149,6 +173,9 @@ def apply_tensor_parallel(
     references = _parameter_references(model)
     parallelize_module(model, mesh, plan)
     _retie(references)
+    if vocabulary and _holds(model, layout.head):
+        rows = next(iter(vocabulary.values()))
+        model.get_submodule(layout.head).register_forward_hook(lambda module, args, logits: logits[..., :rows])
     whole = {
         name: _Replicated()
         for name, module in model.named_modules()
@@ -160,7 +187,33 @@ def apply_tensor_parallel(
             "replicate yet: use tp=1"
         )
     parallelize_module(model, mesh, whole)
-    return orders
+    _retie(references)
+    return SplitChanges(orders=orders, vocabulary=vocabulary)
+
+
+def _pad_vocabulary(model: nn.Module, names: list[str], *, tp: int) -> dict[str, int]:
+    """Append zero rows to the vocabulary-parallel layers ``names`` (an embedding, a head: their weights, a
+    head's bias) up to a multiple of ``tp``, in place; a parameter several modules share stays one. Returns
+    the padded parameters' names (every name of each), with their rows before padding."""
+    modules = [model.get_submodule(name) for name in names]
+    if not modules:
+        return {}
+    first = modules[0]
+    rows = first.num_embeddings if isinstance(first, nn.Embedding) else output_features(first)
+    if rows % tp == 0:
+        return {}
+    padded: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for param in module.parameters(recurse=False):
+            if param.shape[0] == rows and id(param) not in padded:
+                zeros = param.new_zeros(-rows % tp, *param.shape[1:])
+                padded[id(param)] = nn.Parameter(torch.cat([param.detach(), zeros]), requires_grad=param.requires_grad)
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and id(param) in padded:
+                module._parameters[key] = padded[id(param)]
+    kept = {id(p) for p in padded.values()}
+    return {name: rows for name, p in model.named_parameters(remove_duplicate=False) if id(p) in kept}
 
 
 def _holds(model: nn.Module, name: str | None) -> bool:
@@ -268,11 +321,3 @@ def _retie(references: dict[int, list[tuple[nn.Module, str]]]) -> None:
         if split is not None:
             for module, key in places:
                 setattr(module, key, split)
-
-
-def unpermuted(state: dict[str, Any], orders: dict[str, tuple[torch.Tensor, int]]) -> dict[str, Any]:
-    """A full state dict with the fused columns' outputs back in the model's own order."""
-    for name, (order, dim) in orders.items():
-        if name in state:
-            state[name] = state[name].index_select(dim, torch.argsort(order))
-    return state

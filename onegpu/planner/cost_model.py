@@ -100,13 +100,21 @@ def tp_activation_share(tp: int, *, sequence_parallel: bool) -> float:
     return (10 + 24 / tp) / 34
 
 
+def vocabulary_padding(prof: ModelProfile, *, tp: int) -> float:
+    """Parameters a tensor-parallel worker holds beyond its share: a vocabulary ``tp`` does not divide is
+    padded to a multiple of it, so the embedding and the head (counted untied) each hold up to one more row."""
+    if tp == 1 or not prof.vocab_size or not prof.hidden_size:
+        return 0.0
+    return 2 * (-(-prof.vocab_size // tp) - prof.vocab_size / tp) * prof.hidden_size
+
+
 def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     """Peak bytes per device, by kind."""
     prof, tp = work.profile, plan.tp
     workers = worker_stage_blocks(prof, pp=plan.pp, schedule=plan.schedule)
     n = max(sum(stages) for stages in workers)
     block = prof.blocks[0] if prof.blocks else prof.rest
-    stage_params = (n * block.params + prof.rest.params) / tp
+    stage_params = (n * block.params + prof.rest.params) / tp + vocabulary_padding(prof, tp=tp)
     compute_bytes = prof.param_bytes
     sp, sg, so = shard_factors(plan, cluster)
     sharded_params = plan.sharding in ("parameters", "hybrid")

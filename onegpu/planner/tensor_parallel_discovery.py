@@ -100,12 +100,11 @@ class TensorParallelFindings:
                 groups.append(candidate.group)
         if not groups:
             return None, tuple(reasons)
-        vocabulary_splits = self.vocabulary is not None and self.vocabulary % tp == 0
         return (
-            TensorParallelLayout(
+            TensorParallelLayout(  # a vocabulary tp does not divide is padded (parallel/tensor_parallel.py)
                 groups=tuple(groups),
-                embedding=self.embedding if vocabulary_splits else None,
-                head=self.head if vocabulary_splits else None,
+                embedding=self.embedding,
+                head=self.head,
                 sequence_parallel=self.sequence_parallel,
                 norms=self.norms,
                 first_block_positional=self.first_block_positional,

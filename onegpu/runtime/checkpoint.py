@@ -75,11 +75,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    orders = getattr(model, "onegpu_fused_orders", None)
-    if orders and state:  # tensor parallelism permuted fused layers' outputs: back to the model's order
-        from onegpu.parallel.tensor_parallel import unpermuted
-
-        state = unpermuted(state, orders)
+    changes = getattr(model, "onegpu_split_changes", None)
+    if changes is not None and state:  # tensor parallelism's permuted fused layers and padded vocabulary
+        state = changes.undo(state)
     return state
 
 

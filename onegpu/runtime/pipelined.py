@@ -5,7 +5,8 @@ for sharded modules), so ``isinstance`` checks, attributes and methods are uncha
 ``loss = model(**batch).loss``, runs the whole schedule (every micro-batch's forward and backward)
 and returns the global-batch loss; ``loss.backward()`` only confirms the gradients the pipeline
 already made. A loss changed before ``backward`` (a term added, a scale) cannot be honoured and is
-reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation).
+reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation) and the model returns
+its whole output on every worker (:mod:`onegpu.runtime.pipeline_outputs`), labels or not.
 ``torch.nn.utils.clip_grad_norm_`` on the stage's parameters clips by the norm over all stages
 (:mod:`onegpu.runtime.stage_gradients`).
 
@@ -31,9 +32,10 @@ from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.materialize import materialize
-from onegpu.parallel.tensor_parallel import apply_tensor_parallel, unpermuted
+from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
-from onegpu.runtime.loss_weighting import MicroBatchLoss
+from onegpu.runtime.loss_weighting import MicroBatchLoss, find_loss, replace_loss
+from onegpu.runtime.pipeline_outputs import broadcast_output, joined
 from onegpu.runtime.stage_gradients import mark_gradients
 from onegpu.runtime.user_loss import TARGET
 from onegpu.runtime.watchdog import Watchdog
@@ -60,9 +62,9 @@ class _PipelineLoss(torch.autograd.Function):
 
 
 class PipelineOutput:
-    """What a pipelined model returns: the global-batch loss (the other outputs stay on the last stage), in
-    the loss's place: ``.loss``, ``["loss"]`` and, for a model returning a tuple, its position (``logits,
-    loss = model(x, y)`` unpacks)."""
+    """What a pipelined model returns in training: the global-batch loss (the other outputs stay on the last
+    stage; under ``torch.no_grad()`` the model's whole output is returned), in the loss's place: ``.loss``,
+    ``["loss"]`` and, for a model returning a tuple, its position (``logits, loss = model(x, y)`` unpacks)."""
 
     def __init__(self, loss: torch.Tensor, *, position: int = 0, length: int = 0) -> None:
         self.loss, self.position, self.length = loss, position, length
@@ -82,8 +84,8 @@ class PipelineOutput:
 
     def __getattr__(self, name: str) -> Any:
         raise UsageError(
-            f"under a pipeline plan the model returns only its loss, not {name!r}: "
-            "compute what you need from it inside the model, or evaluate with a plan of pp=1"
+            f"under a pipeline plan the model returns only its loss in training, not {name!r}: compute what "
+            "you need from it inside the model, or under torch.no_grad(), where it returns its whole output"
         )
 
 
@@ -148,8 +150,9 @@ class Pipeline:
             model, group=self.data_group, loss_fn=loss_fn, count_items=count_items, microbatches=plan.microbatches
         )
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
-        self.device, self.schedule, self.in_step = worker.device, None, False
-        self.fused_orders: dict = {}  # tensor parallelism's permuted fused layers, undone in checkpoints
+        self.device, self.in_step = worker.device, False
+        self.schedules: dict[tuple[str, ...], Any] = {}  # by the inputs' names, built at the first such batch
+        self.split_changes = SplitChanges()  # what tensor parallelism changed, undone in checkpoints
         names = [name for name, _ in model.named_parameters()]
         self.indices = plan.worker_stages(self.stage_index)
         build = self._graph_stages if plan.stages.traced else self._block_stages
@@ -222,7 +225,7 @@ class Pipeline:
                     dist.broadcast(tensor.data, src=first, group=group)
 
     def _split_tensors(self) -> None:
-        self.fused_orders = apply_tensor_parallel(
+        self.split_changes = apply_tensor_parallel(
             self.model,
             self.plan.tensor_parallel,
             mesh=self.mesh["tp"],
@@ -255,8 +258,44 @@ class Pipeline:
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "
                 f"micro-batches: use a batch size that is a multiple of {self.plan.microbatches} (drop_last=True)"
             )
-        if self.schedule is None:
-            self.schedule = pp.schedule(
+        schedule = self._schedule_for(inputs)
+        last = self.stage_index == self.plan.pp - 1
+        losses: list[torch.Tensor] = []
+        extra = {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        evaluating, last_stage = not torch.is_grad_enabled(), self.stages[max(self.stages)]
+        if self.watchdog is not None:
+            self.watchdog.enter("pipeline schedule")
+        try:
+            last_stage.outputs = [] if evaluating and last else None
+            self._step(schedule, inputs, extra)
+            loss, (place, length) = self._global_loss(losses if last else None)
+            if evaluating and place != BARE:
+                return self._evaluation_output(last_stage.outputs, loss)
+        finally:
+            last_stage.outputs = None
+            if self.watchdog is not None:
+                self.watchdog.leave()
+        if place == BARE:
+            return loss
+        return PipelineOutput(loss, position=max(place, 0), length=length)
+
+    def _evaluation_output(self, outputs: list[Any] | None, loss: torch.Tensor) -> Any:
+        """The model's output for this replica's rows, the loss the global batch's, on every pipeline worker."""
+        if outputs is not None:  # the micro-batches' (a schedule's first step runs one forward before, for shapes)
+            outputs = outputs[-self.plan.microbatches :]
+        output = broadcast_output(
+            joined(outputs) if outputs is not None else None,
+            src=self.last_rank,
+            group=self.pipe_group,
+            device=self.device,
+        )
+        return replace_loss(output, loss) if find_loss(output) is not None else output
+
+    def _schedule_for(self, inputs: dict[str, Any]) -> Any:
+        """The schedule for batches with these inputs' names (evaluation may leave the labels out)."""
+        names = tuple(inputs)
+        if names not in self.schedules:
+            self.schedules[names] = pp.schedule(
                 self.stages,
                 num_stages=self.plan.pipeline_stages,
                 device=self.device,
@@ -266,30 +305,15 @@ class Pipeline:
                 loss_fn=self.loss,
                 inputs=inputs,
             )
-        last = self.stage_index == self.plan.pp - 1
-        losses: list[torch.Tensor] = []
-        extra = (
-            {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
-        )
-        if self.watchdog is not None:
-            self.watchdog.enter("pipeline schedule")
-        try:
-            self._step(inputs, extra)
-            loss, (place, length) = self._global_loss(losses if last else None)
-        finally:
-            if self.watchdog is not None:
-                self.watchdog.leave()
-        if place == BARE:
-            return loss
-        return PipelineOutput(loss, position=max(place, 0), length=length)
+        return self.schedules[names]
 
-    def _step(self, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _step(self, schedule: Any, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():
-            self.schedule.eval(**inputs, **extra, return_outputs=False)
+            schedule.eval(**inputs, **extra, return_outputs=False)
             return
         self.in_step = True
         try:
-            self.schedule.step(**inputs, **extra, return_outputs=False)
+            schedule.step(**inputs, **extra, return_outputs=False)
             self.shared.sum_gradients()
         finally:
             self.in_step = False
@@ -328,8 +352,8 @@ def pipeline_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         own[name] = tensor.detach().cpu()
     if any(group is not None and dist.get_rank(group) != 0 for group in (pipeline.data_group, pipeline.tensor_group)):
         own = {}  # one copy of each stage
-    elif pipeline.fused_orders:
-        own = unpermuted(own, pipeline.fused_orders)
+    else:
+        own = pipeline.split_changes.undo(own)
     gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)
     if dist.get_rank() != 0:

@@ -1,9 +1,10 @@
 """Worker script: the scenarios under tensor parallelism; rank 0 writes results.json + checkpoints.
 
 2 workers: tp=2 on Llama (grouped-query attention), Qwen2 (q/k/v biases), GPT-2 (fused qkv, tied
-embeddings) and BERT (an encoder); the hand-written model, which has no tensor-parallel structure,
-must be refused with the reason. 4 workers: tp=2 x dp=2 (replicas read slices of 3 and 2), and
-tp=2 x pp=2 (1F1B, 5 micro-batches). 8 workers: tp=2 x pp=2 x dp=2 on Llama.
+embeddings) and BERT (an encoder), and Llama and GPT-2 with a vocabulary of 257 that 2 does not
+divide; the hand-written model, which has no tensor-parallel structure, must be refused with the
+reason. 4 workers: tp=2 x dp=2 (replicas read slices of 3 and 2), and tp=2 x pp=2 (1F1B, 5
+micro-batches), GPT-2 with both vocabularies. 8 workers: tp=2 x pp=2 x dp=2 on Llama.
 """
 
 import json
@@ -29,7 +30,8 @@ elif world == 4:
     plans = {"tp2-dp2": Plan(dp=2, tp=2), "tp2-pp2": Plan(dp=1, tp=2, pp=2, microbatches=5, schedule="1f1b")}
 else:  # all three on one mesh: replicas of 3 and 2 rows, each a 2-stage pipeline split over 2 workers
     plans = {"tp2-pp2-dp2": Plan(dp=2, tp=2, pp=2, microbatches=1, schedule="gpipe")}
-scenarios = {2: ("hf", "qwen2", "gpt2", "bert"), 4: ("hf", "gpt2")}.get(world, ("hf",))
+scenarios = {2: ("hf", "qwen2", "gpt2", "bert", "hf-odd", "gpt2-odd"), 4: ("hf", "gpt2", "gpt2-odd")}
+scenarios = scenarios.get(world, ("hf",))
 results = {}
 for scenario in scenarios:
     for name, plan in plans.items():
@@ -51,6 +53,9 @@ for scenario in scenarios:
                 model(**next(iter(loader)))
             handle.remove()
             run["norm_positions"] = seen[0]
+        if scenario.endswith("-odd"):  # the logits the loop sees: the model's own vocabulary, not the padded one
+            with torch.no_grad():
+                run["logits_vocabulary"] = model(**next(iter(loader))).logits.shape[-1]
         onegpu.save_pretrained(model, out / f"{scenario}-{name}")
         results[f"{scenario}-{name}"] = run
 try:
