@@ -78,12 +78,11 @@ def test_a_loss_averaged_over_items_is_exact_with_count_items(workers_run, item_
 
 # --- outputs the loss is computed from, the loss among them or not -------------------------------------
 @pytest.mark.slow
+@pytest.mark.parametrize("workers_run", [3], indirect=True)
 def test_gradients_are_weighted_once_when_the_loss_and_what_it_came_from_are_outputs(workers_run, reference):
     """3 workers, slices of 3, 2 and 2: the loss returned with the logits it came from (dict, tuples), and a
     loss the loop computes from features and the logits made from them."""
-    workers, (out, results) = workers_run
-    if workers != 3:
-        pytest.skip("3 workers")
+    _, (out, _results) = workers_run
     for name in ("dict-ddp", "tuple_loss_first-fsdp", "tuple_loss_last-ddp", "model_output-fsdp"):
         assert_same_parameters(trained(out / name), reference[7]["model"])
     assert_same_parameters(trained(out / "features-ddp", shape="features"), train_on_features())
@@ -93,10 +92,8 @@ def test_gradients_are_weighted_once_when_the_loss_and_what_it_came_from_are_out
 @pytest.mark.slow
 def test_an_accuracy_through_gather_is_the_global_batch_accuracy(workers_run):
     workers, (_out, results) = workers_run
-    if workers == 4:
-        pytest.skip("under a pipeline the model returns only its loss")
     plain = accuracy()
-    for name in {2: ("accuracy-tp2",), 3: ("accuracy-ddp", "accuracy-fsdp")}[workers]:
+    for name in {2: ("accuracy-tp2",), 3: ("accuracy-ddp", "accuracy-fsdp"), 4: ("accuracy-pp2-dp2",)}[workers]:
         run = results[name]
         assert run["rows"] == [7, 7], f"{name}: the whole batch's rows"
         assert run["batches"] == plain["batches"], f"{name}: in the global batch's order"

@@ -66,5 +66,8 @@ if world == 3:
     results["gathered_ranks"] = onegpu.gather(torch.tensor(torch.distributed.get_rank())).tolist()
 if world == 2:
     results["accuracy-tp2"] = accuracy(prepare=onegpu.prepare, gather=onegpu.gather, plan=Plan(dp=1, tp=2))
+if world == 4:  # evaluation under a pipeline returns the logits, on every worker of the replica
+    pipeline = Plan(dp=2, pp=2, microbatches=1, schedule="gpipe")
+    results["accuracy-pp2-dp2"] = accuracy(prepare=onegpu.prepare, gather=onegpu.gather, plan=pipeline)
 if onegpu.is_main_process():
     (out / "results.json").write_text(json.dumps(results))
