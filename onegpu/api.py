@@ -22,6 +22,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
 from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
+from onegpu.runtime.call_slicing import share_random_state
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.user_loss import check_loss_fn
@@ -64,6 +65,7 @@ def prepare(
     if loss_fn is not None:
         check_loss_fn(given.model, loss_fn)
     worker = current_worker()
+    share_random_state(worker)  # batches drawn in the loop (get_batch) are the same on every worker
     for loader in given.loaders:  # a batch the workers cannot share fails before any heavy work
         check_loader(loader, replicas=worker.world_size if plan is None else plan.dp)
     budget = memory_budget_bytes(device=worker.device, local_world_size=worker.local_world_size, budget_gb=memory_budget_gb)

@@ -19,6 +19,8 @@ from onegpu.launch.process_group import Worker, collective_timeout
 from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
 from onegpu.plan import Capabilities, Plan
+from onegpu.runtime.accumulation import GradientAccumulation
+from onegpu.runtime.call_slicing import CallSlicer, attach_call_slicing
 from onegpu.runtime.collectives import broadcast_from_main
 from onegpu.runtime.data import GlobalBatchLoader
 from onegpu.runtime.loss_weighting import GlobalBatchHooks
@@ -113,13 +115,29 @@ def execute(
         if loss_fn is not None:
             attach_loss_fn(model, loss_fn)
         if mesh is not None:
-            group = mesh["dp"].get_group() if plan.dp > 1 else None
-            GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog)
+            _hook_calls(model, plan, mesh=mesh, worker=worker, watchdog=watchdog, optimizers=given.optimizers)
     for optimizer, groups in zip(given.optimizers, names):
         repoint(optimizer, model, groups)
         _watch_steps(optimizer, watchdog)
     model.onegpu_plan = plan
     return prepared
+
+
+def _hook_calls(model: nn.Module, plan: Plan, *, mesh, worker: Worker, watchdog, optimizers) -> None:
+    """The hooks on the model's calls: a global batch built in the loop is sliced first, then each slice's loss
+    is weighted; gradients accumulated over several calls are reduced once per optimizer step."""
+    group = mesh["dp"].get_group() if plan.dp > 1 else None
+
+    def weight_losses() -> None:
+        GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog)
+
+    if group is None:
+        weight_losses()
+        return
+    slicer = CallSlicer(replica=replica_slice(plan, worker=worker)[0], replicas=plan.dp, group=group, worker=worker)
+    attach_call_slicing(model, slicer, between=weight_losses)
+    if optimizers:
+        GradientAccumulation(model, optimizers)
 
 
 def _check_fits(plan: Plan, model: nn.Module) -> None:

@@ -74,15 +74,19 @@ class Counts:
 
 
 def find_loss(output: Any) -> torch.Tensor | None:
-    """The loss in a model's output: a 0-dim floating tensor, ``output.loss``, or the first of a tuple."""
+    """The loss in a model's output: a 0-dim floating tensor, ``output.loss``, or the one such tensor of a
+    tuple or list (first, or at any position: nanoGPT's ``(logits, loss)``)."""
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, (tuple, list)) and output:
-        loss = output[0]
+        losses = [v for v in output if _is_loss(v)]
+        loss = losses[0] if len(losses) == 1 else output[0]
     if loss is None:
         loss = output
-    if torch.is_tensor(loss) and loss.dim() == 0 and loss.is_floating_point():
-        return loss
-    return None
+    return loss if _is_loss(loss) else None
+
+
+def _is_loss(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()
 
 
 def replace_loss(output: Any, loss: torch.Tensor) -> Any:
@@ -91,7 +95,8 @@ def replace_loss(output: Any, loss: torch.Tensor) -> Any:
     if getattr(output, "loss", None) is not None:
         output.loss = loss
         return output
-    return type(output)((loss, *output[1:]))
+    index = next(i for i, v in enumerate(output) if v is find_loss(output))
+    return type(output)((*output[:index], loss, *output[index + 1 :]))
 
 
 class _GlobalLoss(torch.autograd.Function):
@@ -151,7 +156,7 @@ class GlobalBatchHooks:
             return grad * share
 
         for tensor in tensors_in(output):
-            if tensor.requires_grad:
+            if tensor.requires_grad and not getattr(tensor, "onegpu_global_rows", False):  # gathered: global already
                 tensor.register_hook(weight)
 
 

@@ -33,6 +33,7 @@ from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.materialize import materialize
 from onegpu.parallel.tensor_parallel import apply_tensor_parallel, unpermuted
 from onegpu.plan import Plan
+from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.stage_gradients import mark_gradients
 from onegpu.runtime.user_loss import TARGET
@@ -112,6 +113,10 @@ class Pipeline:
         self.stage_index = mesh["pp"].get_local_rank()
         self.last_rank = dist.get_global_rank(self.pipe_group, plan.pp - 1)
         self.loss = MicroBatchLoss(model, group=self.data_group, loss_fn=loss_fn)
+        self.slicer = None  # a global batch built in the loop: this replica's rows of it
+        if plan.dp > 1:
+            replica = mesh["dp"].get_local_rank()
+            self.slicer = CallSlicer(replica=replica, replicas=plan.dp, group=self.data_group, worker=worker)
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
         self.device, self.schedule, self.in_step = worker.device, None, False
         self.fused_orders: dict = {}  # tensor parallelism's permuted fused layers, undone in checkpoints
@@ -212,6 +217,16 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.slicer is not None:
+            args, kwargs, _ = self.slicer.slice_call(args, kwargs)
+            self.slicer.fork_random(self.model)
+            try:
+                return self._run(args, kwargs)
+            finally:
+                self.slicer.join_random()
+        return self._run(args, kwargs)
+
+    def _run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
         inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target)
         if self.loss.samples % self.plan.microbatches:
@@ -232,7 +247,9 @@ class Pipeline:
             )
         last = self.stage_index == self.plan.pp - 1
         losses: list[torch.Tensor] = []
-        extra = {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        extra = (
+            {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        )
         if self.watchdog is not None:
             self.watchdog.enter("pipeline schedule")
         try:
