@@ -8,7 +8,7 @@ device's accumulated gradient. onegpu counts the model's training calls between 
 - from the second step on, the k-th call's backward reduces while it runs (FSDP2's own overlapped path,
   ``set_requires_gradient_sync``), the earlier ones only accumulate locally;
 - a step after fewer calls (the last, partial accumulation of an epoch) reduces what accumulated
-  before it steps; a step after more reduces the extra ones, and k is learned anew.
+  as it begins; a step after more reduces on every call from the k-th on, and k becomes the longer count.
 
 Reducing the sum of the local gradients once equals summing each backward's reduction: exact.
 Gradients read between ``backward()`` and ``step()`` (``clip_grad_norm_``) are the reduced ones whenever the
@@ -51,7 +51,7 @@ class GradientAccumulation:
             return
         if not self.syncing:
             self._reduce_pending()
-        self.per_step, self.calls = self.calls, 0
+        self.per_step, self.calls = max(self.per_step or 0, self.calls), 0  # a shorter one: the last, partial
 
     def _reduce_pending(self) -> None:
         """Reduce the gradients accumulated without reduction, as the last backward would have (FSDP2 has no
