@@ -95,7 +95,8 @@ class _Deferred:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         build = self.__dict__.pop("onegpu_deferred")
-        build(args, kwargs)
+        with torch.random.fork_rng(devices=[]):  # fitting draws no number the loop would have drawn
+            build(args, kwargs)
         return self(*args, **kwargs)
 
 

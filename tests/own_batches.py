@@ -113,6 +113,10 @@ def get_batch(batch_size: int, block_size: int = GPTConfig.block_size, device: s
 
 def parameters_of(model: nn.Module) -> dict[str, list]:
     """Every parameter's full value (gathered from shards), as lists: call on every worker."""
+    if "onegpu_pipeline" in model.__dict__:  # each worker holds its stages: rank 0 gathers them
+        from onegpu.runtime.pipelined import pipeline_state_dict
+
+        return {name: value.tolist() for name, value in pipeline_state_dict(model).items()}
     full = {}
     for name, p in model.named_parameters():
         p = p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -170,3 +174,24 @@ def external(*, prepare=None, batch: int = 7, steps: int = 4, **how) -> dict:
         optimizer.zero_grad()
         losses.append(loss.item())
     return {"losses": losses, "grad_norms": norms, "parameters": parameters_of(model), "rows": rows}
+
+
+def accumulated(*, prepare=None, batch: int = 6, accumulation=(2, 2, 2), **how) -> dict:
+    """A model with its own loss (SkipNet: blocks, a bare loss), tensors drawn in the loop, ``(loss / k).backward()``."""
+    from scenarios import SkipNet
+
+    torch.manual_seed(0)
+    model = SkipNet(depth=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if prepare is not None:
+        model, optimizer = prepare(model, optimizer, **how)
+    losses = []
+    for k in accumulation:
+        for _ in range(k):
+            x, y = torch.randn(batch, 8), torch.randn(batch, 1)
+            loss = model(x, y) / k
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item() * k)
+    return {"losses": losses, "grad_norms": [], "parameters": parameters_of(model), "rows": batch}

@@ -33,6 +33,7 @@ from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.materialize import materialize
 from onegpu.parallel.tensor_parallel import apply_tensor_parallel, unpermuted
 from onegpu.plan import Plan
+from onegpu.runtime.call_gradients import CallGradients
 from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.stage_gradients import mark_gradients
@@ -40,23 +41,26 @@ from onegpu.runtime.user_loss import TARGET
 from onegpu.runtime.watchdog import Watchdog
 
 CHANGED_LOSS = (
-    "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added, "
-    "a scale) cannot be honoured; compute it inside the model, and call backward() on the returned loss as it is"
+    "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added) "
+    "cannot be honoured; compute it inside the model, and call backward() on the returned loss, or a multiple of it"
 )
 
 
 class _PipelineLoss(torch.autograd.Function):
-    """The global loss; its backward only checks that nothing was done to it."""
+    """The global loss; its backward scales what the call added to the gradients by the loss's scale (a loss
+    divided by the accumulation steps), and refuses anything else done to it."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, value: float):
+    def forward(ctx, anchor: torch.Tensor, value: float, gradients: CallGradients):
+        ctx.gradients = gradients
         return torch.full((), value, dtype=torch.float32, device=anchor.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if grad.item() != 1.0:
-            raise UsageError(CHANGED_LOSS)
-        return None, None
+        factor = grad.item()
+        if factor != 1.0:
+            ctx.gradients.scale(factor)
+        return None, None, None
 
 
 class PipelineOutput:
@@ -135,6 +139,7 @@ class Pipeline:
             self.shared.synchronize_values()
         for param in model.parameters():
             param.register_post_accumulate_grad_hook(self._check_inside_step)
+        self.call_gradients = CallGradients(list(model.parameters()), mark=self._mark_gradients)
 
     # --- building ------------------------------------------------------------------------------------
     def _block_stages(self, names: list[str], *, keep_output: bool):
@@ -265,11 +270,16 @@ class Pipeline:
             self.schedule.eval(**inputs, **extra, return_outputs=False)
             return
         self.in_step = True
+        self.call_gradients.start()
         try:
             self.schedule.step(**inputs, **extra, return_outputs=False)
             self.shared.sum_gradients()
         finally:
             self.in_step = False
+            self.call_gradients.finish()
+        self._mark_gradients()
+
+    def _mark_gradients(self) -> None:
         mark_gradients(list(self.model.parameters()), group=self.pipe_group, counted_here=self.shared.counted_here)
 
     def _global_loss(self, losses: list[torch.Tensor] | None) -> tuple[torch.Tensor, bool]:
@@ -281,7 +291,7 @@ class Pipeline:
         dist.broadcast(total, src=self.last_rank, group=self.pipe_group)
         if self.data_group is not None:
             dist.all_reduce(total, group=self.data_group)
-        return _PipelineLoss.apply(self.anchor, float(total[0])), total[1] > 0
+        return _PipelineLoss.apply(self.anchor, float(total[0]), self.call_gradients), total[1] > 0
 
 
 def _block_index(name: str, path: str) -> int | None:

@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from own_batches import external, get_batch, nanogpt  # noqa: E402
+from own_batches import accumulated, external, get_batch, nanogpt  # noqa: E402
 
 import onegpu  # noqa: E402
 from onegpu.errors import UsageError  # noqa: E402
+from onegpu.plan import Plan  # noqa: E402
 
 out = Path(sys.argv[1])
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -67,6 +68,7 @@ if world == 2:
     results["nanogpt-fsdp"] = run(nanogpt, strategy="fsdp")
     results["nanogpt-ddp-partial"] = run(nanogpt, strategy="ddp", accumulation=(3, 3, 1, 3))
     results["external-ddp"] = run(external, strategy="ddp")
+    results["accumulated-pp2"] = run(accumulated, plan=Plan(dp=1, pp=2, microbatches=2, schedule="1f1b"))  # each call runs the whole pipeline
     try:  # a loop that seeds every worker differently draws different batches
         linear = torch.nn.Linear(8, 8)
         model, _ = onegpu.prepare(linear, torch.optim.SGD(linear.parameters()))
