@@ -5,7 +5,8 @@ and training matches one device's (tests/own_batches.py, against a plain process
 import pytest
 import torch
 from conftest import assert_same_parameters, assert_same_values, launch_script
-from own_batches import GPT, MLP, GPTConfig, external, nanogpt
+from own_batches import GPT, MLP, GPTConfig, accumulated, external, nanogpt
+from scenarios import SkipNet
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +19,7 @@ def reference():
         "nanogpt-k3": nanogpt(accumulation=(3, 3, 3)),
         "nanogpt-k2": nanogpt(accumulation=(2, 2, 2)),
         "external": external(),
+        "accumulated": accumulated(),
     }
 
 
@@ -65,7 +67,9 @@ def test_accumulated_gradients_are_reduced_once_per_step(runs, workers, name):
 def test_a_last_partial_accumulation_is_exact(reference, runs):
     run, ref = runs[2]["nanogpt-ddp-partial"], reference["nanogpt-partial"]
     assert_same_values(run["losses"], ref["losses"], what="per-step losses")
-    assert_same_parameters(module(run["parameters"], lambda: GPT(GPTConfig())), module(ref["parameters"], lambda: GPT(GPTConfig())))
+    assert_same_parameters(
+        module(run["parameters"], lambda: GPT(GPTConfig())), module(ref["parameters"], lambda: GPT(GPTConfig()))
+    )
     first, second, partial, longer = run["reductions_per_step"]
     assert second == partial == longer == first // 3, "at most one reduction per optimizer step"
 
@@ -80,3 +84,13 @@ def test_a_loss_computed_outside_the_model_from_global_targets(reference, runs, 
 def test_workers_drawing_different_batches_stop_with_one_line(runs):
     message = runs[2]["seeded-per-rank"]
     assert message.startswith("worker 1's batch differs from worker 0's: ") and "\n" not in message
+
+
+def test_accumulation_under_a_pipeline_is_exact(reference, runs):
+    """Each call runs the whole pipeline (its backward too); ``(loss / k).backward()`` scales that call's
+    gradients, and a parameter two stages share is summed once per call (SkipNet's input layer)."""
+    run, ref = runs[2]["accumulated-pp2"], reference["accumulated"]
+    assert_same_values(run["losses"], ref["losses"], what="per-step losses")
+    assert_same_parameters(
+        module(run["parameters"], lambda: SkipNet(depth=4)), module(ref["parameters"], lambda: SkipNet(depth=4))
+    )

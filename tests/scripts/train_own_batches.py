@@ -68,7 +68,9 @@ if world == 2:
     results["nanogpt-fsdp"] = run(nanogpt, strategy="fsdp")
     results["nanogpt-ddp-partial"] = run(nanogpt, strategy="ddp", accumulation=(3, 3, 1, 3))
     results["external-ddp"] = run(external, strategy="ddp")
-    results["accumulated-pp2"] = run(accumulated, plan=Plan(dp=1, pp=2, microbatches=2, schedule="1f1b"))  # each call runs the whole pipeline
+    results["accumulated-pp2"] = run(
+        accumulated, plan=Plan(dp=1, pp=2, microbatches=2, schedule="1f1b")
+    )  # each call runs the whole pipeline
     try:  # a loop that seeds every worker differently draws different batches
         linear = torch.nn.Linear(8, 8)
         model, _ = onegpu.prepare(linear, torch.optim.SGD(linear.parameters()))
