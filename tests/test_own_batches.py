@@ -94,3 +94,7 @@ def test_accumulation_under_a_pipeline_is_exact(reference, runs):
     assert_same_parameters(
         module(run["parameters"], lambda: SkipNet(depth=4)), module(ref["parameters"], lambda: SkipNet(depth=4))
     )
+
+
+def test_dropout_masks_differ_between_replicas_and_leave_the_loop_s_stream(runs):
+    assert runs[2]["dropout"] == {"replicas_differ": True, "stream_kept": True}

@@ -79,6 +79,15 @@ if world == 2:
         results["seeded-per-rank"] = "no error"
     except UsageError as error:
         results["seeded-per-rank"] = str(error)
+    # dropout inside the model: each replica draws its own masks; the loop's random stream does not move
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    model, _ = onegpu.prepare(net, torch.optim.SGD(net.parameters()))
+    state = torch.get_rng_state()
+    out = model(torch.ones(4, 4))
+    results["dropout"] = {
+        "replicas_differ": not torch.equal(out[:2], out[2:]),
+        "stream_kept": torch.equal(state, torch.get_rng_state()),
+    }
 if world == 3:
     results["nanogpt-ddp"] = run(nanogpt, strategy="ddp", accumulation=(3, 3, 3))
     results["nanogpt-fsdp"] = run(nanogpt, strategy="fsdp", accumulation=(2, 2, 2))
