@@ -39,10 +39,13 @@ class CallGradients:
         self._combine(1.0)
 
     @torch.no_grad()
-    def scale(self, factor: float) -> None:
-        """The loop scaled the loss by ``factor``: so is this call's share of the gradients."""
-        self._combine(factor)
-        self.mark()
+    def confirm(self, factor: float) -> None:
+        """The loss's backward: the loop scaled the loss by ``factor``, so is this call's share of the gradients.
+        Nothing of the call is kept after it (``zero_grad`` frees the gradients)."""
+        if factor != 1.0 and self.this_call:
+            self._combine(factor)
+            self.mark()
+        self.earlier, self.this_call = [], []
 
     @torch.no_grad()
     def _combine(self, factor: float) -> None:

@@ -4,7 +4,8 @@ The model object stays the user's: its class becomes a subclass of the user's cl
 for sharded modules), so ``isinstance`` checks, attributes and methods are unchanged. Calling it,
 ``loss = model(**batch).loss``, runs the whole schedule (every micro-batch's forward and backward)
 and returns the global-batch loss; ``loss.backward()`` only confirms the gradients the pipeline
-already made. A loss changed before ``backward`` (a term added, a scale) cannot be honoured and is
+already made, scaled as the loop scaled the loss (``(loss / k).backward()`` for gradient
+accumulation, :mod:`onegpu.runtime.call_gradients`). A term added to the loss cannot be honoured and is
 reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation).
 ``torch.nn.utils.clip_grad_norm_`` on the stage's parameters clips by the norm over all stages
 (:mod:`onegpu.runtime.stage_gradients`).
@@ -57,9 +58,7 @@ class _PipelineLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        factor = grad.item()
-        if factor != 1.0:
-            ctx.gradients.scale(factor)
+        ctx.gradients.confirm(grad.item())
         return None, None, None
 
 
