@@ -195,3 +195,22 @@ def accumulated(*, prepare=None, batch: int = 6, accumulation=(2, 2, 2), **how) 
         optimizer.zero_grad()
         losses.append(loss.item() * k)
     return {"losses": losses, "grad_norms": [], "parameters": parameters_of(model), "rows": batch}
+
+
+def loader_copies(*, prepare=None, batch: int = 7, **how) -> dict:
+    """A DataLoader's batches copied before the model sees them (``x.clone()``): still slices, not sliced again."""
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.utils.data.TensorDataset(torch.randn(28, 8), torch.randint(0, 5, (28,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch)
+    if prepare is not None:
+        model, optimizer, loader = prepare(model, optimizer, loader, **how)
+    rows = []
+    for x, y in loader:
+        out = model(x.clone())
+        rows.append(out.shape[0])
+        F.cross_entropy(out, y).backward()  # the slice's own loss: weighted by its share of the batch
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"losses": [], "grad_norms": [], "parameters": parameters_of(model), "rows": rows}

@@ -5,7 +5,7 @@ and training matches one device's (tests/own_batches.py, against a plain process
 import pytest
 import torch
 from conftest import assert_same_parameters, assert_same_values, launch_script
-from own_batches import GPT, MLP, GPTConfig, accumulated, external, nanogpt
+from own_batches import GPT, MLP, GPTConfig, accumulated, external, loader_copies, nanogpt
 from scenarios import SkipNet
 
 pytestmark = pytest.mark.slow
@@ -20,6 +20,7 @@ def reference():
         "nanogpt-k2": nanogpt(accumulation=(2, 2, 2)),
         "external": external(),
         "accumulated": accumulated(),
+        "loader-copies": loader_copies(),
     }
 
 
@@ -98,3 +99,9 @@ def test_accumulation_under_a_pipeline_is_exact(reference, runs):
 
 def test_dropout_masks_differ_between_replicas_and_leave_the_loop_s_stream(runs):
     assert runs[2]["dropout"] == {"replicas_differ": True, "stream_kept": True}
+
+
+def test_copies_of_a_loader_s_slices_are_not_sliced_again(reference, runs):
+    run = runs[3]["loader-copies"]  # batches of 7 on 3 workers: slices of 3, 2 and 2
+    assert run["rows"] == [[3] * 4, [2] * 4, [2] * 4]
+    assert_same_parameters(module(run["parameters"], MLP), module(reference["loader-copies"]["parameters"], MLP))

@@ -6,9 +6,11 @@ iterator. Every worker draws the same global batch, and each computes only its r
   every worker;
 - ``CallSlicer``: when the model is called, the inputs whose leading size is the batch's are cut to this
   replica's rows (:func:`onegpu.runtime.data.slice_bounds`, the DataLoader's split). Batches a
-  ``GlobalBatchLoader`` yielded (or views of them) are sliced already and left alone. A cheap fingerprint
-  of the global batch (its size, element count and the sums of its first and last rows), compared across
-  workers, stops a job whose workers drew different batches;
+  ``GlobalBatchLoader`` yielded (or views of them, or tensors of as many rows as its last slice) are
+  sliced already and left alone: a batch left whole costs time only (each worker's loss is weighted by
+  its rows), a slice sliced again would be wrong. A cheap fingerprint of the global batch (its size,
+  element count and the sums of its first and last rows), one small all-gather per call, stops a job
+  whose workers drew different batches;
 - what the loop sees stays the one device's: a loss the model returns is the global-batch loss
   (:mod:`onegpu.runtime.loss_weighting`); an output without a loss is gathered back to the global batch's
   rows, so a loss computed outside the model from the loop's own (global) targets is the global loss. Its
@@ -106,12 +108,14 @@ class CallSlicer:
         self.forked: ExitStack | None = None
 
     def slice_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict, list | None]:
-        """The call's inputs cut to this replica's rows, and every replica's bounds (None: not sliced here)."""
+        """The call's inputs cut to this replica's rows, and every replica's bounds (None: not sliced here).
+        Every worker takes the same decision: none slices when any sees a slice already."""
         tensors = [t for t in tensors_in((args, kwargs)) if t.dim() > 0]
-        if not tensors or SLICED.holds(tensors):
+        if not tensors:
             return args, kwargs, None
         rows = batch_size(args, kwargs)
-        self._check_same_batch(tensors, rows)
+        if not self._all_draw_the_same_batch(tensors, rows):
+            return args, kwargs, None
         bounds = [slice_bounds(rows, rank=r, world_size=self.replicas) for r in range(self.replicas)]
         start, end = bounds[self.replica]
 
@@ -135,13 +139,20 @@ class CallSlicer:
 
         return map_tensors(output, gather)
 
-    def _check_same_batch(self, tensors: list[torch.Tensor], rows: int) -> None:
-        mine = fingerprint(tensors, rows).to(self.worker.device)
+    def _all_draw_the_same_batch(self, tensors: list[torch.Tensor], rows: int) -> bool:
+        """Whether every worker holds the same global batch (False: some hold a slice from a GlobalBatchLoader);
+        a global batch that differs between workers stops the job."""
+        mine = torch.cat(
+            [torch.tensor([float(SLICED.holds(tensors))], dtype=torch.float64), fingerprint(tensors, rows)]
+        )
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, mine)
+        dist.all_gather(every, mine.to(self.worker.device))
+        if any(float(theirs[0]) for theirs in every):
+            return False
         for rank, theirs in enumerate(every):
             if not torch.equal(theirs, every[0]):
                 raise UsageError(DIFFERENT_BATCHES.format(rank=rank))
+        return True
 
     def fork_random(self, module: nn.Module) -> None:
         """Random numbers drawn by this forward come from this replica's stream (training only)."""

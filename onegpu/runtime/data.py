@@ -112,8 +112,10 @@ class SlicedBatches:
 
     def __init__(self, *, keep: int = 256) -> None:
         self.keep, self.storages = keep, OrderedDict()
+        self.rows: int | None = None  # the last slice's: a batch of as many rows made from it is a slice too
 
     def mark(self, batch: Any) -> None:
+        self.rows = leading_size(batch)
         for tensor in tensors_in(batch):
             pointer = tensor.untyped_storage().data_ptr()
             if pointer:
@@ -123,7 +125,11 @@ class SlicedBatches:
             self.storages.popitem(last=False)
 
     def holds(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether any of ``tensors`` shares its storage with a tensor a GlobalBatchLoader yielded and still alive."""
+        """Whether ``tensors`` are a slice already: one shares its storage with a tensor a GlobalBatchLoader yielded
+        and still alive, or they have as many rows as its last slice (``x.float()`` made of it). Not slicing a
+        global batch costs time only (each worker's loss is weighted by its rows: exact); slicing twice would not."""
+        if self.rows is not None and tensors and tensors[0].shape[0] == self.rows:
+            return True
         for tensor in tensors:
             ref = self.storages.get(tensor.untyped_storage().data_ptr())
             if ref is not None and ref() is not None:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from own_batches import accumulated, external, get_batch, nanogpt  # noqa: E402
+from own_batches import accumulated, external, get_batch, loader_copies, nanogpt  # noqa: E402
 
 import onegpu  # noqa: E402
 from onegpu.errors import UsageError  # noqa: E402
@@ -92,5 +92,9 @@ if world == 3:
     results["nanogpt-ddp"] = run(nanogpt, strategy="ddp", accumulation=(3, 3, 3))
     results["nanogpt-fsdp"] = run(nanogpt, strategy="fsdp", accumulation=(2, 2, 2))
     results["external-fsdp"] = run(external, strategy="fsdp")
+    copies = loader_copies(prepare=onegpu.prepare, strategy="ddp")
+    every = [None] * world
+    dist.all_gather_object(every, copies["rows"])
+    results["loader-copies"] = copies | {"rows": every}
 if dist.get_rank() == 0:
     (out / "results.json").write_text(json.dumps(results))
