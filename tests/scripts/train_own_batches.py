@@ -83,9 +83,9 @@ if world == 2:
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
     model, _ = onegpu.prepare(net, torch.optim.SGD(net.parameters()))
     state = torch.get_rng_state()
-    out = model(torch.ones(4, 4))
+    dropped = model(torch.ones(4, 4))
     results["dropout"] = {
-        "replicas_differ": not torch.equal(out[:2], out[2:]),
+        "replicas_differ": not torch.equal(dropped[:2], dropped[2:]),
         "stream_kept": torch.equal(state, torch.get_rng_state()),
     }
 if world == 3:
