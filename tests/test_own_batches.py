@@ -65,8 +65,9 @@ def test_accumulated_gradients_are_reduced_once_per_step(runs, workers, name):
     assert later == [units] * len(later)
 
 
-def test_a_last_partial_accumulation_is_exact(reference, runs):
-    run, ref = runs[2]["nanogpt-ddp-partial"], reference["nanogpt-partial"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_last_partial_accumulation_is_exact(reference, runs, strategy):
+    run, ref = runs[2][f"nanogpt-{strategy}-partial"], reference["nanogpt-partial"]
     assert_same_values(run["losses"], ref["losses"], what="per-step losses")
     assert_same_parameters(
         module(run["parameters"], lambda: GPT(GPTConfig())), module(ref["parameters"], lambda: GPT(GPTConfig()))

@@ -67,6 +67,7 @@ if world == 2:
     results["nanogpt-ddp"] = run(nanogpt, strategy="ddp")
     results["nanogpt-fsdp"] = run(nanogpt, strategy="fsdp")
     results["nanogpt-ddp-partial"] = run(nanogpt, strategy="ddp", accumulation=(3, 3, 1, 3))
+    results["nanogpt-fsdp-partial"] = run(nanogpt, strategy="fsdp", accumulation=(3, 3, 1, 3))
     results["external-ddp"] = run(external, strategy="ddp")
     results["accumulated-pp2"] = run(
         accumulated, plan=Plan(dp=1, pp=2, microbatches=2, schedule="1f1b")
