@@ -22,6 +22,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
 from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
+from onegpu.runtime.call_slicing import share_random_state
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
@@ -74,6 +75,7 @@ def prepare(
         check_loss_fn(given.model, loss_fn)
     check_count_items(count_items)
     worker = current_worker()
+    share_random_state(worker)  # batches drawn in the loop (get_batch) are the same on every worker
     for loader in given.loaders:  # a batch the workers cannot share fails before any heavy work
         check_loader(loader, replicas=worker.world_size if plan is None else plan.dp)
     budget = memory_budget_bytes(
@@ -106,7 +108,8 @@ class _Deferred:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         build = self.__dict__.pop("onegpu_deferred")
-        build(args, kwargs)
+        with torch.random.fork_rng(devices=[]):  # fitting draws no number the loop would have drawn
+            build(args, kwargs)
         return self(*args, **kwargs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from onegpu.batches import leading_size, move_to, slice_batch
+from onegpu.batches import leading_size, move_to, slice_batch, tensors_in
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
 
@@ -104,6 +106,40 @@ def first_samples(loader: DataLoader, count: int) -> Any | None:
     return loader.collate_fn([loader.dataset[i] for i in range(min(len(loader.dataset), count))])
 
 
+class SlicedBatches:
+    """The tensors GlobalBatchLoaders yielded lately (held weakly, by storage): a model called on them, or on views
+    of them, is given a slice already and is not sliced again."""
+
+    def __init__(self, *, keep: int = 256) -> None:
+        self.keep, self.storages = keep, OrderedDict()
+        self.rows: int | None = None  # the last slice's: a batch of as many rows made from it is a slice too
+
+    def mark(self, batch: Any) -> None:
+        self.rows = leading_size(batch)
+        for tensor in tensors_in(batch):
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer:
+                self.storages[pointer] = weakref.ref(tensor)
+                self.storages.move_to_end(pointer)
+        while len(self.storages) > self.keep:
+            self.storages.popitem(last=False)
+
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether ``tensors`` are a slice already: one shares its storage with a tensor a GlobalBatchLoader yielded
+        and still alive, or they have as many rows as its last slice (``x.float()`` made of it). Not slicing a
+        global batch costs time only (each worker's loss is weighted by its rows: exact); slicing twice would not."""
+        if self.rows is not None and tensors and tensors[0].shape[0] == self.rows:
+            return True
+        for tensor in tensors:
+            ref = self.storages.get(tensor.untyped_storage().data_ptr())
+            if ref is not None and ref() is not None:
+                return True
+        return False
+
+
+SLICED = SlicedBatches()
+
+
 class GlobalBatchLoader(DataLoader):
     """The user's DataLoader, yielding this worker's slice of every global batch on its device.
 
@@ -141,7 +177,9 @@ class GlobalBatchLoader(DataLoader):
         else:
             batches = self._sliced(iter(self.original))
         for batch in batches:
-            yield move_to(batch, self.worker.device)
+            batch = move_to(batch, self.worker.device)
+            SLICED.mark(batch)
+            yield batch
 
     def _sliced(self, batches: Iterator[Any]) -> Iterator[Any]:
         sync_rng(self.original.generator, worker=self.worker)

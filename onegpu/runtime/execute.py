@@ -20,6 +20,8 @@ from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
 from onegpu.plan import Capabilities, Plan
+from onegpu.runtime.accumulation import GradientAccumulation
+from onegpu.runtime.call_slicing import CallSlicer, attach_call_slicing
 from onegpu.runtime.collectives import broadcast_from_main
 from onegpu.runtime.data import GlobalBatchLoader
 from onegpu.runtime.gather import use_replica_group
@@ -125,14 +127,38 @@ def execute(
         if loss_fn is not None:
             attach_loss_fn(model, loss_fn)
         if mesh is not None:
-            group = mesh["dp"].get_group() if plan.dp > 1 else None
-            GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog, count_items=count_items)
+            _hook_calls(
+                model,
+                plan,
+                mesh=mesh,
+                worker=worker,
+                watchdog=watchdog,
+                optimizers=given.optimizers,
+                count_items=count_items,
+            )
     use_replica_group(mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)
     for optimizer, groups in zip(given.optimizers, names):
         repoint(optimizer, model, groups)
         _watch_steps(optimizer, watchdog)
     model.onegpu_plan = plan
     return prepared
+
+
+def _hook_calls(model: nn.Module, plan: Plan, *, mesh, worker: Worker, watchdog, optimizers, count_items) -> None:
+    """The hooks on the model's calls: a global batch built in the loop is sliced first, then each slice's loss
+    is weighted; gradients accumulated over several calls are reduced once per optimizer step."""
+    group = mesh["dp"].get_group() if plan.dp > 1 else None
+
+    def weight_losses() -> None:
+        GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog, count_items=count_items)
+
+    if group is None:
+        weight_losses()
+        return
+    slicer = CallSlicer(replica=replica_slice(plan, worker=worker)[0], replicas=plan.dp, group=group, worker=worker)
+    attach_call_slicing(model, slicer, between=weight_losses)
+    if optimizers:
+        GradientAccumulation(model, optimizers)
 
 
 def _check_fits(plan: Plan, model: nn.Module) -> None:

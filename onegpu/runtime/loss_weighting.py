@@ -158,7 +158,7 @@ class GlobalBatchHooks:
                 watch_backward(self.watchdog)
             return grad * share
 
-        if not tensor.requires_grad:
+        if not tensor.requires_grad or getattr(tensor, "onegpu_global_rows", False):  # gathered: global already
             return tensor
         alias = tensor.view_as(tensor)
         alias.register_hook(weight)

@@ -4,7 +4,8 @@ The model object stays the user's: its class becomes a subclass of the user's cl
 for sharded modules), so ``isinstance`` checks, attributes and methods are unchanged. Calling it,
 ``loss = model(**batch).loss``, runs the whole schedule (every micro-batch's forward and backward)
 and returns the global-batch loss; ``loss.backward()`` only confirms the gradients the pipeline
-already made. A loss changed before ``backward`` (a term added, a scale) cannot be honoured and is
+already made, scaled as the loop scaled the loss (``(loss / k).backward()`` for gradient
+accumulation, :mod:`onegpu.runtime.call_gradients`). A term added to the loss cannot be honoured and is
 reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation) and the model returns
 its whole output on every worker (:mod:`onegpu.runtime.pipeline_outputs`), labels or not.
 ``torch.nn.utils.clip_grad_norm_`` on the stage's parameters clips by the norm over all stages
@@ -34,6 +35,8 @@ from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.materialize import materialize
 from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
+from onegpu.runtime.call_gradients import CallGradients
+from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss, find_loss, replace_loss
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
 from onegpu.runtime.stage_gradients import mark_gradients
@@ -42,23 +45,24 @@ from onegpu.runtime.watchdog import Watchdog
 
 BARE, KEYED = -1, -2  # where a model's output keeps its loss, besides a position in a tuple
 CHANGED_LOSS = (
-    "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added, "
-    "a scale) cannot be honoured; compute it inside the model, and call backward() on the returned loss as it is"
+    "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added) "
+    "cannot be honoured; compute it inside the model, and call backward() on the returned loss, or a multiple of it"
 )
 
 
 class _PipelineLoss(torch.autograd.Function):
-    """The global loss; its backward only checks that nothing was done to it."""
+    """The global loss; its backward scales what the call added to the gradients by the loss's scale (a loss
+    divided by the accumulation steps), and refuses anything else done to it."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, value: float):
+    def forward(ctx, anchor: torch.Tensor, value: float, gradients: CallGradients):
+        ctx.gradients = gradients
         return torch.full((), value, dtype=torch.float32, device=anchor.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if grad.item() != 1.0:
-            raise UsageError(CHANGED_LOSS)
-        return None, None
+        ctx.gradients.confirm(grad.item())
+        return None, None, None
 
 
 class PipelineOutput:
@@ -149,6 +153,10 @@ class Pipeline:
         self.loss = MicroBatchLoss(
             model, group=self.data_group, loss_fn=loss_fn, count_items=count_items, microbatches=plan.microbatches
         )
+        self.slicer = None  # a global batch built in the loop: this replica's rows of it
+        if plan.dp > 1:
+            replica = mesh["dp"].get_local_rank()
+            self.slicer = CallSlicer(replica=replica, replicas=plan.dp, group=self.data_group, worker=worker)
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
         self.device, self.in_step = worker.device, False
         self.schedules: dict[tuple[str, ...], Any] = {}  # by the inputs' names, built at the first such batch
@@ -168,6 +176,7 @@ class Pipeline:
             self.shared.synchronize_values()
         for param in model.parameters():
             param.register_post_accumulate_grad_hook(self._check_inside_step)
+        self.call_gradients = CallGradients(list(model.parameters()), mark=self._mark_gradients)
 
     # --- building ------------------------------------------------------------------------------------
     def _block_stages(self, names: list[str], *, keep_output: bool):
@@ -250,6 +259,16 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.slicer is not None:
+            args, kwargs, _ = self.slicer.slice_call(args, kwargs)
+            self.slicer.fork_random(self.model)
+            try:
+                return self._run(args, kwargs)
+            finally:
+                self.slicer.join_random()
+        return self._run(args, kwargs)
+
+    def _run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         call = (args, dict(kwargs))  # as given, for count_items
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
         inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=call)
@@ -261,7 +280,9 @@ class Pipeline:
         schedule = self._schedule_for(inputs)
         last = self.stage_index == self.plan.pp - 1
         losses: list[torch.Tensor] = []
-        extra = {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        extra = (
+            {} if self.stage_index == 0 else {"target": target if last else None, "losses": losses if last else None}
+        )
         evaluating, last_stage = not torch.is_grad_enabled(), self.stages[max(self.stages)]
         if self.watchdog is not None:
             self.watchdog.enter("pipeline schedule")
@@ -312,11 +333,16 @@ class Pipeline:
             schedule.eval(**inputs, **extra, return_outputs=False)
             return
         self.in_step = True
+        self.call_gradients.start()
         try:
             schedule.step(**inputs, **extra, return_outputs=False)
             self.shared.sum_gradients()
         finally:
             self.in_step = False
+            self.call_gradients.finish()
+        self._mark_gradients()
+
+    def _mark_gradients(self) -> None:
         mark_gradients(list(self.model.parameters()), group=self.pipe_group, counted_here=self.shared.counted_here)
 
     def _global_loss(self, losses: list[torch.Tensor] | None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -331,7 +357,7 @@ class Pipeline:
         value = total[:1].clone()
         if self.data_group is not None:
             dist.all_reduce(value, group=self.data_group)
-        return _PipelineLoss.apply(self.anchor, float(value)), (int(total[1]), int(total[2]))
+        return _PipelineLoss.apply(self.anchor, float(value), self.call_gradients), (int(total[1]), int(total[2]))
 
 
 def _block_index(name: str, path: str) -> int | None:
