@@ -305,7 +305,10 @@ class Capabilities:
         """What ``plan`` needs that this runtime cannot do (empty: it runs)."""
         needs = (
             (f"schedule={plan.schedule}", plan.pp > 1 and plan.schedule not in self.schedules),
-            (f"{plan.microbatches} accumulation steps", plan.pp == 1 and plan.microbatches > 1 and not self.accumulation),
+            (
+                f"{plan.microbatches} accumulation steps",
+                plan.pp == 1 and plan.microbatches > 1 and not self.accumulation,
+            ),
             (f"sharding={plan.sharding}", plan.sharding not in self.shardings),
             (
                 f"sharding with the {plan.schedule} schedule",

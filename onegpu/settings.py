@@ -125,7 +125,9 @@ def _parse(raw: tuple[str | None, ...]) -> Settings:
             kind = KINDS.get(variable.parse, "valid")
             raise UsageError(
                 f"{variable.name}={text!r} is not {kind}: set it to {variable.hint or 'a valid value'}, "
-                f"e.g. {variable.example}" if variable.example else f"{variable.name}={text!r} is not valid: unset it"
+                f"e.g. {variable.example}"
+                if variable.example
+                else f"{variable.name}={text!r} is not valid: unset it"
             ) from None
     return Settings(**values)
 

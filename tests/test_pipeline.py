@@ -70,7 +70,7 @@ def test_pipeline_times_fsdp_trains_like_one_device(pipeline_by_data_run, refere
 
 
 def test_each_worker_allocates_only_its_stage(tmp_path):
-    """A 128 MB Llama built on the meta device: each of 2 stages materializes and trains its half."""
+    """A 252 MB Llama built on the meta device: each of 2 stages materializes and trains its half."""
     result = run_onegpu("run", "--workers", "2", "tests/scripts/pipeline_memory.py", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
     first, last = json.loads((tmp_path / "r.json").read_text())

@@ -122,7 +122,9 @@ def describe(failure: Failure, *, status: Path | None) -> str:
     if name != "SIGKILL":
         return said
     memory = last_memory(status, failure.rank)
-    measured = f" (its memory: {_size(memory.resident)} at the last measure, {_size(memory.peak)} at peak)" if memory else ""
+    measured = (
+        f" (its memory: {_size(memory.resident)} at the last measure, {_size(memory.peak)} at peak)" if memory else ""
+    )
     return f"{said}, possibly out of memory{measured}: if so, use a smaller batch or more workers"
 
 

@@ -66,5 +66,7 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> 
         except ChildFailedError as failure:
             raise LaunchError(root_cause(failure, status=Path(status))) from None
         except SignalException as signal_:  # Ctrl-C, a scheduler's SIGTERM, or a lost lease: the workers were stopped
-            raise LaunchError(lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped") from None
+            raise LaunchError(
+                lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped"
+            ) from None
     return 0

@@ -27,9 +27,7 @@ def device_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=MESH_DIMS)
 
 
-def parallelize(
-    model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device: torch.device, on_meta: bool
-) -> None:
+def parallelize(model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device: torch.device, on_meta: bool) -> None:
     """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing); a
     meta-built model is materialized once split."""
     apply_global_batch_norm(model, group=mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)

@@ -55,9 +55,7 @@ def load_config(source: str) -> Any:
         raise UsageError(f"{path} is not a Hugging Face config.json ({exc}): give a model's config.json") from None
 
 
-def describe_model(
-    model: Any, *, seq_len: int, precision: str = "fp32", sample: Any | None = None
-) -> ModelDescription:
+def describe_model(model: Any, *, seq_len: int, precision: str = "fp32", sample: Any | None = None) -> ModelDescription:
     """The description of a model given as an nn.Module (on any device, with ``sample``, one sample's inputs),
     a Hugging Face config object, a config.json path or a preset name."""
     if precision not in DTYPES:
@@ -172,5 +170,3 @@ def _build_on_meta(config: Any, *, attention: str | None, name: str, precision: 
     if getattr(model, "loss_type", None) is None:  # what HF falls back to for a causal LM, without its warning
         model.loss_type = "ForCausalLM"
     return model
-
-

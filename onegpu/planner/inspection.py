@@ -67,8 +67,8 @@ class ModelDescription:
 
     def tensor_parallel_layout(self, tp: int) -> TensorParallelLayout:
         """What ``tp`` workers split; an error with the reasons when nothing can be split."""
-        layout, reasons = (None, ("it was not inspected",)) if self.tensor_parallel is None else (
-            self.tensor_parallel.layout(tp)
+        layout, reasons = (
+            (None, ("it was not inspected",)) if self.tensor_parallel is None else (self.tensor_parallel.layout(tp))
         )
         if layout is None:
             raise UsageError(f"{self.name} has no tensor-parallel structure ({'; '.join(reasons)}): use tp=1")
@@ -175,9 +175,9 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
         blocks=block_container(model, blocks) if blocks else None,
         block_count=len(profile.blocks),
         usage=tuple((n, usage.used_by(n)) for n, _ in model.named_parameters()),
-        tensor_parallel=tensor_parallel.findings() if tensor_parallel else TensorParallelFindings(
-            reasons=(f"{name} has no repeated blocks",)
-        ),
+        tensor_parallel=tensor_parallel.findings()
+        if tensor_parallel
+        else TensorParallelFindings(reasons=(f"{name} has no repeated blocks",)),
         batch_norm=next(iter(batch_norm_layers(model)), None),
     )
 

@@ -65,6 +65,7 @@ def find_plan(
     )
     if not feasible:
         raise search.nothing_fits(scored, budget_fraction)
+
     def fit(candidate: Plan) -> Plan:  # a bare profile's model has no known structure to fit a plan to
         description = described[candidate.precision]
         return fit_layout(candidate, description) if description.inspected else candidate
@@ -357,5 +358,3 @@ def _rejections(scored: list[Plan], best: Plan, budget: int, *, shown: set) -> l
 def _rank(p: Plan, budget: int) -> tuple:
     over = max(0, p.predicted.memory_per_device_bytes - budget)
     return (over > 0, over, p.predicted.step_time_s)
-
-

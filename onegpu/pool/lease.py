@@ -74,7 +74,9 @@ def leased_devices(
                 failing = time.monotonic() - renewed
                 if on_lost is not None and failing > pool.lease_ttl_s / 2:
                     if not stop.is_set():
-                        on_lost(f"the job was stopped because its device leases could not be renewed for {failing:.0f} s: {exc}")
+                        on_lost(
+                            f"the job was stopped because its device leases could not be renewed for {failing:.0f} s: {exc}"
+                        )
                     return
                 print(f"onegpu: could not renew the device leases: {exc}", file=sys.stderr, flush=True)
 

@@ -33,8 +33,8 @@ from torch import nn
 from onegpu.batches import batch_size, map_tensors, tensors_in
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
+from onegpu.outputs import find_loss
 from onegpu.runtime.data import SLICED, slice_bounds
-from onegpu.runtime.loss_weighting import find_loss
 
 DIFFERENT_BATCHES = (
     "worker {rank}'s batch differs from worker 0's: every worker must draw the same global batch (onegpu slices "

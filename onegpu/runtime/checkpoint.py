@@ -39,7 +39,9 @@ AT_FDCWD, RENAME_EXCHANGE = -100, 2
 
 def user_class(model: nn.Module) -> type:
     """The user's model class behind the classes FSDP2 or a pipeline put in front of it."""
-    return next(c for c in type(model).__mro__ if c.__module__.split(".")[0] not in ("torch", "onegpu") or c is nn.Module)
+    return next(
+        c for c in type(model).__mro__ if c.__module__.split(".")[0] not in ("torch", "onegpu") or c is nn.Module
+    )
 
 
 def _whole_value(tensor: torch.Tensor) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from torch import nn
 from onegpu.batches import as_keywords
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
+from onegpu.outputs import find_loss, replace_loss
 from onegpu.parallel import pipeline as pp
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.data_parallel import apply_data_parallel
@@ -37,7 +38,7 @@ from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
 from onegpu.runtime.call_gradients import CallGradients
 from onegpu.runtime.call_slicing import CallSlicer
-from onegpu.runtime.loss_weighting import MicroBatchLoss, find_loss, replace_loss
+from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
 from onegpu.runtime.stage_gradients import mark_gradients
 from onegpu.runtime.user_loss import TARGET

@@ -1,4 +1,4 @@
-"""Worker script: a 126 MB Llama built on the meta device, on a 2-stage pipeline; each worker must
+"""Worker script: a 252 MB Llama built on the meta device, on a 2-stage pipeline; each worker must
 allocate only its own stage. Rank 0 writes what every worker held and how its memory grew."""
 
 import sys
@@ -15,7 +15,7 @@ from onegpu.machine import resident_bytes  # noqa: E402
 from onegpu.plan import Plan  # noqa: E402
 
 model = meta_llama(
-    hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
+    hidden_size=512, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4
 )
 whole = sum(p.numel() * p.element_size() for p in model.parameters())
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
