@@ -98,6 +98,11 @@ def test_accumulation_under_a_pipeline_is_exact(reference, runs):
     )
 
 
+def test_nanogpt_loop_under_a_pipeline_trains_like_one_device(reference, runs):
+    """``logits, loss = model(X, Y)`` unpacks under pp2; accumulation over 2 calls per step."""
+    assert_trained_alike(runs[2]["nanogpt-pp2"], reference["nanogpt"], lambda: GPT(GPTConfig()))
+
+
 def test_dropout_masks_differ_between_replicas_and_leave_the_loop_s_stream(runs):
     assert runs[2]["dropout"] == {"replicas_differ": True, "stream_kept": True}
 

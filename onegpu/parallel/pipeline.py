@@ -17,6 +17,7 @@ them.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -188,7 +189,7 @@ class BlockRangeStage(nn.Module):
     def forward(self, *received: torch.Tensor, **inputs: Any):
         contiguous_gradients(received)
         self._received = received[0] if received else None
-        if hasattr(self.model, "config"):  # a KV cache would see only this stage's layers
+        if "use_cache" in inspect.signature(self.model.forward).parameters:  # a KV cache: this stage's layers only
             inputs = {**inputs, "use_cache": False}
         self._running = True
         try:

@@ -35,6 +35,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
 from onegpu.outputs import find_loss
 from onegpu.runtime.data import SLICED, slice_bounds
+from onegpu.runtime.watchdog import Watchdog
 
 DIFFERENT_BATCHES = (
     "worker {rank}'s batch differs from worker 0's: every worker must draw the same global batch (onegpu slices "
@@ -156,6 +157,7 @@ class CallSlicer:
 
     def fork_random(self, module: nn.Module) -> None:
         """Random numbers drawn by this forward come from this replica's stream (training only)."""
+        self.join_random()  # a forward that raised left its stream forked
         self.calls += 1
         if not (module.training and torch.is_grad_enabled()):
             return
@@ -179,14 +181,23 @@ def fingerprint(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
     return torch.tensor([rows, len(batched), sum(t.numel() for t in batched), first, last], dtype=torch.float64)
 
 
-def attach_call_slicing(model: nn.Module, slicer: CallSlicer, *, between: Any) -> None:
+def attach_call_slicing(model: nn.Module, slicer: CallSlicer, *, between: Any, watchdog: Watchdog | None) -> None:
     """Slice the model's calls: ``between()`` registers the hooks that must see the slice's inputs and the
-    gathered output (loss weighting); the slicing input hook runs before them, the gathering output hook too."""
+    gathered output (loss weighting, which ends the watched "forward" phase this hook begins); the slicing
+    input hook runs before them, the gathering output hook too."""
     pending: list[Any] = []
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if watchdog is not None:  # the fingerprint's all-gather waits for every worker
+            watchdog.enter("forward")
         slicer.fork_random(module)
-        args, kwargs, bounds = slicer.slice_call(args, kwargs)
+        try:
+            args, kwargs, bounds = slicer.slice_call(args, kwargs)
+        except UsageError:  # the loop may catch it: nothing stays forked or watched
+            slicer.join_random()
+            if watchdog is not None:
+                watchdog.leave()
+            raise
         pending.append(bounds)
         return args, kwargs
 

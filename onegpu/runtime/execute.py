@@ -156,7 +156,7 @@ def _hook_calls(model: nn.Module, plan: Plan, *, mesh, worker: Worker, watchdog,
         weight_losses()
         return
     slicer = CallSlicer(replica=replica_slice(plan, worker=worker)[0], replicas=plan.dp, group=group, worker=worker)
-    attach_call_slicing(model, slicer, between=weight_losses)
+    attach_call_slicing(model, slicer, between=weight_losses, watchdog=watchdog)
     if optimizers:
         GradientAccumulation(model, optimizers)
 

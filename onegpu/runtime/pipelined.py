@@ -99,8 +99,8 @@ class _NotReturned:
 
     def __getattr__(self, name: str) -> Any:
         raise UsageError(
-            "under a pipeline plan the model returns only its loss, not its other outputs: "
-            "compute what you need from them inside the model, or evaluate with a plan of pp=1"
+            "under a pipeline plan the model returns only its loss in training, not its other outputs: compute what "
+            "you need from them inside the model, or under torch.no_grad(), where it returns its whole output"
         )
 
 
@@ -261,7 +261,14 @@ class Pipeline:
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         if self.slicer is not None:
-            args, kwargs, _ = self.slicer.slice_call(args, kwargs)
+            if self.watchdog is not None:  # the fingerprint's all-gather waits for every replica
+                self.watchdog.enter("forward")
+            try:
+                args, kwargs, _ = self.slicer.slice_call(args, kwargs)
+            except UsageError:
+                if self.watchdog is not None:
+                    self.watchdog.leave()
+                raise
             self.slicer.fork_random(self.model)
             try:
                 return self._run(args, kwargs)

@@ -72,6 +72,7 @@ if world == 2:
     results["accumulated-pp2"] = run(
         accumulated, plan=Plan(dp=1, pp=2, microbatches=2, schedule="1f1b")
     )  # each call runs the whole pipeline
+    results["nanogpt-pp2"] = run(nanogpt, plan=Plan(dp=1, pp=2, microbatches=2, schedule="1f1b"))
     try:  # a loop that seeds every worker differently draws different batches
         linear = torch.nn.Linear(8, 8)
         model, _ = onegpu.prepare(linear, torch.optim.SGD(linear.parameters()))
