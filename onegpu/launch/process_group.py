@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from onegpu.launch.clean_exit import end_cleanly_at_exit
 from onegpu.launch.environment import Environment, current_environment
 from onegpu.settings import settings
 
@@ -66,6 +67,7 @@ def current_worker(environment: Environment | None = None) -> Worker:
             timeout=datetime.timedelta(seconds=2 * collective_timeout()),
             device_id=device if device.type != "cpu" else None,
         )
+        end_cleanly_at_exit()  # under another launcher; onegpu's own workers end with clean_exit.finish
         # leave the group before the interpreter tears down: gloo's threads abort the process otherwise
         atexit.register(_leave_process_group)
     if dist.is_initialized():

@@ -7,13 +7,13 @@ process itself, leaving its exit code for the launcher.
 
 from __future__ import annotations
 
-import atexit
 import os
 import runpy
 import sys
 import traceback
 
 from onegpu.errors import UsageError
+from onegpu.launch.clean_exit import ends_with_finish, finish
 from onegpu.launch.failures import is_peer_gone, record_failure
 from onegpu.launch.lifeline import die_with_launcher
 from onegpu.launch.status import record_end
@@ -50,6 +50,7 @@ def run_script(script: str, args: list[str]) -> int:
 
 def main(argv: list[str]) -> None:
     die_with_launcher()
+    ends_with_finish()
     script, *args = argv
     rank = int(os.environ.get("RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -64,13 +65,7 @@ def main(argv: list[str]) -> None:
     start_reporting()
     code = run_script(script, args)
     record_end(rank=rank, code=code)
-    # End like a normal exit (atexit handlers, flushed streams) but skip C++ static destructors:
-    # torch's background threads can abort a finished worker there ("terminate called without an
-    # active exception"), turning a successful job into a failed one.
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    finish(code)
 
 
 if __name__ == "__main__":
