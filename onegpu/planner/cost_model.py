@@ -77,11 +77,18 @@ def in_flight(plan: Plan, *, worker: int = 0) -> float:
     return held
 
 
+def hybrid_shard_group(plan: Plan, cluster: Cluster) -> int:
+    """The replicas that shard together under hybrid sharding: as many as one node holds (the largest divisor
+    of ``dp`` that fits a node), so parameters are gathered over the node's links only."""
+    per_node = max(1, cluster.devices_per_node // (plan.tp * plan.pp))
+    return max(g for g in range(1, min(plan.dp, per_node) + 1) if plan.dp % g == 0)
+
+
 def shard_factors(plan: Plan, cluster: Cluster) -> tuple[int, int, int]:
     """By how many devices parameters, gradients and optimizer states are divided (ZeRO levels)."""
     dp = plan.dp
     if plan.sharding == "hybrid":
-        inside = max(1, min(dp, cluster.devices_per_node // (plan.tp * plan.pp) or 1))
+        inside = plan.shard_group or hybrid_shard_group(plan, cluster)
         return inside, inside, inside
     return {
         "none": (1, 1, 1),
