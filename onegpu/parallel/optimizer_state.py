@@ -93,6 +93,8 @@ def apply_optimizer_state(optimizer: torch.optim.Optimizer, plan: Plan, *, group
     optimizer.register_step_pre_hook(lambda *_: _take_gradients(pieces, host=host))
     optimizer.register_step_post_hook(lambda *_: _return_values(pieces, host=host, group=group if shard else None))
     _clear_model_gradients_too(optimizer, [piece.param for piece in pieces])
+    if shard:
+        _mark_saved_pieces(optimizer, rank=rank, replicas=replicas)
 
 
 def _piece(param: nn.Parameter, *, replicas: int, rank: int, host: bool, shard: bool) -> _Piece:
@@ -148,7 +150,7 @@ def _all_gather(pieces: list[_Piece], *, group) -> None:
     if filled:
         torch._foreach_copy_([mine[o : o + proxy.numel()] for o, proxy in filled], [proxy for _, proxy in filled])
     every = torch.empty(dist.get_world_size(group) * offsets[-1], dtype=mine.dtype, device=device)
-    dist.all_gather_into_tensor(every, mine, group=group)
+    dist.all_gather_single(every, mine, group=group)
     rows = every.view(dist.get_world_size(group), offsets[-1])
     targets = [_local(piece.param).view(-1) for piece in pieces]
     gathered = [rows[:, o : o + p.chunk].reshape(-1)[: t.numel()] for o, p, t in zip(offsets, pieces, targets)]
@@ -172,3 +174,30 @@ def _clear_model_gradients_too(optimizer: torch.optim.Optimizer, params: list[nn
                 param.grad.detach_().zero_()
 
     optimizer.zero_grad = zero_grad
+
+
+PIECE_KEY = "onegpu_optimizer_piece"
+
+
+def _mark_saved_pieces(optimizer: torch.optim.Optimizer, *, rank: int, replicas: int) -> None:
+    """A ZeRO-1 ``state_dict()`` says whose piece it holds; loading it on another replica (or one saved without
+    ZeRO-1) is refused, since its values would silently update the wrong elements."""
+    mine = [rank, replicas]
+
+    def mark(_optimizer, state: dict) -> dict:
+        state[PIECE_KEY] = mine
+        return state
+
+    def check(_optimizer, state: dict) -> dict:
+        state = dict(state)
+        saved = state.pop(PIECE_KEY, None)
+        if saved != mine and state.get("state"):
+            whose = f"replica {saved[0]}'s piece of {saved[1]}" if saved else "not a piece (saved without ZeRO-1)"
+            raise UsageError(
+                f"this optimizer state is {whose}, but this worker holds replica {rank}'s of {replicas} under "
+                "sharding='optimizer': each worker loads the optimizer.state_dict() it saved itself, under the same plan"
+            )
+        return state
+
+    optimizer.register_state_dict_post_hook(mark)
+    optimizer.register_load_state_dict_pre_hook(check)

@@ -20,7 +20,7 @@ from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
 from onegpu.parallel.optimizer_state import apply_optimizer_state
-from onegpu.plan import Capabilities, Plan
+from onegpu.plan import INTERLEAVED, Capabilities, Plan
 from onegpu.runtime.accumulation import GradientAccumulation
 from onegpu.runtime.call_slicing import CallSlicer, attach_call_slicing
 from onegpu.runtime.collectives import broadcast_from_main
@@ -35,6 +35,11 @@ EXECUTABLE = Capabilities(precisions=("fp32",), accumulation=False)
 
 
 def check_executable(plan: Plan) -> None:
+    if plan.schedule in INTERLEAVED and plan.sharding in ("gradients", "parameters", "hybrid"):
+        raise UsageError(
+            f"the {plan.schedule} schedule runs two stages per worker, which FSDP2 cannot shard (sharding="
+            f"{plan.sharding!r}): use sharding 'none' or 'optimizer' with it, or the gpipe or 1f1b schedule"
+        )
     missing = EXECUTABLE.missing(plan)
     if missing:
         raise UsageError(
