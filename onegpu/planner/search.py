@@ -267,9 +267,9 @@ class _Search:
 
 
 def _sensible(plan: Plan, *, blocks: int, cluster: Cluster) -> bool:
-    """Plans worth costing: interleaving needs two blocks per stage and micro-batches per worker, 1F1B's steady
-    state a micro-batch per stage (and FSDP2 cannot shard two stages of one worker); sharding needs replicas, hybrid sharding replicas across nodes, and
-    offloaded parameters sharded ones."""
+    """Plans worth costing: interleaving needs two blocks per stage and micro-batches per worker (and stages
+    unsharded: FSDP2 cannot shard two stages of one worker), 1F1B's steady state a micro-batch per stage;
+    sharding needs replicas, hybrid sharding replicas across nodes, and offloaded parameters sharded ones."""
     dp, pp, m, schedule, sharding = plan.dp, plan.pp, plan.microbatches, plan.schedule, plan.sharding
     if schedule in INTERLEAVED and (blocks < 2 * pp or m % pp or sharding in ("gradients", "parameters", "hybrid")):
         return False
