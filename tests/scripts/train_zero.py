@@ -34,6 +34,7 @@ if world == 2:
 else:  # 4 workers: two groups of 2 that shard, replicating each other
     RUNS = {"custom-hybrid-offload": ("custom", Plan(dp=4, sharding="hybrid", shard_group=2, offload="optimizer"), {})}
 
+
 def state_bytes(optimizer) -> int:
     """Bytes of the optimizer state this worker holds (its step counters aside)."""
     return sum(
@@ -52,7 +53,7 @@ for name, (scenario, plan, options) in RUNS.items():
     started = time.time()
     kept = {}
 
-    def prepare(model, optimizer, loader, **how):
+    def prepare(model, optimizer, loader, kept=kept, **how):
         kept["whole"] = sum(p.numel() for p in model.parameters())
         kept["optimizer"] = optimizer
         return onegpu.prepare(model, optimizer, loader, **how)
