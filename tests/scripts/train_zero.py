@@ -76,7 +76,9 @@ for name, (scenario, plan, options) in RUNS.items():
     print(name, time.time() - started, flush=True)
 
 if world == 2:
-    results["resumed"] = resumed_losses(out, prepare=onegpu.prepare, rank=rank, plan=Plan(dp=2, sharding="optimizer"))
+    results["resumed"] = resumed_losses(
+        out, prepare=onegpu.prepare, rank=rank, plan=Plan(dp=2, sharding="optimizer", offload="optimizer")
+    )
     model = SkipNet(depth=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = onegpu.prepare(model, optimizer, plan=Plan(dp=2, sharding="optimizer"))
