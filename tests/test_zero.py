@@ -75,8 +75,8 @@ def test_hybrid_shards_inside_groups_of_two_and_replicates_across(runs):
 
 
 def test_zero1_offloaded_optimizer_state_saved_and_loaded_continues_the_training(runs, tmp_path):
-    """ZeRO-1 with the state on the host: four steps, the model and each worker's optimizer.state_dict() saved, four more in new objects loaded
-    from them: the losses of one device doing the same."""
+    """ZeRO-1 with its state on the host: four steps, the model and each worker's optimizer.state_dict() saved,
+    four more in new objects loaded from them: the losses of one device doing the same."""
     assert_same_values(runs[2][1]["resumed"], resumed_losses(tmp_path), what="losses before and after resuming")
 
 
