@@ -302,10 +302,12 @@ def _data_parallel_comm(step: _Step) -> float:
     # compute that communication can hide behind; on a CPU "device" gloo runs on the same cores: none
     overlap = 0.0 if step.cpu else 1.0
     backward = overlap * m * n * step.micro_batch * block.bwd_flops / plan.tp / step.attainable
-    if plan.sharding == "none":
+    if plan.sharding in ("none", "optimizer"):
         exposed_after = _collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, link)
         comm = max(_collective(ring * grad_bytes, dp, link) - backward, 0.0) + exposed_after
-    elif plan.sharding in ("optimizer", "gradients"):
+        if plan.sharding == "optimizer":  # ZeRO-1: gradients all-reduced as above, updated pieces all-gathered
+            comm += _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
+    elif plan.sharding == "gradients":
         reduce_scatter = _collective(ring / 2 * grad_bytes, dp, link)
         all_gather = _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
         comm = max(reduce_scatter - backward, 0.0) + all_gather
