@@ -14,9 +14,10 @@ from resume import resumed_losses
 from scenarios import train
 from test_single_device_equivalence import load_checkpoint
 
+from onegpu.errors import UsageError
 from onegpu.plan import Plan
+from onegpu.runtime.execute import check_executable
 
-pytestmark = pytest.mark.slow
 ADAM = {"hf-zero1-offload", "tower-ddp-offload"}
 
 
@@ -38,6 +39,7 @@ def reference():
     return reference_of
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, workers",
     [
@@ -56,6 +58,7 @@ def test_same_training_as_one_device(runs, reference, name, workers):
         assert all(worker["state_apart"] for worker in run["workers"])
 
 
+@pytest.mark.slow
 def test_zero1_holds_one_piece_of_the_optimizer_state_per_worker(runs):
     """Adam's two fp32 moments of every element, split in halves (pieces round up per parameter)."""
     for name in ("custom-zero1-offload_parameters", "hf-zero1-offload"):
@@ -66,6 +69,7 @@ def test_zero1_holds_one_piece_of_the_optimizer_state_per_worker(runs):
         assert [worker["held_params"] for worker in run["workers"]] == [run["whole_params"]] * 2  # replicated
 
 
+@pytest.mark.slow
 def test_hybrid_shards_inside_groups_of_two_and_replicates_across(runs):
     run = runs[4][1]["custom-hybrid-offload"]
     for worker in run["workers"]:
@@ -74,12 +78,14 @@ def test_hybrid_shards_inside_groups_of_two_and_replicates_across(runs):
     assert run["workers"][0] == run["workers"][2] and run["workers"][1] == run["workers"][3]
 
 
+@pytest.mark.slow
 def test_zero1_offloaded_optimizer_state_saved_and_loaded_continues_the_training(runs, tmp_path):
     """ZeRO-1 with its state on the host: four steps, the model and each worker's optimizer.state_dict() saved,
     four more in new objects loaded from them: the losses of one device doing the same."""
     assert_same_values(runs[2][1]["resumed"], resumed_losses(tmp_path), what="losses before and after resuming")
 
 
+@pytest.mark.slow
 def test_misuse_is_refused_in_one_line(runs):
     results = runs[2][1]
     assert "each worker loads the optimizer.state_dict() it saved itself" in results["wrong_piece"]
@@ -87,11 +93,16 @@ def test_misuse_is_refused_in_one_line(runs):
 
 
 def test_a_hybrid_plan_says_its_shard_group():
-    from onegpu.errors import UsageError
-
     plan = Plan(dp=4, sharding="hybrid", shard_group=2)
     assert Plan.from_json(plan.to_json()) == plan and "groups of 2" in plan.describe()
     with pytest.raises(UsageError, match="needs shard_group"):
         Plan(dp=4, sharding="hybrid", shard_group=3)
     with pytest.raises(UsageError, match="is for sharding='hybrid'"):
         Plan(dp=4, sharding="parameters", shard_group=2)
+
+
+def test_an_interleaved_schedule_over_fsdp_shards_is_refused_in_one_line():
+    """FSDP2 cannot shard the two stages each worker runs (the search proposes none of these plans)."""
+    with pytest.raises(UsageError, match="use sharding 'none' or 'optimizer' with it, or the gpipe or 1f1b schedule"):
+        check_executable(Plan(dp=2, pp=2, microbatches=4, schedule="interleaved", sharding="parameters"))
+    check_executable(Plan(dp=2, pp=2, microbatches=4, schedule="interleaved", sharding="optimizer"))
