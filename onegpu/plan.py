@@ -122,7 +122,8 @@ class Plan:
     ``dp * tp * pp`` devices on one (dp, pp, tp) mesh; ``microbatches`` per optimizer step (pipeline
     micro-batches, or gradient accumulation when ``pp == 1``); ``sharding`` is the ZeRO level: ``none``
     (DDP), ``optimizer`` (ZeRO-1), ``gradients`` (ZeRO-2), ``parameters`` (ZeRO-3 / FSDP) or ``hybrid``
-    (shard inside a node, replicate across); ``activation_checkpointing`` is ``none``, ``full`` or a
+    (FSDP inside groups of ``shard_group`` neighbouring replicas, those of one node; the groups replicate
+    one another, HSDP); ``activation_checkpointing`` is ``none``, ``full`` or a
     number of blocks per stage; ``offload`` moves ``optimizer`` state or ``parameters`` (with gradients
     and optimizer state) to host memory.
 
@@ -141,6 +142,7 @@ class Plan:
     activation_checkpointing: str | int = "none"
     offload: str = "none"
     precision: str = "fp32"
+    shard_group: int | None = None
     blocks: str | None = None
     stages: StageLayout | None = None
     tensor_parallel: TensorParallelLayout | None = None
@@ -163,6 +165,7 @@ class Plan:
         ):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"Plan.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        self._check_shard_group()
         ckpt = self.activation_checkpointing
         if not (ckpt in ("none", "full") or (isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt >= 0)):
             raise UsageError(
@@ -176,6 +179,19 @@ class Plan:
             raise UsageError(
                 f"Plan.stages has {self.stages.stages} stages but pp={self.pp} with the {self.schedule} schedule "
                 f"runs {self.pipeline_stages}: cut the model into {self.pipeline_stages}"
+            )
+
+    def _check_shard_group(self) -> None:
+        group = self.shard_group
+        if self.sharding != "hybrid":
+            if group is not None:
+                raise UsageError(
+                    f"Plan.shard_group={group!r} is for sharding='hybrid': leave it out with {self.sharding!r}"
+                )
+        elif isinstance(group, bool) or not isinstance(group, int) or group < 1 or self.dp % group:
+            raise UsageError(
+                f"Plan(sharding='hybrid') needs shard_group, how many replicas shard together (a divisor of "
+                f"dp={self.dp}, such as the replicas of one node), got {group!r}"
             )
 
     @property
@@ -263,7 +279,7 @@ class Plan:
             parts.append(f"pp={self.pp} ({self.schedule}, {self.microbatches} micro-batches)")
         elif self.microbatches > 1:
             parts.append(f"{self.microbatches} accumulation steps")
-        parts.append(f"sharding={self.sharding}")
+        parts.append(f"sharding={self.sharding}" + (f" (groups of {self.shard_group})" if self.shard_group else ""))
         if self.activation_checkpointing != "none":
             parts.append(f"checkpointing={self.activation_checkpointing}")
         if self.offload != "none":

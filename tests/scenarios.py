@@ -181,15 +181,26 @@ def build(scenario: str, *, layers: int = 2):
 
 
 def train(
-    scenario: str, *, prepare=None, clip: bool = True, evaluate: bool = True, layers: int = 2, batch: int = BATCH, **how
+    scenario: str,
+    *,
+    prepare=None,
+    clip: bool = True,
+    evaluate: bool = True,
+    layers: int = 2,
+    batch: int = BATCH,
+    optimizer_class=None,
+    **how,
 ) -> dict:
     """Two epochs of single-device training; returns losses, grad norms, eval loss and the model.
 
-    With ``loss_fn`` among ``how`` (for prepare), "external" computes its loss as ``model(x, target=y)``.
+    With ``loss_fn`` among ``how`` (for prepare), "external" computes its loss as ``model(x, target=y)``;
+    ``optimizer_class`` (lr 1e-2) replaces the scenario's optimizer.
     """
     given_loss = "loss_fn" in how
     model, data = build(scenario, layers=layers)
-    if scenario in ("gpt2", "gpt2-odd"):
+    if optimizer_class is not None:
+        optimizer = optimizer_class(model.parameters(), lr=1e-2)
+    elif scenario in ("gpt2", "gpt2-odd"):
         # GPT-2's key bias gets a gradient that is zero in exact arithmetic (softmax ignores it); Adam
         # would scale the rounding noise in it to full-size steps, so this model trains with SGD
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -226,6 +226,7 @@ def test_plan_json_shape_is_stable():
         "activation_checkpointing",
         "offload",
         "precision",
+        "shard_group",
         "blocks",
         "stages",
         "tensor_parallel",
@@ -253,3 +254,29 @@ def test_a_batch_no_degree_divides_is_an_error():
             cluster=cluster(nodes=1, per_node=8, memory_gb=80),
             dp=8,
         )
+
+
+def test_hybrid_sharding_shards_inside_a_node_and_says_so_in_the_plan():
+    """On 2 nodes of 8, a pinned hybrid plan shards over the replicas of one node: 8 / (tp * pp) of them."""
+    chosen = find_plan(
+        transformer(layers=16, hidden=4096),
+        global_batch_size=64,
+        seq_len=2048,
+        cluster=cluster(nodes=2, per_node=8, memory_gb=80),
+        sharding="hybrid",
+    )
+    for plan in (chosen, *chosen.alternatives):
+        assert plan.sharding == "hybrid" and plan.shard_group == 8 // (plan.tp * plan.pp) < plan.dp
+    assert Plan.from_json(chosen.to_json()).shard_group == chosen.shard_group
+
+
+def test_interleaved_schedules_are_not_proposed_with_fsdp_sharding():
+    chosen = find_plan(
+        transformer(layers=16, hidden=4096),
+        global_batch_size=64,
+        seq_len=2048,
+        cluster=cluster(nodes=2, per_node=8, memory_gb=80),
+        pp=2,
+        schedule="interleaved",
+    )
+    assert {p.sharding for p in (chosen, *chosen.alternatives)} <= {"none", "optimizer"}

@@ -2,9 +2,12 @@
 
 Each block is one unit, then the rest of the module (its root). Replicated plans use FSDP2's
 ``replicate`` (every replica holds the whole module; gradients are all-reduced per unit while
-backward runs); sharded plans use ``fully_shard``: ZeRO-2 (``sharding="gradients"``) keeps the
-parameters gathered from forward to backward, ZeRO-3 (``"parameters"``) gathers them per block
-and frees them again. Offload keeps the shards in host memory.
+backward runs), ZeRO-1 too (``sharding="optimizer"``: only its optimizer state is split, by
+:mod:`onegpu.parallel.optimizer_state`); sharded plans use ``fully_shard``: ZeRO-2
+(``sharding="gradients"``) keeps the parameters gathered from forward to backward, ZeRO-3
+(``"parameters"``) gathers them per block and frees them again, and hybrid sharding does so over a
+2D mesh (HSDP: shard inside groups of ``plan.shard_group`` replicas, replicate across them).
+``offload="parameters"`` keeps the parameters (or shards) in host memory.
 
 Replicas SUM their gradients: each replica's loss is already its share of the global batch
 (:mod:`onegpu.runtime.loss_weighting`), the one rule every plan follows.
@@ -40,19 +43,18 @@ def apply_data_parallel(
 
     # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if plan.sharding == "none":
+    policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if plan.offload == "parameters" else OffloadPolicy()
+    if plan.sharding in ("none", "optimizer"):  # ZeRO-1's optimizer state: onegpu.parallel.optimizer_state
         for block in blocks:
-            replicate(block, mesh=mesh)
-        replicate(module, mesh=mesh, ignored_params=ignored)
+            replicate(block, mesh=mesh, offload_policy=policy)
+        replicate(module, mesh=mesh, offload_policy=policy, ignored_params=ignored)
     else:
         shard = plan.sharding in ("parameters", "hybrid")
-        policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if plan.offload == "parameters" else None
         for index, block in enumerate(blocks):
             # the last block's parameters are needed again at once by backward: keep them gathered
             reshard = shard and index < len(blocks) - 1
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy or OffloadPolicy())
-        fully_shard(module, mesh=mesh, reshard_after_forward=shard, offload_policy=policy or OffloadPolicy(),
-                    ignored_params=ignored)  # fmt: skip
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
+        fully_shard(module, mesh=mesh, reshard_after_forward=shard, offload_policy=policy, ignored_params=ignored)
     for unit in module.modules():
         if isinstance(unit, FSDPModule):  # each replica's loss is its share of the global batch: sum
             unit.set_gradient_divide_factor(1.0)

@@ -20,11 +20,24 @@ from onegpu.parallel.materialize import materialize
 from onegpu.parallel.tensor_parallel import apply_tensor_parallel
 from onegpu.plan import MESH_DIMS, Plan
 
+HYBRID_DIMS = ("dp_replicate", "dp_shard")
+
 
 def device_mesh(plan: Plan, device: torch.device) -> DeviceMesh:
     """The plan's mesh: tensor-parallel ranks are nearest neighbours, pipeline stages next (inside a node),
-    data-parallel replicas outermost."""
-    return init_device_mesh(device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=MESH_DIMS)
+    data-parallel replicas outermost. Under hybrid sharding ``dp`` is the flattened pair ``(dp_replicate,
+    dp_shard)``, the groups of ``plan.shard_group`` neighbouring replicas that shard together."""
+    if plan.sharding != "hybrid":
+        return init_device_mesh(device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=MESH_DIMS)
+    sizes = (plan.dp // plan.shard_group, plan.shard_group, plan.pp, plan.tp)
+    mesh = init_device_mesh(device.type, sizes, mesh_dim_names=(*HYBRID_DIMS, *MESH_DIMS[1:]))
+    mesh[HYBRID_DIMS]._flatten("dp")
+    return mesh
+
+
+def data_parallel_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
+    """Where FSDP2 runs: the replicas (1D), or under hybrid sharding the (replicate, shard) 2D mesh."""
+    return mesh[HYBRID_DIMS] if plan.sharding == "hybrid" else mesh["dp"]
 
 
 def parallelize(model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device: torch.device, on_meta: bool) -> None:
@@ -45,7 +58,7 @@ def parallelize_data_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMesh)
     """Every worker a replica: the model whole (``sharding="none"``) or sharded (ZeRO-2/3) over the replicas."""
     blocks = _checkpointed(model, plan)
     if plan.dp > 1:
-        apply_data_parallel(model, mesh=mesh["dp"], plan=plan, blocks=blocks)
+        apply_data_parallel(model, mesh=data_parallel_mesh(mesh, plan), plan=plan, blocks=blocks)
 
 
 def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMesh) -> None:
@@ -57,7 +70,7 @@ def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMes
     )
     blocks = _checkpointed(model, plan)
     if plan.dp > 1:
-        apply_data_parallel(model, mesh=mesh["dp"], plan=plan, blocks=blocks)
+        apply_data_parallel(model, mesh=data_parallel_mesh(mesh, plan), plan=plan, blocks=blocks)
 
 
 def _checkpointed(model: nn.Module, plan: Plan) -> list[nn.Module]:

@@ -77,11 +77,18 @@ def in_flight(plan: Plan, *, worker: int = 0) -> float:
     return held
 
 
+def hybrid_shard_group(plan: Plan, cluster: Cluster) -> int:
+    """The replicas that shard together under hybrid sharding: as many as one node holds (the largest divisor
+    of ``dp`` that fits a node), so parameters are gathered over the node's links only."""
+    per_node = max(1, cluster.devices_per_node // (plan.tp * plan.pp))
+    return max(g for g in range(1, min(plan.dp, per_node) + 1) if plan.dp % g == 0)
+
+
 def shard_factors(plan: Plan, cluster: Cluster) -> tuple[int, int, int]:
     """By how many devices parameters, gradients and optimizer states are divided (ZeRO levels)."""
     dp = plan.dp
     if plan.sharding == "hybrid":
-        inside = max(1, min(dp, cluster.devices_per_node // (plan.tp * plan.pp) or 1))
+        inside = plan.shard_group or hybrid_shard_group(plan, cluster)
         return inside, inside, inside
     return {
         "none": (1, 1, 1),
@@ -295,10 +302,12 @@ def _data_parallel_comm(step: _Step) -> float:
     # compute that communication can hide behind; on a CPU "device" gloo runs on the same cores: none
     overlap = 0.0 if step.cpu else 1.0
     backward = overlap * m * n * step.micro_batch * block.bwd_flops / plan.tp / step.attainable
-    if plan.sharding == "none":
+    if plan.sharding in ("none", "optimizer"):
         exposed_after = _collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, link)
         comm = max(_collective(ring * grad_bytes, dp, link) - backward, 0.0) + exposed_after
-    elif plan.sharding in ("optimizer", "gradients"):
+        if plan.sharding == "optimizer":  # ZeRO-1: gradients all-reduced as above, updated pieces all-gathered
+            comm += _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
+    elif plan.sharding == "gradients":
         reduce_scatter = _collective(ring / 2 * grad_bytes, dp, link)
         all_gather = _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
         comm = max(reduce_scatter - backward, 0.0) + all_gather

@@ -13,7 +13,7 @@ from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Capabilities, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
-from onegpu.planner.cost_model import Workload, memory, predict
+from onegpu.planner.cost_model import Workload, hybrid_shard_group, memory, predict
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
 from onegpu.planner.pins import Pins, parse_pins
@@ -189,8 +189,10 @@ class _Search:
                 for schedule, sharding, offload in itertools.product(
                     self.schedules(pp), self.pins.shardings, self.pins.offloads
                 ):
-                    plan = Plan(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, sharding=sharding,
+                    plan = Plan(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, sharding="none",
                                 offload=offload, precision=precision)  # fmt: skip
+                    group = hybrid_shard_group(plan, cluster) if sharding == "hybrid" else None
+                    plan = replace(plan, sharding=sharding, shard_group=group)
                     if not self.caps.missing(plan) and _sensible(plan, blocks=blocks, cluster=cluster):
                         yield plan
 
@@ -265,17 +267,17 @@ class _Search:
 
 
 def _sensible(plan: Plan, *, blocks: int, cluster: Cluster) -> bool:
-    """Plans worth costing: interleaving needs two blocks per stage and micro-batches per worker, 1F1B's steady
-    state a micro-batch per stage; sharding needs replicas, hybrid sharding replicas across nodes, and
-    offloaded parameters sharded ones."""
+    """Plans worth costing: interleaving needs two blocks per stage and micro-batches per worker (and stages
+    unsharded: FSDP2 cannot shard two stages of one worker), 1F1B's steady state a micro-batch per stage;
+    sharding needs replicas, hybrid sharding replicas across nodes, and offloaded parameters sharded ones."""
     dp, pp, m, schedule, sharding = plan.dp, plan.pp, plan.microbatches, plan.schedule, plan.sharding
-    if schedule in INTERLEAVED and (blocks < 2 * pp or m % pp):
+    if schedule in INTERLEAVED and (blocks < 2 * pp or m % pp or sharding in ("gradients", "parameters", "hybrid")):
         return False
     if schedule not in ("none", "gpipe") and m < pp:
         return False
     if dp == 1 and sharding != "none":
         return False
-    if sharding == "hybrid" and (cluster.nodes == 1 or dp <= cluster.devices_per_node // (plan.tp * pp)):
+    if sharding == "hybrid" and (cluster.nodes == 1 or plan.shard_group >= dp):
         return False
     return not (plan.offload == "parameters" and sharding not in ("parameters", "hybrid"))
 

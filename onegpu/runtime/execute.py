@@ -19,7 +19,8 @@ from onegpu.launch.process_group import Worker, collective_timeout
 from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
-from onegpu.plan import Capabilities, Plan
+from onegpu.parallel.optimizer_state import apply_optimizer_state
+from onegpu.plan import INTERLEAVED, Capabilities, Plan
 from onegpu.runtime.accumulation import GradientAccumulation
 from onegpu.runtime.call_slicing import CallSlicer, attach_call_slicing
 from onegpu.runtime.collectives import broadcast_from_main
@@ -30,17 +31,15 @@ from onegpu.runtime.optimizer import parameter_names, repoint
 from onegpu.runtime.user_loss import attach_loss_fn
 from onegpu.runtime.watchdog import Watchdog, process_watchdog
 
-EXECUTABLE = Capabilities(
-    shardings=("none", "gradients", "parameters"),
-    offloads=("none", "parameters"),
-    precisions=("fp32",),
-    accumulation=False,
-    interleaving_with_sharding=False,
-    offload_without_sharded_parameters=False,
-)
+EXECUTABLE = Capabilities(precisions=("fp32",), accumulation=False)
 
 
 def check_executable(plan: Plan) -> None:
+    if plan.schedule in INTERLEAVED and plan.sharding in ("gradients", "parameters", "hybrid"):
+        raise UsageError(
+            f"the {plan.schedule} schedule runs two stages per worker, which FSDP2 cannot shard (sharding="
+            f"{plan.sharding!r}): use sharding 'none' or 'optimizer' with it, or the gpipe or 1f1b schedule"
+        )
     missing = EXECUTABLE.missing(plan)
     if missing:
         raise UsageError(
@@ -139,6 +138,7 @@ def execute(
     use_replica_group(mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)
     for optimizer, groups in zip(given.optimizers, names):
         repoint(optimizer, model, groups)
+        apply_optimizer_state(optimizer, plan, group=mesh["dp"].get_group() if mesh is not None else None)
         _watch_steps(optimizer, watchdog)
     model.onegpu_plan = plan
     return prepared
@@ -180,7 +180,7 @@ def _check_fits(plan: Plan, model: nn.Module) -> None:
 def _place(model: nn.Module, plan: Plan, *, worker: Worker) -> bool:
     """A real model moves to this worker's device with rank 0's values; a meta one stays, to be materialized
     once split (replicated plans materialize it whole at once). Returns whether it is still on the meta device."""
-    if is_on_meta(model) and plan.sharding == "none" and plan.tp == 1 and plan.pp == 1:
+    if is_on_meta(model) and plan.sharding in ("none", "optimizer") and plan.tp == 1 and plan.pp == 1:
         materialize(model, device=worker.device)
     on_meta = is_on_meta(model)
     if not on_meta:

@@ -33,6 +33,7 @@ from onegpu.parallel import pipeline as pp
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
+from onegpu.parallel.layouts import data_parallel_mesh
 from onegpu.parallel.materialize import materialize
 from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
@@ -250,7 +251,8 @@ class Pipeline:
         for stage in self.stages.values():
             apply_activation_checkpointing(stage.blocks[: self.plan.checkpointed_blocks(len(stage.blocks))])
             if self.plan.dp > 1:
-                apply_data_parallel(stage, mesh=self.mesh["dp"], plan=self.plan, blocks=stage.blocks, ignored=managed)
+                apply_data_parallel(stage, mesh=data_parallel_mesh(self.mesh, self.plan), plan=self.plan,
+                                    blocks=stage.blocks, ignored=managed)  # fmt: skip
             managed |= set(stage.parameters())
             stage.connect()
 
