@@ -4,7 +4,8 @@ Each block is one unit, then the rest of the module (its root). Replicated plans
 ``replicate`` (every replica holds the whole module; gradients are all-reduced per unit while
 backward runs); sharded plans use ``fully_shard``: ZeRO-2 (``sharding="gradients"``) keeps the
 parameters gathered from forward to backward, ZeRO-3 (``"parameters"``) gathers them per block
-and frees them again. Offload keeps the shards in host memory.
+and frees them again. Offload keeps the shards in host memory. Mixed precision is FSDP2's policy on
+the same units (:mod:`onegpu.parallel.mixed_precision`), at degree 1 where a plan has no data parallelism.
 
 Replicas SUM their gradients: each replica's loss is already its share of the global batch
 (:mod:`onegpu.runtime.loss_weighting`), the one rule every plan follows.
@@ -20,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from onegpu.errors import UsageError
+from onegpu.parallel.mixed_precision import is_mixed, mixed_precision_policy, reshard_after_evaluation
 from onegpu.plan import Plan
 
 
@@ -30,9 +32,11 @@ def apply_data_parallel(
     plan: Plan,
     blocks: list[nn.Module],
     ignored: set[nn.Parameter] | None = None,
+    outputs_in_fp32: bool = True,
 ) -> None:
     """Make ``module`` (a model, or a pipeline stage) data parallel over ``mesh``, in place: ``blocks`` are its
-    units; ``ignored`` parameters are left to another unit (a stage sharing modules with another)."""
+    units; ``ignored`` parameters are left to another unit (a stage sharing modules with another). Under mixed
+    precision ``module``'s outputs leave in fp32 unless ``outputs_in_fp32=False`` (a stage's activations)."""
     if not any(p.requires_grad for p in module.parameters()):  # nothing to train: nothing to synchronise
         module.register_forward_pre_hook(_refuse_unfrozen)
         return
@@ -40,23 +44,28 @@ def apply_data_parallel(
 
     # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if plan.sharding == "none":
+    inner = mixed_precision_policy(plan.precision, outputs_in_fp32=False)
+    outer = mixed_precision_policy(plan.precision, outputs_in_fp32=outputs_in_fp32)
+    if plan.sharding == "none" or (mesh.size() == 1 and plan.offload == "none"):  # nothing to shard at degree 1
         for block in blocks:
-            replicate(block, mesh=mesh)
-        replicate(module, mesh=mesh, ignored_params=ignored)
+            replicate(block, mesh=mesh, mp_policy=inner)
+        replicate(module, mesh=mesh, ignored_params=ignored, mp_policy=outer)
     else:
         shard = plan.sharding in ("parameters", "hybrid")
         policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if plan.offload == "parameters" else None
         for index, block in enumerate(blocks):
             # the last block's parameters are needed again at once by backward: keep them gathered
             reshard = shard and index < len(blocks) - 1
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy or OffloadPolicy())
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy or OffloadPolicy(),
+                        mp_policy=inner)  # fmt: skip
         fully_shard(module, mesh=mesh, reshard_after_forward=shard, offload_policy=policy or OffloadPolicy(),
-                    ignored_params=ignored)  # fmt: skip
+                    ignored_params=ignored, mp_policy=outer)  # fmt: skip
     for unit in module.modules():
         if isinstance(unit, FSDPModule):  # each replica's loss is its share of the global batch: sum
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    if is_mixed(plan.precision):
+        reshard_after_evaluation(module)
 
 
 def _refuse_unfrozen(module: nn.Module, args) -> None:
