@@ -3,14 +3,17 @@ build theirs the same way): one plain process with an fp32 master model and a bf
 parameters (buffers stay fp32, as under FSDP2). Each step runs the slices the workers run (a replica's rows,
 a pipeline's micro-batches) through the working copy, each slice's loss weighted by its share of the batch;
 the bf16 gradients are cast to fp32 and summed in fp32; the fp32 optimizer steps the master, and the working
-copy is cast from it again. Like FSDP2, each block is a unit whose inputs pass one identity node: a tensor a
+copy is cast from it again. It runs with the workers' threads (tests/conftest.py:run_onegpu): another thread
+count sums a matmul in another fp32 order, which can flip a bf16 rounding. Like FSDP2, each block is a unit whose inputs pass one identity node: a tensor a
 block and the code around it both use gets the block's gradient whole, then the rest (bf16 sums round by
 their order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import torch
 from scenarios import BATCH, HF, build
@@ -72,6 +75,21 @@ def train_emulated(scenario: str, *, replicas: int = 1, microbatches: int = 1, d
                    layers: int = 2, batch: int = BATCH) -> dict:  # fmt: skip
     """``scenarios.train`` (clipping, AdamW or GPT-2's SGD, the step schedule, an eval loss) on the emulated
     device; ``replicas`` and ``microbatches`` say which slices the plan's forwards take."""
+    with _threads(int(os.environ.get("OMP_NUM_THREADS", "1"))):
+        return _train(scenario, replicas=replicas, microbatches=microbatches, dtype=dtype, layers=layers, batch=batch)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(scenario: str, *, replicas: int, microbatches: int, dtype, layers: int, batch: int) -> dict:
     master, data = build(scenario, layers=layers)
     working = copy.deepcopy(master)
     for param in working.parameters():
