@@ -9,7 +9,7 @@ a parameter) under the bound of tests/conftest.py. A Llama from its config and a
 from __future__ import annotations
 
 import pytest
-from conftest import assert_like_emulated_bf16, assert_like_fp32, launch_script
+from conftest import assert_like_emulated_bf16, assert_like_fp32, assert_same_values, launch_script
 from emulated import train_emulated
 from scenarios import train
 from test_single_device_equivalence import load_checkpoint
@@ -25,6 +25,9 @@ LAYOUTS = {
     "fsdp": (2, 1, False),
     "pp2": (1, 5, False),
     "tp2": (1, 1, True),
+    "tp2-dp2": (2, 1, True),
+    "pp2-dp2": (2, 1, False),
+    "tp2-pp2": (1, 5, True),
 }
 REORDERED_PIPELINE = {"custom"}  # its skip connection's input projection is used by the first and last stage
 
@@ -37,6 +40,11 @@ def one_worker(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     return launch_script(tmp_path_factory, "train_mixed_precision.py", workers=2)
+
+
+@pytest.fixture(scope="module")
+def four_workers(tmp_path_factory):
+    return launch_script(tmp_path_factory, "train_mixed_precision.py", workers=4)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +64,21 @@ def emulated(scenario: str, replicas: int, microbatches: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["hf", "custom"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if "-" not in name])
 def test_bf16_trains_like_the_emulated_bf16_device(one_worker, two_workers, fp32, scenario, layout):
     if layout == "tp2" and scenario == "custom":
         pytest.skip("the hand-written model has no tensor-parallel structure")
-    out, results = one_worker if layout == "single" else two_workers
+    check(one_worker if layout == "single" else two_workers, fp32, scenario, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2-dp2", "pp2-dp2", "tp2-pp2"])
+def test_bf16_in_two_dimensions_trains_like_the_emulated_bf16_device(four_workers, fp32, layout):
+    check(four_workers, fp32, "hf", layout)
+
+
+def check(launched, fp32: dict, scenario: str, layout: str) -> None:
+    out, results = launched
     run = results[f"{scenario}-{layout}"]
     replicas, microbatches, reordered = LAYOUTS[layout]
     reordered = reordered or (layout == "pp2" and scenario in REORDERED_PIPELINE)
@@ -91,3 +109,15 @@ def test_fp16_is_refused_on_a_cpu_naming_bf16(one_worker):
 def test_every_precision_is_executable():
     assert EXECUTABLE.missing(Plan(dp=2, tp=2, pp=2, schedule="1f1b", microbatches=2, precision="bf16")) == []
     assert EXECUTABLE.missing(Plan(dp=2, sharding="parameters", precision="fp16")) == []
+
+
+@pytest.mark.slow
+def test_the_loss_scale_changes_no_gradient_and_skips_overflowing_steps(two_workers):
+    """fp16's dynamic loss scale (GPU only), run on bf16: scaling by a power of two and dividing again in fp32
+    changes nothing; a scale that overflows skips the step and halves until the gradients are finite."""
+    results = two_workers[1]
+    scaled, overflow = results["hf-ddp-scaled"], results["hf-ddp-overflow"]
+    assert_same_values(scaled["losses"], results["hf-ddp"]["losses"], what="per-step losses")
+    assert_same_values(scaled["grad_norms"], results["hf-ddp"]["grad_norms"], what="gradient norms")
+    assert scaled["skipped"] == 0 and scaled["scale"] == 2.0**18  # doubled after every 3 good steps
+    assert 0 < overflow["skipped"] < len(overflow["losses"]) and overflow["scale"] < 2.0**130

@@ -142,6 +142,10 @@ def execute(
     for optimizer, groups in zip(given.optimizers, names):
         repoint(optimizer, model, groups)
         _watch_steps(optimizer, watchdog)
+    if plan.precision == "fp16":  # accelerators only (check_precision): these lines have not run on a GPU yet
+        from onegpu.runtime.loss_scale import DynamicLossScale
+
+        DynamicLossScale(model, given.optimizers)
     model.onegpu_plan = plan
     return prepared
 
