@@ -28,7 +28,9 @@ def slices(batch: int, *, replicas: int = 1, microbatches: int = 1) -> list[tupl
     rows = []
     for replica in range(replicas):
         start, end = slice_bounds(batch, rank=replica, world_size=replicas)
-        rows += [(start + int(c[0]), start + int(c[-1]) + 1) for c in torch.arange(end - start).tensor_split(microbatches)]
+        rows += [
+            (start + int(c[0]), start + int(c[-1]) + 1) for c in torch.arange(end - start).tensor_split(microbatches)
+        ]
     return rows
 
 

@@ -21,7 +21,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from onegpu.errors import UsageError
-from onegpu.parallel.mixed_precision import is_mixed, mixed_precision_policy, reshard_after_evaluation
+from onegpu.parallel.mixed_precision import (
+    cast_shape_only,
+    is_mixed,
+    mixed_precision_policy,
+    reshard_after_evaluation,
+)
 from onegpu.plan import Plan
 
 
@@ -66,6 +71,7 @@ def apply_data_parallel(
             unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
     if is_mixed(plan.precision):
         reshard_after_evaluation(module)
+        cast_shape_only(module, plan.precision)  # a pipeline stage's modules run for their outputs' shapes
 
 
 def _refuse_unfrozen(module: nn.Module, args) -> None:

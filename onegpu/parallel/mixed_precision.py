@@ -16,10 +16,13 @@ dynamic loss scale (:mod:`onegpu.runtime.loss_scale`) and runs on accelerators o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from onegpu.batches import map_tensors
 from onegpu.errors import UsageError
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +67,16 @@ def reshard_after_evaluation(module: nn.Module) -> None:
 def check_precision(precision: str, *, device: torch.device) -> None:
     """fp16 needs an accelerator: its loss scaling exists for GPU kernels, and bf16 is the CPU's choice."""
     if precision == "fp16" and device.type == "cpu":
-        raise UsageError("fp16 mixed precision runs on GPUs only: use precision='bf16' (mixed_precision='bf16') on CPUs")
+        raise UsageError(
+            "fp16 mixed precision runs on GPUs only: use precision='bf16' (mixed_precision='bf16') on CPUs"
+        )
+
+
+def as_fp32(outputs: Any, precision: str) -> Any:
+    """A model's outputs kept inside a layout (a pipeline's, in evaluation), in fp32 as every output leaves."""
+    if not is_mixed(precision):
+        return outputs
+    return map_tensors(outputs, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def cast_shape_only(model: nn.Module, precision: str) -> None:

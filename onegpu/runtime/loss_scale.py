@@ -68,9 +68,7 @@ class DynamicLossScale:
     def _scale_outputs(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not torch.is_grad_enabled():
             return output
-        return map_tensors(
-            output, lambda t: _Scaled.apply(t, self) if t.requires_grad and t.is_floating_point() else t
-        )
+        return map_tensors(output, lambda t: _Scaled.apply(t, self) if t.requires_grad and t.is_floating_point() else t)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
