@@ -116,8 +116,10 @@ def test_the_loss_scale_changes_no_gradient_and_skips_overflowing_steps(two_work
     """fp16's dynamic loss scale (GPU only), run on bf16: scaling by a power of two and dividing again in fp32
     changes nothing; a scale that overflows skips the step and halves until the gradients are finite."""
     results = two_workers[1]
-    scaled, overflow = results["hf-ddp-scaled"], results["hf-ddp-overflow"]
-    assert_same_values(scaled["losses"], results["hf-ddp"]["losses"], what="per-step losses")
-    assert_same_values(scaled["grad_norms"], results["hf-ddp"]["grad_norms"], what="gradient norms")
-    assert scaled["skipped"] == 0 and scaled["scale"] == 2.0**18  # doubled after every 3 good steps
+    for layout in ("ddp", "pp2"):  # the scale on each output, or on each micro-batch's loss inside the pipeline
+        scaled = results[f"hf-{layout}-scaled"]
+        assert_same_values(scaled["losses"], results[f"hf-{layout}"]["losses"], what="per-step losses")
+        assert_same_values(scaled["grad_norms"], results[f"hf-{layout}"]["grad_norms"], what="gradient norms")
+        assert scaled["skipped"] == 0 and scaled["scale"] == 2.0**18  # doubled after every 3 good steps
+    overflow = results["hf-ddp-overflow"]
     assert 0 < overflow["skipped"] < len(overflow["losses"]) and overflow["scale"] < 2.0**130

@@ -58,9 +58,10 @@ class DynamicLossScale:
             optimizer.register_step_pre_hook(self._before_step)
         from torch.distributed.fsdp import FSDPModule
 
-        for unit in model.modules():
-            if isinstance(unit, FSDPModule):
-                unit.set_all_reduce_hook(self._unscale)
+        stages = list(pipeline.stages.values()) if pipeline is not None else []  # not the model's submodules
+        units = {id(m): m for root in (model, *stages) for m in root.modules() if isinstance(m, FSDPModule)}
+        for unit in units.values():
+            unit.set_all_reduce_hook(self._unscale)
 
     def _unscale(self, reduced: torch.Tensor) -> None:
         reduced.div_(self.scale)

@@ -63,7 +63,11 @@ if world == 2:  # a loop that already uses autocast, under a bf16 plan; the AP p
     run = train("hf", prepare=onegpu.prepare, plan=Plan(dp=2, **BF16), autocast=autocast)
     results["hf-ddp-autocast"] = {k: run[k] for k in ("losses", "grad_norms", "eval_loss")}
     # fp16's loss scale, on bf16 here (a CPU runs no fp16): a power of two in and out changes nothing ...
-    for name, initial in (("scaled", 2.0**16), ("overflow", 2.0**130)):
+    for name, initial, plan in (
+        ("ddp-scaled", 2.0**16, Plan(dp=2, **BF16)),
+        ("ddp-overflow", 2.0**130, Plan(dp=2, **BF16)),
+        ("pp2-scaled", 2.0**16, plans["pp2"]),
+    ):
         scalers = []
 
         def prepare_scaled(*objects, initial=initial, scalers=scalers, **how):
@@ -71,9 +75,9 @@ if world == 2:  # a loop that already uses autocast, under a bf16 plan; the AP p
             scalers.append(DynamicLossScale(model, (optimizer,), initial=initial, growth_interval=3))
             return model, optimizer, loader
 
-        run = train("hf", prepare=prepare_scaled, plan=Plan(dp=2, **BF16), evaluate=False)
-        results[f"hf-ddp-{name}"] = {"losses": run["losses"], "grad_norms": run["grad_norms"]}
-        results[f"hf-ddp-{name}"].update(skipped=scalers[0].skipped, scale=scalers[0].scale)
+        run = train("hf", prepare=prepare_scaled, plan=plan, evaluate=False)
+        results[f"hf-{name}"] = {"losses": run["losses"], "grad_norms": run["grad_norms"]}
+        results[f"hf-{name}"].update(skipped=scalers[0].skipped, scale=scalers[0].scale)
     onegpu.enable_advanced_parallelization(mixed_precision="bf16", dp=2)
     model = train("hf", prepare=onegpu.prepare, evaluate=False, batch=4)["model"]
     results["pinned"] = model.onegpu_plan.precision
