@@ -21,12 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from onegpu.errors import UsageError
-from onegpu.parallel.mixed_precision import (
-    cast_shape_only,
-    is_mixed,
-    mixed_precision_policy,
-    reshard_after_evaluation,
-)
+from onegpu.parallel.mixed_precision import cast_shape_only, is_mixed, mixed_precision_policy, reshard_after_evaluation
 from onegpu.plan import Plan
 
 
