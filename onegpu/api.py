@@ -182,7 +182,8 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
     if plan is not None:
         chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
     elif cluster is not None and strategy is None and _trains(model):
-        chosen = _searched(given, description, unavailable, cluster=cluster, worker=worker, budget=budget)
+        described = _at_precisions(model, slice_, description, cluster=cluster)
+        chosen = _searched(given, described, unavailable, cluster=cluster, worker=worker, budget=budget)
     else:
         chosen = _simple(given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_)
     if slice_ is None and not chosen.fitted and description is None:
@@ -199,14 +200,14 @@ def _worker_slice(given: TrainingObjects, *, worker: Worker, plan: Plan | None) 
     return first_samples(given.loaders[0], math.ceil(given.loaders[0].batch_size / replicas))
 
 
-def _describe(model: nn.Module, slice_: Any | None):
+def _describe(model: nn.Module, slice_: Any | None, *, precision: str = "fp32"):
     """The model's one inspection, on one sample of its batches; or None and why it could not be made."""
     from onegpu.planner.inspection import describe
 
     if slice_ is None:
         return None, "no DataLoader of a map-style dataset with a batch_size was given to prepare()"
     try:
-        return describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_)), ""
+        return describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_), precision=precision), ""
     except UsageError as error:
         return None, str(error)
 
@@ -228,8 +229,21 @@ def _simple(given: TrainingObjects, description, *, worker: Worker, strategy, bu
     return choose_plan(estimate=estimate, budget_bytes=budget, world_size=worker.world_size, strategy=strategy)
 
 
-def _searched(given: TrainingObjects, description, unavailable: str, *, cluster, worker: Worker, budget: int) -> Plan:
-    """Advanced Parallelization's choice among the plans the runtime executes, for the job's own devices."""
+def _at_precisions(model: nn.Module, slice_: Any | None, description, *, cluster) -> dict[str, Any] | None:
+    """The model described at each precision the search may choose: fp32, and the pinned precision or, on a
+    device with a bf16 peak, bf16 (its working copy and activations are half the size)."""
+    from onegpu.planner.pins import parse_pins
+
+    if description is None:
+        return None
+    pinned = parse_pins(**_pins).precision
+    wanted = {pinned} if pinned else {"bf16"} & set(cluster.device.peak_tflops) & set(EXECUTABLE.precisions)
+    return {"fp32": description, **{p: _describe(model, slice_, precision=p)[0] for p in wanted - {"fp32"}}}
+
+
+def _searched(given: TrainingObjects, described, unavailable: str, *, cluster, worker: Worker, budget: int) -> Plan:
+    """Advanced Parallelization's choice among the plans the runtime executes, for the job's own devices;
+    ``described``: the model's descriptions by precision."""
     from onegpu.planner.memory import optimizer_state_slots
     from onegpu.planner.search import find_plan
 
@@ -239,13 +253,14 @@ def _searched(given: TrainingObjects, description, unavailable: str, *, cluster,
             "advanced parallelization plans from the DataLoader's batches: pass a DataLoader with a "
             "batch_size over a map-style dataset to prepare()"
         )
-    if description is None:
+    if described is None:
         raise UsageError(f"advanced parallelization cannot plan this model: {unavailable}")
+    description = described["fp32"]
     if worker.world_size > 1 and description.tensor_parallel_degrees([2]) == [1] and _pins.get("tp") is None:
         print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
     chosen = find_plan(
-        description,
+        described,
         global_batch_size=loader.batch_size,
         seq_len=description.profile.seq_len,
         cluster=cluster,

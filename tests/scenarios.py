@@ -6,6 +6,8 @@ runs it through onegpu, ``prepare=None`` runs it as plain PyTorch.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -189,12 +191,14 @@ def train(
     layers: int = 2,
     batch: int = BATCH,
     optimizer_class=None,
+    autocast=None,
     **how,
 ) -> dict:
     """Two epochs of single-device training; returns losses, grad norms, eval loss and the model.
 
     With ``loss_fn`` among ``how`` (for prepare), "external" computes its loss as ``model(x, target=y)``;
     ``optimizer_class`` (lr 1e-2) replaces the scenario's optimizer.
+    ``autocast``: a context (``torch.autocast(...)``) the loop runs each training forward in.
     """
     given_loss = "loss_fn" in how
     model, data = build(scenario, layers=layers)
@@ -215,13 +219,14 @@ def train(
         model.train()
         for batch in loader:
             local_sizes.append(len(batch["input_ids"]) if isinstance(batch, dict) else len(batch[0]))
-            if scenario in HF:
-                loss = model(**batch).loss
-            elif scenario in ("custom", "tower"):
-                loss = model(*batch)
-            else:  # "external": the loss is computed by the user from the model's outputs, or given to prepare
-                x, y = batch
-                loss = model(x, target=y) if given_loss else nn.functional.mse_loss(model(x), y)
+            with autocast or contextlib.nullcontext():
+                if scenario in HF:
+                    loss = model(**batch).loss
+                elif scenario in ("custom", "tower"):
+                    loss = model(*batch)
+                else:  # "external": the loss is computed by the user from the model's outputs, or given to prepare
+                    x, y = batch
+                    loss = model(x, target=y) if given_loss else nn.functional.mse_loss(model(x), y)
             loss.backward()
             if clip:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))

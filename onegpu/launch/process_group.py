@@ -84,6 +84,15 @@ def current_worker(environment: Environment | None = None) -> Worker:
     return _WORKER
 
 
+def join_alone(device: torch.device) -> None:
+    """A process group of this one process (in memory, no network), for a single worker whose layout is built on
+    torch.distributed (mixed precision's units); nothing when a group exists already."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend=backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
+    atexit.register(_leave_process_group)
+
+
 def _leave_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ from onegpu.parallel.blocks import blocks_at
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.materialize import materialize
+from onegpu.parallel.mixed_precision import is_mixed
 from onegpu.parallel.tensor_parallel import apply_tensor_parallel
 from onegpu.plan import MESH_DIMS, Plan
 
@@ -41,8 +42,8 @@ def data_parallel_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
 
 
 def parallelize(model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device: torch.device, on_meta: bool) -> None:
-    """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing); a
-    meta-built model is materialized once split."""
+    """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing, or a mesh
+    of one worker for mixed precision); a meta-built model is materialized once split."""
     apply_global_batch_norm(model, group=mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)
     if mesh is None:
         _checkpointed(model, plan)
@@ -57,7 +58,7 @@ def parallelize(model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device
 def parallelize_data_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMesh) -> None:
     """Every worker a replica: the model whole (``sharding="none"``) or sharded (ZeRO-2/3) over the replicas."""
     blocks = _checkpointed(model, plan)
-    if plan.dp > 1:
+    if plan.dp > 1 or is_mixed(plan.precision):  # at degree 1 the units carry mixed precision
         apply_data_parallel(model, mesh=data_parallel_mesh(mesh, plan), plan=plan, blocks=blocks)
 
 
@@ -69,7 +70,7 @@ def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMes
         model, plan.tensor_parallel, mesh=mesh["tp"], blocks=names, first=names[0], last=names[-1]
     )
     blocks = _checkpointed(model, plan)
-    if plan.dp > 1:
+    if plan.dp > 1 or is_mixed(plan.precision):
         apply_data_parallel(model, mesh=data_parallel_mesh(mesh, plan), plan=plan, blocks=blocks)
 
 

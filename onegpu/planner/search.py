@@ -13,7 +13,7 @@ from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Capabilities, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
-from onegpu.planner.cost_model import Workload, hybrid_shard_group, memory, predict
+from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
 from onegpu.planner.pins import Pins, parse_pins
@@ -89,7 +89,7 @@ def _precisions(pins: Pins, cluster: Cluster, capabilities: Capabilities) -> lis
     if pins.precision is not None:
         if pins.precision not in capabilities.precisions:
             raise UsageError(f"mixed precision {pins.precision} is not executable here yet: use mixed_precision='off'")
-        if pins.precision not in cluster.device.peak_tflops:
+        if pins.precision not in cluster.device.peak_tflops and not is_cpu(cluster):  # a CPU is costed at fp32
             raise UsageError(f"{cluster.device.name} has no {pins.precision} peak: choose another mixed_precision")
         return [pins.precision]
     options = [p for p in ("fp32", "bf16") if p in capabilities.precisions and p in cluster.device.peak_tflops]
@@ -97,7 +97,10 @@ def _precisions(pins: Pins, cluster: Cluster, capabilities: Capabilities) -> lis
 
 
 def _descriptions(model: Any, *, seq_len: int, precisions: list[str]) -> dict[str, ModelDescription]:
-    """The model described at each precision (once per precision; a given description or profile as it is)."""
+    """The model described at each precision (once per precision; a given description or profile as it is, or
+    given descriptions by precision)."""
+    if isinstance(model, dict):
+        return {p: model[p] for p in precisions if model.get(p) is not None} or {"fp32": model["fp32"]}
     if isinstance(model, ModelDescription):
         return {model.profile.precision: model}
     if isinstance(model, ModelProfile):

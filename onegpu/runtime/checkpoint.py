@@ -48,8 +48,8 @@ def _whole_value(tensor: torch.Tensor) -> torch.Tensor | None:
     """A state tensor as this worker holds it whole (a replicated DTensor's local value), or None when split."""
     if not hasattr(tensor, "full_tensor"):
         return tensor
-    if all(placement.is_replicate() for placement in tensor.placements):
-        return tensor.to_local()
+    if all(placement.is_replicate() for placement in tensor.placements) or tensor.device_mesh.size() == 1:
+        return tensor.to_local()  # replicated, or the one worker's units of mixed precision
     return None
 
 

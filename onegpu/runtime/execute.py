@@ -15,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from onegpu.errors import UsageError
-from onegpu.launch.process_group import Worker, collective_timeout
+from onegpu.launch.process_group import Worker, collective_timeout, join_alone
 from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
+from onegpu.parallel.mixed_precision import check_precision, is_mixed
 from onegpu.parallel.optimizer_state import apply_optimizer_state
 from onegpu.plan import INTERLEAVED, Capabilities, Plan
 from onegpu.runtime.accumulation import GradientAccumulation
@@ -31,7 +32,7 @@ from onegpu.runtime.optimizer import parameter_names, repoint
 from onegpu.runtime.user_loss import attach_loss_fn
 from onegpu.runtime.watchdog import Watchdog, process_watchdog
 
-EXECUTABLE = Capabilities(precisions=("fp32",), accumulation=False)
+EXECUTABLE = Capabilities(accumulation=False)
 
 
 def check_executable(plan: Plan) -> None:
@@ -44,7 +45,7 @@ def check_executable(plan: Plan) -> None:
     if missing:
         raise UsageError(
             f"this plan needs {', '.join(missing)}, which the runtime cannot execute yet: use sharding none, "
-            "gradients or parameters, offload of sharded parameters, fp32, and the interleaved schedules unsharded"
+            "gradients or parameters, offload of sharded parameters, and the interleaved schedules unsharded"
         )
 
 
@@ -105,6 +106,7 @@ def execute(
             f"the plan uses {plan.world_size} workers but this job has {worker.world_size}: "
             f"plan for {worker.world_size} workers, or run with --workers {plan.world_size}"
         )
+    check_precision(plan.precision, device=worker.device)
     model = given.model
     _check_fits(plan, model)
     if plan.pp > 1 or plan.microbatches > 1:
@@ -122,7 +124,7 @@ def execute(
             count_items=count_items,
         )  # fmt: skip
     else:
-        parallelize(model, plan, mesh=mesh, device=worker.device, on_meta=on_meta)
+        parallelize(model, plan, mesh=mesh or _precision_mesh(plan, worker), device=worker.device, on_meta=on_meta)
         if loss_fn is not None:
             attach_loss_fn(model, loss_fn)
         if mesh is not None:
@@ -140,8 +142,20 @@ def execute(
         repoint(optimizer, model, groups)
         apply_optimizer_state(optimizer, plan, group=mesh["dp"].get_group() if mesh is not None else None)
         _watch_steps(optimizer, watchdog)
+    if plan.precision == "fp16":  # accelerators only (check_precision): these lines have not run on a GPU yet
+        from onegpu.runtime.loss_scale import DynamicLossScale
+
+        DynamicLossScale(model, given.optimizers)
     model.onegpu_plan = plan
     return prepared
+
+
+def _precision_mesh(plan: Plan, worker: Worker):
+    """One worker under mixed precision: a mesh of itself alone, for the units that carry the policy."""
+    if not is_mixed(plan.precision):
+        return None
+    join_alone(worker.device)
+    return device_mesh(plan, worker.device)
 
 
 def _hook_calls(model: nn.Module, plan: Plan, *, mesh, worker: Worker, watchdog, optimizers, count_items) -> None:

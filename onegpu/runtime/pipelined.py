@@ -35,6 +35,7 @@ from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.layouts import data_parallel_mesh
 from onegpu.parallel.materialize import materialize
+from onegpu.parallel.mixed_precision import as_fp32, is_mixed
 from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
 from onegpu.runtime.call_gradients import CallGradients
@@ -248,11 +249,11 @@ class Pipeline:
     def _parallelize_stages(self) -> None:
         """Checkpointing and data parallelism per stage; a module two stages of this worker share is the first's."""
         managed: set[nn.Parameter] = set()
-        for stage in self.stages.values():
+        for index, stage in self.stages.items():  # under mixed precision, at degree 1 the units carry the policy
             apply_activation_checkpointing(stage.blocks[: self.plan.checkpointed_blocks(len(stage.blocks))])
-            if self.plan.dp > 1:
-                apply_data_parallel(stage, mesh=data_parallel_mesh(self.mesh, self.plan), plan=self.plan,
-                                    blocks=stage.blocks, ignored=managed)  # fmt: skip
+            if self.plan.dp > 1 or is_mixed(self.plan.precision):  # the last stage hands its loss on in fp32
+                apply_data_parallel(stage, mesh=data_parallel_mesh(self.mesh, self.plan), plan=self.plan, blocks=stage.blocks, ignored=managed,
+                                    outputs_in_fp32=index == self.plan.pipeline_stages - 1)  # fmt: skip
             managed |= set(stage.parameters())
             stage.connect()
 
@@ -313,7 +314,7 @@ class Pipeline:
     def _evaluation_output(self, outputs: list[Any] | None, loss: torch.Tensor) -> Any:
         """The model's output for this replica's rows, the loss the global batch's, on every pipeline worker."""
         if outputs is not None:  # the micro-batches' (a schedule's first step runs one forward before, for shapes)
-            outputs = outputs[-self.plan.microbatches :]
+            outputs = as_fp32(outputs[-self.plan.microbatches :], self.plan.precision)  # as from every layout
         output = broadcast_output(
             joined(outputs) if outputs is not None else None,
             src=self.last_rank,
