@@ -145,6 +145,8 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
         optimizer = workspace = 0.0
     elif plan.offload == "parameters":
         params = grads = optimizer = workspace = 0.0
+    if plan.pp == 1 and plan.microbatches > 1 and sg > 1:  # accumulated whole on the device, reduced once per call
+        grads = stage_params * MASTER_BYTES
 
     b = micro_batch_size(plan, work.global_batch)
     block_activation = block.activation_bytes * tp_activation_share(tp, sequence_parallel=work.sequence_parallel)

@@ -8,7 +8,8 @@ confirms it. A loop that accumulates gradients calls the model k times before ``
 - the loop scales the loss first, ``(loss / k).backward()``: the scale reaches the returned loss's
   backward, which scales this call's gradients before adding them to the earlier ones.
 
-As on one device, the gradients then hold the sum of every call's scaled gradient.
+As on one device, the gradients then hold the sum of every call's scaled gradient. The same holds for a call
+that runs its micro-batches' backward itself without a pipeline (:mod:`onegpu.runtime.micro_batches`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+CHANGED_LOSS = (
+    "under a pipeline or micro-batches the backward runs inside the model's call: a loss changed after the forward "
+    "(a term added) cannot be honoured; compute it inside the model, and call backward() on the returned loss, or a "
+    "multiple of it"
+)
 
 
 class CallGradients:
@@ -53,3 +60,18 @@ class CallGradients:
             if mine is not None and factor != 1.0:
                 mine = mine * factor
             param.grad = earlier if mine is None else mine if earlier is None else earlier + mine
+
+
+class ConfirmedLoss(torch.autograd.Function):
+    """The global loss of a call that ran its backward already; its backward scales what the call added to the
+    gradients by the loss's scale (a loss divided by the accumulation steps)."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, value: float, gradients: CallGradients):
+        ctx.gradients = gradients
+        return torch.full((), value, dtype=torch.float32, device=anchor.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.gradients.confirm(grad.item())
+        return None, None, None

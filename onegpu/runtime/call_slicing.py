@@ -107,6 +107,7 @@ class CallSlicer:
         dist.broadcast(seed, src=0)  # from a fresh generator: no stream the loop draws from moves
         self.seed, self.calls = int(seed), 0
         self.forked: ExitStack | None = None
+        self.paused = False
 
     def slice_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict, list | None]:
         """The call's inputs cut to this replica's rows, and every replica's bounds (None: not sliced here).
@@ -188,6 +189,8 @@ def attach_call_slicing(model: nn.Module, slicer: CallSlicer, *, between: Any, w
     pending: list[Any] = []
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if slicer.paused:
+            return None
         if watchdog is not None:  # the fingerprint's all-gather waits for every worker
             watchdog.enter("forward")
         slicer.fork_random(module)
@@ -202,6 +205,8 @@ def attach_call_slicing(model: nn.Module, slicer: CallSlicer, *, between: Any, w
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        if slicer.paused:
+            return output
         slicer.join_random()
         bounds = pending.pop() if pending else None
         return output if bounds is None else slicer.gather_output(output, bounds)

@@ -28,11 +28,12 @@ from onegpu.runtime.collectives import broadcast_from_main
 from onegpu.runtime.data import GlobalBatchLoader
 from onegpu.runtime.gather import use_replica_group
 from onegpu.runtime.loss_weighting import GlobalBatchHooks
+from onegpu.runtime.micro_batches import run_as_micro_batches
 from onegpu.runtime.optimizer import parameter_names, repoint
 from onegpu.runtime.user_loss import attach_loss_fn
 from onegpu.runtime.watchdog import Watchdog, process_watchdog
 
-EXECUTABLE = Capabilities(accumulation=False)
+EXECUTABLE = Capabilities()
 
 
 def check_executable(plan: Plan) -> None:
@@ -127,7 +128,7 @@ def execute(
         parallelize(model, plan, mesh=mesh or _precision_mesh(plan, worker), device=worker.device, on_meta=on_meta)
         if loss_fn is not None:
             attach_loss_fn(model, loss_fn)
-        if mesh is not None:
+        if mesh is not None or plan.microbatches > 1:
             _hook_calls(
                 model,
                 plan,
@@ -160,18 +161,28 @@ def _precision_mesh(plan: Plan, worker: Worker):
 
 def _hook_calls(model: nn.Module, plan: Plan, *, mesh, worker: Worker, watchdog, optimizers, count_items) -> None:
     """The hooks on the model's calls: a global batch built in the loop is sliced first, then each slice's loss
-    is weighted; gradients accumulated over several calls are reduced once per optimizer step."""
-    group = mesh["dp"].get_group() if plan.dp > 1 else None
+    is weighted; gradients accumulated over several calls are reduced once per optimizer step. With micro-batches,
+    a training call runs them all, forward and backward, and reduces once."""
+    group = mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None
+    weighting: list[GlobalBatchHooks] = []
 
     def weight_losses() -> None:
-        GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog, count_items=count_items)
+        weighting.append(
+            GlobalBatchHooks(model, group=group, device=worker.device, watchdog=watchdog, count_items=count_items)
+        )
 
+    slicer = None
     if group is None:
         weight_losses()
-        return
-    slicer = CallSlicer(replica=replica_slice(plan, worker=worker)[0], replicas=plan.dp, group=group, worker=worker)
-    attach_call_slicing(model, slicer, between=weight_losses, watchdog=watchdog)
-    if optimizers:
+    else:
+        slicer = CallSlicer(replica=replica_slice(plan, worker=worker)[0], replicas=plan.dp, group=group, worker=worker)
+        attach_call_slicing(model, slicer, between=weight_losses, watchdog=watchdog)
+    if plan.microbatches > 1:
+        run_as_micro_batches(
+            model, microbatches=plan.microbatches, group=group, device=worker.device, slicer=slicer,
+            weighting=weighting[0], watchdog=watchdog, count_items=count_items,
+        )  # fmt: skip
+    elif group is not None and optimizers:
         GradientAccumulation(model, optimizers)
 
 

@@ -116,17 +116,21 @@ def watch_backward(watchdog: Watchdog) -> None:
 class GlobalBatchHooks:
     """Forward hooks on the user's model (plans without a pipeline) that turn per-slice losses into the
     global-batch loss. ``group``: the workers that read different slices (None: this one alone);
-    ``count_items(*inputs)``: the items the model's loss averages over (None: samples)."""
+    ``count_items(*inputs)``: the items the model's loss averages over (None: samples). ``paused``: the call is
+    a micro-batch its caller weights (:mod:`onegpu.runtime.micro_batches`)."""
 
     def __init__(
         self, module: nn.Module, *, group, device: torch.device, watchdog: Watchdog | None, count_items=None
     ) -> None:
         self.group, self.device, self.watchdog, self.count_items = group, device, watchdog, count_items
         self.counts: Counts | None = None
+        self.paused = False
         module.register_forward_pre_hook(self._before, with_kwargs=True, prepend=True)
         module.register_forward_hook(self._after, with_kwargs=True)
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if self.paused:
+            return None
         if self.watchdog is not None:
             self.watchdog.enter("forward")
         if self.count_items is not None:
@@ -137,6 +141,8 @@ class GlobalBatchHooks:
         return args, self.counts.model_inputs(kwargs, device=self.device)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        if self.paused:
+            return output
         counts, loss = self.counts, find_loss(output)
         if loss is not None:  # only the loss is weighted: the other outputs are what it was computed from
             share = 1.0 if counts.counted else counts.share()  # a counted loss is already its share

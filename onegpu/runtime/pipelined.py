@@ -38,7 +38,7 @@ from onegpu.parallel.materialize import materialize
 from onegpu.parallel.mixed_precision import as_fp32, is_mixed
 from onegpu.parallel.tensor_parallel import SplitChanges, apply_tensor_parallel
 from onegpu.plan import Plan
-from onegpu.runtime.call_gradients import CallGradients
+from onegpu.runtime.call_gradients import CHANGED_LOSS, CallGradients, ConfirmedLoss
 from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
@@ -47,25 +47,6 @@ from onegpu.runtime.user_loss import TARGET
 from onegpu.runtime.watchdog import Watchdog
 
 BARE, KEYED = -1, -2  # where a model's output keeps its loss, besides a position in a tuple
-CHANGED_LOSS = (
-    "under a pipeline plan the backward runs inside the pipeline: a loss changed after the forward (a term added) "
-    "cannot be honoured; compute it inside the model, and call backward() on the returned loss, or a multiple of it"
-)
-
-
-class _PipelineLoss(torch.autograd.Function):
-    """The global loss; its backward scales what the call added to the gradients by the loss's scale (a loss
-    divided by the accumulation steps), and refuses anything else done to it."""
-
-    @staticmethod
-    def forward(ctx, anchor: torch.Tensor, value: float, gradients: CallGradients):
-        ctx.gradients = gradients
-        return torch.full((), value, dtype=torch.float32, device=anchor.device)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.gradients.confirm(grad.item())
-        return None, None, None
 
 
 class PipelineOutput:
@@ -368,7 +349,7 @@ class Pipeline:
         value = total[:1].clone()
         if self.data_group is not None:
             dist.all_reduce(value, group=self.data_group)
-        return _PipelineLoss.apply(self.anchor, float(value), self.call_gradients), (int(total[1]), int(total[2]))
+        return ConfirmedLoss.apply(self.anchor, float(value), self.call_gradients), (int(total[1]), int(total[2]))
 
 
 def _block_index(name: str, path: str) -> int | None:
