@@ -124,7 +124,8 @@ class Plan:
     (DDP), ``optimizer`` (ZeRO-1), ``gradients`` (ZeRO-2), ``parameters`` (ZeRO-3 / FSDP) or ``hybrid``
     (shard inside a node, replicate across); ``activation_checkpointing`` is ``none``, ``full`` or a
     number of blocks per stage; ``offload`` moves ``optimizer`` state or ``parameters`` (with gradients
-    and optimizer state) to host memory.
+    and optimizer state) to host memory; ``compile`` runs each repeated block's forward through
+    ``torch.compile`` (the planner chooses it only where it measured it faster).
 
     The layout of this model: ``blocks`` is the module path of its repeated blocks' container (None
     when it has none); ``stages`` where a pipeline cuts it; ``tensor_parallel`` what ``tp`` workers
@@ -141,6 +142,7 @@ class Plan:
     activation_checkpointing: str | int = "none"
     offload: str = "none"
     precision: str = "fp32"
+    compile: bool = False
     blocks: str | None = None
     stages: StageLayout | None = None
     tensor_parallel: TensorParallelLayout | None = None
@@ -163,6 +165,8 @@ class Plan:
         ):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"Plan.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.compile, bool):
+            raise UsageError(f"Plan.compile must be True or False, got {self.compile!r}")
         ckpt = self.activation_checkpointing
         if not (ckpt in ("none", "full") or (isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt >= 0)):
             raise UsageError(
@@ -269,6 +273,8 @@ class Plan:
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
         parts.append(self.precision)
+        if self.compile:
+            parts.append("compiled blocks")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from onegpu.launch.process_group import Worker
 from onegpu.outputs import find_loss, replace_loss
 from onegpu.parallel import pipeline as pp
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.compile import apply_compile
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.materialize import materialize
@@ -245,10 +246,13 @@ class Pipeline:
         )
 
     def _parallelize_stages(self) -> None:
-        """Checkpointing and data parallelism per stage; a module two stages of this worker share is the first's."""
+        """Checkpointing, compile and data parallelism per stage; a module two stages of this worker share is the
+        first's."""
         managed: set[nn.Parameter] = set()
         for stage in self.stages.values():
             apply_activation_checkpointing(stage.blocks[: self.plan.checkpointed_blocks(len(stage.blocks))])
+            if self.plan.compile:
+                apply_compile(stage.blocks)
             if self.plan.dp > 1:
                 apply_data_parallel(stage, mesh=self.mesh["dp"], plan=self.plan, blocks=stage.blocks, ignored=managed)
             managed |= set(stage.parameters())
