@@ -6,10 +6,10 @@ so the one tolerance policy of conftest.py holds unchanged.
 
 import pytest
 import torch
+from conftest import assert_same_training, launch_script
 from scenarios import train
 from test_single_device_equivalence import load_checkpoint
 
-from conftest import assert_same_training, launch_script
 from onegpu.parallel.compile import CompiledForward, apply_compile
 from onegpu.plan import Plan
 
