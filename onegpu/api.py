@@ -182,7 +182,9 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
     if plan is not None:
         chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
     elif cluster is not None and strategy is None and _trains(model):
-        chosen = _searched(given, description, unavailable, cluster=cluster, worker=worker, budget=budget)
+        chosen = _searched(
+            given, description, unavailable, cluster=cluster, worker=worker, budget=budget, slice_=slice_
+        )
     else:
         chosen = _simple(given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_)
     if slice_ is None and not chosen.fitted and description is None:
@@ -228,9 +230,12 @@ def _simple(given: TrainingObjects, description, *, worker: Worker, strategy, bu
     return choose_plan(estimate=estimate, budget_bytes=budget, world_size=worker.world_size, strategy=strategy)
 
 
-def _searched(given: TrainingObjects, description, unavailable: str, *, cluster, worker: Worker, budget: int) -> Plan:
+def _searched(
+    given: TrainingObjects, description, unavailable: str, *, cluster, worker: Worker, budget: int, slice_
+) -> Plan:
     """Advanced Parallelization's choice among the plans the runtime executes, for the job's own devices."""
     from onegpu.planner.memory import optimizer_state_slots
+    from onegpu.planner.pins import parse_pins
     from onegpu.planner.search import find_plan
 
     loader = given.loaders[0] if given.loaders else None
@@ -244,6 +249,9 @@ def _searched(given: TrainingObjects, description, unavailable: str, *, cluster,
     if worker.world_size > 1 and description.tensor_parallel_degrees([2]) == [1] and _pins.get("tp") is None:
         print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
+    compiled = None
+    if parse_pins(**_pins).compile is not False:
+        compiled = _compiled_block_time(given.model, description, slice_, worker=worker)
     chosen = find_plan(
         description,
         global_batch_size=loader.batch_size,
@@ -252,9 +260,19 @@ def _searched(given: TrainingObjects, description, unavailable: str, *, cluster,
         budget_fraction=1.0,
         optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
         capabilities=EXECUTABLE,
+        compiled_block_time=compiled,
         **_pins,
     )
     return replace(chosen, reason=_advanced_reason(chosen, budget_bytes=budget))
+
+
+def _compiled_block_time(model: nn.Module, description, slice_, *, worker: Worker) -> float | None:
+    """What compiling the model's blocks gains on this worker's device (cached after the first job), or None."""
+    from onegpu.planner.compile_measure import compiled_block_time
+
+    if description.blocks is None or slice_ is None:
+        return None
+    return compiled_block_time(model, slice_, blocks=description.blocks, device=worker.device)
 
 
 def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:

@@ -53,12 +53,16 @@ def _cache_key(workers: int | str) -> dict:
     return {"workers": workers, "torch": torch.__version__, "host": platform.node()}
 
 
-def _cache_path(workers: int | str) -> Path:
+def cache_root() -> Path:
+    """Where measurements are kept: ``$ONEGPU_HOME/cache``, else the user cache directory."""
     home = settings().home
-    root = home / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
+    return home / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
+
+
+def _cache_path(workers: int | str) -> Path:
     key = _cache_key(workers)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"local-cluster-{workers}w-torch{key['torch']}-{key['host']}")
-    return root / f"{stem}.json"
+    return cache_root() / f"{stem}.json"
 
 
 def _read_cache(path: Path, workers: int | str) -> Cluster | None:
@@ -73,11 +77,15 @@ def _read_cache(path: Path, workers: int | str) -> Cluster | None:
 
 
 def _write_cache(path: Path, workers: int | str, cluster: Cluster) -> None:
+    write_json(path, {"key": _cache_key(workers), "cluster": cluster.to_dict()})
+
+
+def write_json(path: Path, data: dict) -> None:
     """Best effort: a read-only cache directory only costs a new measurement next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": _cache_key(workers), "cluster": cluster.to_dict()}, indent=2))
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
     except OSError:
         pass
