@@ -58,3 +58,63 @@ def test_a_block_dynamo_cannot_capture_whole_is_compiled_with_graph_breaks():
         out = block(x)
     torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
     assert not block.forward.fullgraph
+
+
+# --- the planner: compile is chosen from a measurement on the job's devices, never on a guess ---
+
+
+def test_a_plan_carries_compile_through_json_and_says_so():
+    from onegpu.errors import UsageError
+
+    plan = Plan(dp=2, compile=True)
+    assert Plan.from_json(plan.to_json()) == plan and "compiled blocks" in plan.describe()
+    assert Plan.from_dict({"dp": 2}).compile is False  # plans written before compile existed
+    with pytest.raises(UsageError, match=r"^Plan.compile must be True or False, got 'yes'$"):
+        Plan(dp=1, compile="yes")
+
+
+@pytest.mark.parametrize(("pinned", "measured", "compiled"), [
+    (None, None, False), (None, 0.99, False), (None, 0.6, True), (False, 0.6, False), (True, None, True),
+])  # fmt: skip
+def test_the_search_compiles_only_when_pinned_or_measured_faster(pinned, measured, compiled):
+    from test_planner_search import cluster, transformer
+
+    from onegpu.planner.search import find_plan
+
+    job = dict(global_batch_size=16, seq_len=2048, cluster=cluster(nodes=1, per_node=8, memory_gb=80))
+    job |= dict(dp=8, microbatches=1, sharding="parameters", activation_checkpointing="none", mixed_precision="bf16")
+    eager = find_plan(transformer(layers=24, hidden=2048), **job)
+    chosen = find_plan(transformer(layers=24, hidden=2048), **job, compiled_block_time=measured, compile=pinned)
+    assert chosen.compile is compiled
+    eager_compute, compute = (p.predicted.time_breakdown["compute"] for p in (eager, chosen))
+    if compiled and measured is not None:  # the blocks' share of it (not the embedding and the head) is faster
+        assert measured * eager_compute < compute < (measured + 0.1) * eager_compute
+    else:
+        assert compute == eager_compute
+
+
+def test_the_compile_pin_takes_true_or_false():
+    from onegpu.errors import UsageError
+    from onegpu.planner.pins import parse_pins
+
+    assert [parse_pins(compile=v).compile for v in ("true", "FALSE", True, "off")] == [True, False, True, False]
+    with pytest.raises(UsageError, match=r"^compile='maybe': use true or false$"):
+        parse_pins(compile="maybe")
+
+
+def test_the_compiled_block_time_is_measured_once_per_device_and_block(tmp_path, monkeypatch):
+    from scenarios import build
+
+    from onegpu.planner import compile_measure
+
+    monkeypatch.setenv("ONEGPU_HOME", str(tmp_path))
+    model, data = build("custom")
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    measured = compile_measure.compiled_block_time(model, batch, blocks="blocks", device=torch.device("cpu"))
+    assert measured > 0 and len(list((tmp_path / "cache").glob("compile-*.json"))) == 1
+    monkeypatch.setattr(compile_measure, "_fastest", lambda *a, **k: pytest.fail("measured again"))
+    again = compile_measure.compiled_block_time(model, batch, blocks="blocks", device=torch.device("cpu"))
+    assert again == measured
+    with torch.device("meta"):
+        on_meta, _ = build("custom")
+    assert compile_measure.compiled_block_time(on_meta, batch, blocks="blocks", device=torch.device("cpu")) is None
