@@ -228,6 +228,7 @@ def test_plan_json_shape_is_stable():
         "activation_checkpointing",
         "offload",
         "precision",
+        "compile",
         "blocks",
         "stages",
         "tensor_parallel",
