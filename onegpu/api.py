@@ -27,6 +27,7 @@ from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
 from onegpu.runtime.user_loss import check_loss_fn
+from onegpu.settings import settings
 
 _pins: dict[str, Any] | None = None
 
@@ -250,7 +251,7 @@ def _searched(
         print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
     compiled = None
-    if parse_pins(**_pins).compile is not False:
+    if parse_pins(**_pins).compile is not False and settings().measure_compile:
         compiled = _compiled_block_time(given.model, description, slice_, worker=worker)
     chosen = find_plan(
         description,

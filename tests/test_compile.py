@@ -118,3 +118,26 @@ def test_the_compiled_block_time_is_measured_once_per_device_and_block(tmp_path,
     with torch.device("meta"):
         on_meta, _ = build("custom")
     assert compile_measure.compiled_block_time(on_meta, batch, blocks="blocks", device=torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(("measured", "compiled"), [(0.5, True), (None, False)])
+def test_advanced_parallelization_compiles_what_it_measured_faster_on_the_job_device(monkeypatch, measured, compiled):
+    import onegpu
+    from onegpu.planner import compile_measure
+
+    seen = []
+
+    def measure(model, batch, *, blocks, device):
+        seen.append((blocks, device.type, len(batch[0])))
+        return measured
+
+    monkeypatch.setenv("ONEGPU_MEASURE_COMPILE", "1")
+    monkeypatch.setattr(compile_measure, "compiled_block_time", measure)
+    onegpu.enable_advanced_parallelization()
+    try:
+        run = train("custom", prepare=onegpu.prepare, evaluate=False)
+    finally:
+        onegpu.disable_advanced_parallelization()
+    assert seen == [("blocks", "cpu", 5)]  # one worker's slice of the first batch, on its device
+    assert run["model"].onegpu_plan.compile is compiled
+    assert compiled_blocks(run["model"]) == (3 if compiled else 0)
