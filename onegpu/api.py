@@ -167,7 +167,9 @@ def _measured_cluster(worker: Worker):
     from onegpu.planner.cluster import measure_job_cluster
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return measure_job_cluster(rank=rank, world_size=worker.world_size, device=worker.device)
+    return measure_job_cluster(
+        rank=rank, world_size=worker.world_size, device=worker.device, devices_per_node=worker.local_world_size
+    )
 
 
 def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | None, strategy, budget: int) -> Plan:

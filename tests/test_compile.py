@@ -141,3 +141,12 @@ def test_advanced_parallelization_compiles_what_it_measured_faster_on_the_job_de
     assert seen == [("blocks", "cpu", 5)]  # one worker's slice of the first batch, on its device
     assert run["model"].onegpu_plan.compile is compiled
     assert compiled_blocks(run["model"]) == (3 if compiled else 0)
+
+
+@pytest.mark.slow
+def test_a_job_over_two_nodes_measures_the_link_across_them(compiled_runs):
+    _, results = compiled_runs
+    measured = results["two nodes"]  # each of the 2 workers taken as a node of its own
+    assert (measured["nodes"], measured["devices_per_node"]) == (2, 1)
+    assert measured["inter_node"]["bandwidth_gbps"] > 0 and measured["inter_node"]["latency_us"] > 0
+    assert measured["device"]["peak_tflops"]["fp32"] > 0
