@@ -246,8 +246,7 @@ class Pipeline:
         )
 
     def _parallelize_stages(self) -> None:
-        """Checkpointing, compile and data parallelism per stage; a module two stages of this worker share is the
-        first's."""
+        """Checkpointing, compile and data parallelism per stage (a module two of its stages share: the first's)."""
         managed: set[nn.Parameter] = set()
         for stage in self.stages.values():
             apply_activation_checkpointing(stage.blocks[: self.plan.checkpointed_blocks(len(stage.blocks))])
