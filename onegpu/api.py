@@ -27,6 +27,7 @@ from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
 from onegpu.runtime.user_loss import check_loss_fn
+from onegpu.settings import settings
 
 _pins: dict[str, Any] | None = None
 
@@ -166,7 +167,9 @@ def _measured_cluster(worker: Worker):
     from onegpu.planner.cluster import measure_job_cluster
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return measure_job_cluster(rank=rank, world_size=worker.world_size, device=worker.device)
+    return measure_job_cluster(
+        rank=rank, world_size=worker.world_size, device=worker.device, devices_per_node=worker.local_world_size
+    )
 
 
 def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | None, strategy, budget: int) -> Plan:
@@ -183,7 +186,9 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
         chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
     elif cluster is not None and strategy is None and _trains(model):
         described = _at_precisions(model, slice_, description, cluster=cluster)
-        chosen = _searched(given, described, unavailable, cluster=cluster, worker=worker, budget=budget)
+        chosen = _searched(
+            given, described, unavailable, cluster=cluster, worker=worker, budget=budget, slice_=slice_
+        )
     else:
         chosen = _simple(given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_)
     if slice_ is None and not chosen.fitted and description is None:
@@ -241,10 +246,13 @@ def _at_precisions(model: nn.Module, slice_: Any | None, description, *, cluster
     return {"fp32": description, **{p: _describe(model, slice_, precision=p)[0] for p in wanted - {"fp32"}}}
 
 
-def _searched(given: TrainingObjects, described, unavailable: str, *, cluster, worker: Worker, budget: int) -> Plan:
+def _searched(
+    given: TrainingObjects, described, unavailable: str, *, cluster, worker: Worker, budget: int, slice_
+) -> Plan:
     """Advanced Parallelization's choice among the plans the runtime executes, for the job's own devices;
     ``described``: the model's descriptions by precision."""
     from onegpu.planner.memory import optimizer_state_slots
+    from onegpu.planner.pins import parse_pins
     from onegpu.planner.search import find_plan
 
     loader = given.loaders[0] if given.loaders else None
@@ -259,6 +267,9 @@ def _searched(given: TrainingObjects, described, unavailable: str, *, cluster, w
     if worker.world_size > 1 and description.tensor_parallel_degrees([2]) == [1] and _pins.get("tp") is None:
         print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
+    compiled = None
+    if parse_pins(**_pins).compile is not False and settings().measure_compile:
+        compiled = _compiled_block_time(given.model, description, slice_, worker=worker)
     chosen = find_plan(
         described,
         global_batch_size=loader.batch_size,
@@ -267,9 +278,19 @@ def _searched(given: TrainingObjects, described, unavailable: str, *, cluster, w
         budget_fraction=1.0,
         optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
         capabilities=EXECUTABLE,
+        compiled_block_time=compiled,
         **_pins,
     )
     return replace(chosen, reason=_advanced_reason(chosen, budget_bytes=budget))
+
+
+def _compiled_block_time(model: nn.Module, description, slice_, *, worker: Worker) -> float | None:
+    """What compiling the model's blocks gains on this worker's device (cached after the first job), or None."""
+    from onegpu.planner.compile_measure import compiled_block_time
+
+    if description.blocks is None or slice_ is None:
+        return None
+    return compiled_block_time(model, slice_, blocks=description.blocks, device=worker.device)
 
 
 def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:

@@ -125,7 +125,8 @@ class Plan:
     (FSDP inside groups of ``shard_group`` neighbouring replicas, those of one node; the groups replicate
     one another, HSDP); ``activation_checkpointing`` is ``none``, ``full`` or a
     number of blocks per stage; ``offload`` moves ``optimizer`` state or ``parameters`` (with gradients
-    and optimizer state) to host memory.
+    and optimizer state) to host memory; ``compile`` runs each repeated block's forward through
+    ``torch.compile`` (the planner chooses it only where it measured it faster).
 
     The layout of this model: ``blocks`` is the module path of its repeated blocks' container (None
     when it has none); ``stages`` where a pipeline cuts it; ``tensor_parallel`` what ``tp`` workers
@@ -143,6 +144,7 @@ class Plan:
     offload: str = "none"
     precision: str = "fp32"
     shard_group: int | None = None
+    compile: bool = False
     blocks: str | None = None
     stages: StageLayout | None = None
     tensor_parallel: TensorParallelLayout | None = None
@@ -166,6 +168,8 @@ class Plan:
             if getattr(self, name) not in allowed:
                 raise UsageError(f"Plan.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         self._check_shard_group()
+        if not isinstance(self.compile, bool):
+            raise UsageError(f"Plan.compile must be True or False, got {self.compile!r}")
         ckpt = self.activation_checkpointing
         if not (ckpt in ("none", "full") or (isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt >= 0)):
             raise UsageError(
@@ -285,6 +289,8 @@ class Plan:
         if self.offload != "none":
             parts.append(f"offload={self.offload}")
         parts.append(self.precision)
+        if self.compile:
+            parts.append("compiled blocks")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

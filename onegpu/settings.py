@@ -72,6 +72,9 @@ VARIABLES = (
              "the seconds a collective may wait"),
     Variable("ONEGPU_PRINT_ALL_RANKS", "print_all_ranks", _flag, False,
              "1: show what every worker prints, not only rank 0", "1", "1 or 0"),
+    Variable("ONEGPU_MEASURE_COMPILE", "measure_compile", _flag, True,
+             "0: advanced parallelization does not time torch.compile on the job's devices (blocks then stay eager "
+             "unless the compile pin asks)", internal=True),
     Variable("ONEGPU_LEASE_TTL", "lease_ttl_s", _number, None,
              "seconds a job's device leases last without renewal (default: lease_ttl_s in pool.toml, else 30)", "30",
              "the seconds a lease lasts"),
@@ -98,6 +101,7 @@ class Settings:
     memory_budget_gb: float | None
     collective_timeout_s: float
     print_all_ranks: bool
+    measure_compile: bool
     lease_ttl_s: float | None
     ledger_busy_s: float
     launched: bool

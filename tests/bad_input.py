@@ -105,7 +105,9 @@ ROWS: list[Row] = [
     Row(
         id="script-missing",
         args=("run", "missing.py"),
-        message=re.escape("onegpu: script 'missing.py' not found: give the path of a Python file, e.g. onegpu run train.py"),
+        message=re.escape(
+            "onegpu: script 'missing.py' not found: give the path of a Python file, e.g. onegpu run train.py"
+        ),
     ),
     Row(
         id="workers-zero",
@@ -116,7 +118,9 @@ ROWS: list[Row] = [
         id="workers-env-not-a-number",
         args=("run", "{scripts}/job.py", "ok"),
         env={"ONEGPU_WORKERS": "two"},
-        message=re.escape("onegpu: ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2"),
+        message=re.escape(
+            "onegpu: ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2"
+        ),
     ),
     # prepare and the planner's model analysis: prepare twice, unfrozen models, batches the workers cannot
     # share, Advanced Parallelization pins, errors of the planner, and `onegpu plan`'s bad input
@@ -232,7 +236,17 @@ ROWS: list[Row] = [
     ),
     Row(
         id="plan-bad-yaml",
-        args=("plan", "--model", "gpt2", "--seq-len", "1024", "--global-batch-size", "32", "--cluster", "{home}/bad.yaml"),
+        args=(
+            "plan",
+            "--model",
+            "gpt2",
+            "--seq-len",
+            "1024",
+            "--global-batch-size",
+            "32",
+            "--cluster",
+            "{home}/bad.yaml",
+        ),
         message=r"onegpu: .*/bad\.yaml: invalid YAML at line 2 \(.*\): fix the syntax there",
         setup=lambda home: (home / "bad.yaml").write_text("device: {name: x\nnodes: [\n"),
     ),
@@ -424,13 +438,33 @@ ROWS += [
     ),
     Row(
         id="save-pretrained-of-a-sharded-model-on-the-main-process-only",
-        args=("run", "--workers", "2", "{scripts}/faults_job.py", "save-on-main", "{home}", "{tag}", "--strategy", "fsdp"),
+        args=(
+            "run",
+            "--workers",
+            "2",
+            "{scripts}/faults_job.py",
+            "save-on-main",
+            "{home}",
+            "{tag}",
+            "--strategy",
+            "fsdp",
+        ),
         message=r"onegpu: onegpu\.save_pretrained was called on rank 0 after rank 1 had ended: the model is split among "
         r"the workers \(fsdp\), so call it on every worker, not only on the main process",
     ),
     Row(
         id="save-pretrained-of-a-sharded-model-on-the-main-process-while-the-others-train",
-        args=("run", "--workers", "2", "{scripts}/faults_job.py", "save-on-main-train", "{home}", "{tag}", "--strategy", "fsdp"),
+        args=(
+            "run",
+            "--workers",
+            "2",
+            "{scripts}/faults_job.py",
+            "save-on-main-train",
+            "{home}",
+            "{tag}",
+            "--strategy",
+            "fsdp",
+        ),
         env={"ONEGPU_COLLECTIVE_TIMEOUT": "4"},
         message=r"onegpu: onegpu\.save_pretrained waited \d+ s on rank 0 for rank 1 to call it too: the model is split "
         r"among the workers \(fsdp\), so call it on every worker, not only on the main process",

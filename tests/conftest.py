@@ -9,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # the tests' jobs lease devices from a pool of their own, never from the user's
 os.environ.setdefault("ONEGPU_HOME", tempfile.mkdtemp(prefix="onegpu-tests-"))
+# advanced parallelization times torch.compile only in the tests about it (tests/test_compile.py)
+os.environ.setdefault("ONEGPU_MEASURE_COMPILE", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

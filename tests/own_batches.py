@@ -143,7 +143,12 @@ def nanogpt(*, prepare=None, batch: int = 8, accumulation=(2, 2, 2, 2), **how) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item() * k)
-    return {"losses": losses, "grad_norms": norms, "parameters": parameters_of(model), "rows": logits.shape[0] if torch.is_tensor(logits) else None}
+    return {
+        "losses": losses,
+        "grad_norms": norms,
+        "parameters": parameters_of(model),
+        "rows": logits.shape[0] if torch.is_tensor(logits) else None,
+    }
 
 
 class MLP(nn.Module):

@@ -108,7 +108,9 @@ def test_a_worker_killed_by_sigkill_is_named_as_possibly_out_of_memory_with_its_
     os.kill(job.workers()[rank]["pid"], signal.SIGKILL)
     code, last = job.finish()
     assert code == 1
-    assert last.startswith(f"onegpu: worker rank {rank} was killed by SIGKILL, possibly out of memory (its memory: "), last
+    assert last.startswith(f"onegpu: worker rank {rank} was killed by SIGKILL, possibly out of memory (its memory: "), (
+        last
+    )
     assert gone_within(job.tag, 10) is not None
 
 

@@ -172,7 +172,9 @@ def test_pins_are_honoured_by_any_name():
         "bf16",
     )
     assert pinned.sharding in ("none", "optimizer", "gradients")
-    assert find_plan(profile, global_batch_size=64, seq_len=2048, cluster=devices, pipeline_parallel=False, tp=4).pp == 1
+    assert (
+        find_plan(profile, global_batch_size=64, seq_len=2048, cluster=devices, pipeline_parallel=False, tp=4).pp == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -227,6 +229,7 @@ def test_plan_json_shape_is_stable():
         "offload",
         "precision",
         "shard_group",
+        "compile",
         "blocks",
         "stages",
         "tensor_parallel",

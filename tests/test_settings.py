@@ -37,7 +37,11 @@ def test_values_are_parsed_and_defaults_apply(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("ONEGPU_WORKERS", "two", "ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2"),
+        (
+            "ONEGPU_WORKERS",
+            "two",
+            "ONEGPU_WORKERS='two' is not a whole number: set it to the number of workers, e.g. 2",
+        ),
         (
             "ONEGPU_COLLECTIVE_TIMEOUT",
             "-1",

@@ -96,7 +96,9 @@ def test_the_structure_is_found_in_the_data_flow_of_four_families():
     ids = torch.randint(0, 64, (1, 12))
 
     def layout(scenario: str, tp: int):
-        return describe(build(scenario)[0], sample={"input_ids": ids, "labels": ids}, seq_len=12).tensor_parallel.layout(tp)
+        return describe(
+            build(scenario)[0], sample={"input_ids": ids, "labels": ids}, seq_len=12
+        ).tensor_parallel.layout(tp)
 
     expected = {
         "hf": ({"self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"}, "self_attn.o_proj", "lm_head"),

@@ -43,6 +43,10 @@ def plan(
     ] = None,
     offload: Annotated[str | None, typer.Option(help="Pin offload: none, optimizer, parameters.")] = None,
     mixed_precision: Annotated[str | None, typer.Option(help="Pin precision: bf16, fp16 or off.")] = None,
+    compile_blocks: Annotated[
+        str | None,
+        typer.Option("--compile", help="Pin torch.compile of every repeated block: true or false (default: false)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Choose the fastest plan that fits a cluster, with no devices needed, and explain it."""
@@ -64,6 +68,7 @@ def plan(
         activation_checkpointing=activation_checkpointing,
         offload=offload,
         mixed_precision=mixed_precision,
+        compile=compile_blocks,
     )
     if as_json:
         typer.echo(json.dumps(chosen.to_dict(), indent=2))

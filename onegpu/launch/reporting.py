@@ -63,11 +63,19 @@ def _ledger():
 
 def _report_device(ledger, *, job: str, device: int, local: int, cpu_busy: float) -> None:
     try:
-        if torch.accelerator.is_available() and torch.cuda.is_available():
-            memory = float(torch.cuda.memory_reserved(local))
-            utilization = float(torch.cuda.utilization(local)) / 100
+        if torch.accelerator.is_available():  # the memory this process holds on its device, and how busy it is
+            index = local % torch.accelerator.device_count()  # the worker's device (launch/process_group.py)
+            memory, utilization = float(torch.accelerator.memory_reserved(index)), _utilization(index)
         else:  # a CPU slot: the process's memory, and its share of its threads' time
             memory, utilization = float(resident_bytes()), min(1.0, cpu_busy)
         ledger.report(job=job, device=device, memory_bytes=memory, utilization=utilization)
     except Exception:  # noqa: BLE001 - reporting must never disturb training
         pass
+
+
+def _utilization(index: int) -> float:
+    """The device's busy share (CUDA, through NVML when installed); 0 where the runtime does not say."""
+    try:
+        return float(torch.cuda.utilization(index)) / 100 if torch.cuda.is_available() else 0.0
+    except Exception:  # noqa: BLE001 - no pynvml, or a driver without NVML: report the memory anyway
+        return 0.0

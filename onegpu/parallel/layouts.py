@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from onegpu.parallel.batch_norm import apply_global_batch_norm
 from onegpu.parallel.blocks import blocks_at
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.compile import apply_compile
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.materialize import materialize
 from onegpu.parallel.mixed_precision import is_mixed
@@ -42,11 +43,11 @@ def data_parallel_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
 
 
 def parallelize(model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device: torch.device, on_meta: bool) -> None:
-    """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing, or a mesh
-    of one worker for mixed precision); a meta-built model is materialized once split."""
+    """Apply a plan without a pipeline to ``model``, in place (one worker: no mesh, only checkpointing and compile,
+    or a mesh of one worker for mixed precision); a meta-built model is materialized once split."""
     apply_global_batch_norm(model, group=mesh["dp"].get_group() if mesh is not None and plan.dp > 1 else None)
     if mesh is None:
-        _checkpointed(model, plan)
+        _prepared_blocks(model, plan)
     elif plan.tp > 1:
         parallelize_tensor_parallel(model, plan, mesh=mesh)
     else:
@@ -57,7 +58,7 @@ def parallelize(model: nn.Module, plan: Plan, *, mesh: DeviceMesh | None, device
 
 def parallelize_data_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMesh) -> None:
     """Every worker a replica: the model whole (``sharding="none"``) or sharded (ZeRO-2/3) over the replicas."""
-    blocks = _checkpointed(model, plan)
+    blocks = _prepared_blocks(model, plan)
     if plan.dp > 1 or is_mixed(plan.precision):  # at degree 1 the units carry mixed precision
         apply_data_parallel(model, mesh=data_parallel_mesh(mesh, plan), plan=plan, blocks=blocks)
 
@@ -69,13 +70,16 @@ def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMes
     model.onegpu_split_changes = apply_tensor_parallel(
         model, plan.tensor_parallel, mesh=mesh["tp"], blocks=names, first=names[0], last=names[-1]
     )
-    blocks = _checkpointed(model, plan)
+    blocks = _prepared_blocks(model, plan)
     if plan.dp > 1 or is_mixed(plan.precision):
         apply_data_parallel(model, mesh=data_parallel_mesh(mesh, plan), plan=plan, blocks=blocks)
 
 
-def _checkpointed(model: nn.Module, plan: Plan) -> list[nn.Module]:
-    """The model's blocks, the first ``plan.checkpointed_blocks`` of them checkpointed."""
+def _prepared_blocks(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """The model's blocks, the first ``plan.checkpointed_blocks`` of them checkpointed, then all compiled if the
+    plan compiles (torchtitan's order: tensor parallelism, checkpointing, compile, then data parallelism)."""
     blocks = blocks_at(model, plan.blocks) if plan.blocks else []
     apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
+    if plan.compile:
+        apply_compile(blocks)
     return blocks

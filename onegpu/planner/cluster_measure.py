@@ -53,12 +53,16 @@ def _cache_key(workers: int | str) -> dict:
     return {"workers": workers, "torch": torch.__version__, "host": platform.node()}
 
 
-def _cache_path(workers: int | str) -> Path:
+def cache_root() -> Path:
+    """Where measurements are kept: ``$ONEGPU_HOME/cache``, else the user cache directory."""
     home = settings().home
-    root = home / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
+    return home / "cache" if home else Path(platformdirs.user_cache_dir("onegpu"))
+
+
+def _cache_path(workers: int | str) -> Path:
     key = _cache_key(workers)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"local-cluster-{workers}w-torch{key['torch']}-{key['host']}")
-    return root / f"{stem}.json"
+    return cache_root() / f"{stem}.json"
 
 
 def _read_cache(path: Path, workers: int | str) -> Cluster | None:
@@ -73,11 +77,15 @@ def _read_cache(path: Path, workers: int | str) -> Cluster | None:
 
 
 def _write_cache(path: Path, workers: int | str, cluster: Cluster) -> None:
+    write_json(path, {"key": _cache_key(workers), "cluster": cluster.to_dict()})
+
+
+def write_json(path: Path, data: dict) -> None:
     """Best effort: a read-only cache directory only costs a new measurement next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": _cache_key(workers), "cluster": cluster.to_dict()}, indent=2))
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
     except OSError:
         pass
@@ -144,16 +152,28 @@ def _measured_node(
     memory_bytes_per_s: float,
     link_bytes_per_s: float,
     latency_s: float,
+    nodes: int = 1,
+    inter_node: tuple[float, float] | None = None,
 ) -> Cluster:
-    """One node of ``devices`` measured devices; its one link serves inside and across nodes."""
+    """``nodes`` nodes of ``devices`` measured devices each; the link inside a node also serves across nodes
+    unless ``inter_node`` (bytes/s, seconds of latency) was measured."""
     link = Link(bandwidth_gbps=_sig(link_bytes_per_s / 1e9), latency_us=_sig(latency_s * 1e6))
+    if inter_node is not None:
+        across = Link(bandwidth_gbps=_sig(inter_node[0] / 1e9), latency_us=_sig(inter_node[1] * 1e6))
     device = DeviceSpec(
         name=name,
         memory_gb=_sig(device_memory_bytes / 1e9),
         peak_tflops={precision: _sig(flops / 1e12) for precision, flops in flops_per_s.items()},
         memory_bandwidth_gbps=_sig(memory_bytes_per_s / 1e9),
     )
-    return Cluster(device=device, nodes=1, devices_per_node=devices, intra_node=link, inter_node=link, name="local")
+    return Cluster(
+        device=device,
+        nodes=nodes,
+        devices_per_node=devices,
+        intra_node=link,
+        inter_node=link if inter_node is None else across,
+        name="local",
+    )
 
 
 def _sig(value: float) -> float:
@@ -238,7 +258,7 @@ def _copy_bytes_per_s(nbytes: int, repeats: int = 3, *, device=None) -> float:
     return 2 * src.nbytes / best
 
 
-def _ping_pong_latency(rank: int, rounds: int = 100, *, device=None) -> float:
+def _ping_pong_latency(rank: int, rounds: int = 100, *, device=None, peers: tuple[int, int] = (0, 1)) -> float:
     """One-way time of a 4-byte message between ranks 0 and 1: half a fast round trip.
 
     The 10th percentile, not the median: on a busy machine a round trip often waits a scheduler
@@ -248,59 +268,74 @@ def _ping_pong_latency(rank: int, rounds: int = 100, *, device=None) -> float:
     import torch.distributed as dist
 
     message = torch.zeros(1, device=device or torch.device("cpu"))
+    accelerator = message.device.type != "cpu"
     times = []
-    if rank in (0, 1):
-        peer = 1 - rank
+    if rank in peers:
+        peer = peers[1] if rank == peers[0] else peers[0]
         for i in range(10 + rounds):  # the first 10 warm the connection up
             start = time.perf_counter()
-            if rank == 0:
+            if rank == peers[0]:
                 dist.send(message, peer)
                 dist.recv(message, peer)
             else:
                 dist.recv(message, peer)
                 dist.send(message, peer)
+            if accelerator:  # NCCL's send and recv return once queued: wait for the message itself
+                torch.accelerator.synchronize(message.device)
             if i >= 10:
                 times.append(time.perf_counter() - start)
     dist.barrier()
     return sorted(times)[len(times) // 10] / 2 if times else math.inf
 
 
-def _all_reduce_bus_bandwidth(nprocs: int, nbytes: int = 32 * 2**20, repeats: int = 3, *, device=None) -> float:
-    """Per-device, per-direction bytes/s of a large all-reduce (the ring's 2(n-1)/n bus bandwidth)."""
+def _all_reduce_bus_bandwidth(
+    nprocs: int, nbytes: int = 32 * 2**20, repeats: int = 3, *, device=None, group=None
+) -> float:
+    """Per-device, per-direction bytes/s of a large all-reduce over ``group`` of ``nprocs`` (the ring's 2(n-1)/n
+    bus bandwidth)."""
     import torch
     import torch.distributed as dist
 
     tensor = torch.ones(nbytes // 4, device=device or torch.device("cpu"))
-    dist.all_reduce(tensor)  # warm-up
+    dist.all_reduce(tensor, group=group)  # warm-up
     best = math.inf
     for _ in range(repeats):
-        dist.barrier()
-        best = min(best, _seconds(lambda: dist.all_reduce(tensor), device))
+        dist.barrier(group=group)
+        best = min(best, _seconds(lambda: dist.all_reduce(tensor, group=group), device))
     return 2 * (nprocs - 1) / nprocs * tensor.nbytes / best
 
 
-def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool = True) -> Cluster:
+def measure_job_cluster(
+    *, rank: int, world_size: int, device=None, devices_per_node: int | None = None, cache: bool = True
+) -> Cluster:
     """This machine as the running job sees it, measured with the job's own workers and process group.
 
     Collective: every worker calls it (inside ``prepare``). ``device`` is the worker's device: a
     CPU (each worker's share of the cores and memory) or an accelerator (its matmul FLOP/s in fp32
     and bf16, its memory and bandwidth, and the links of the job's backend, e.g. NCCL). Same cache
     as ``measure_local_cluster``, without spawning processes. A one-worker job has no link to
-    measure; its link figures are placeholders that no one-worker plan uses.
+    measure; its link figures are placeholders that no one-worker plan uses. A job over several nodes
+    (``devices_per_node`` workers each) measures the link inside a node within each node, and the one
+    across nodes over all workers.
     """
     import torch
     import torch.distributed as dist
 
     device = device or torch.device("cpu")
     distributed = dist.is_available() and dist.is_initialized() and world_size > 1
-    key = world_size if device.type == "cpu" else f"{world_size}-{device.type}"
+    per_node = devices_per_node if devices_per_node and world_size % devices_per_node == 0 else world_size
+    key: int | str = world_size if device.type == "cpu" else f"{world_size}-{device.type}"
+    if per_node < world_size:
+        key = f"{key}-{world_size // per_node}nodes"
     path = _cache_path(key)
     cached = _read_cache(path, key) if cache and rank == 0 else None
     shared: list[Any] = [None if cached is None else cached.to_dict()]  # plain data: it is pickled
     if distributed:
         dist.broadcast_object_list(shared, src=0)
     if shared[0] is None:
-        cluster = _measure_job(rank=rank, world_size=world_size, device=device, distributed=distributed)
+        cluster = _measure_job(
+            rank=rank, world_size=world_size, per_node=per_node, device=device, distributed=distributed
+        )
         shared = [None if cluster is None else cluster.to_dict()]
         if cluster is not None:
             _write_cache(path, key, cluster)
@@ -309,7 +344,7 @@ def measure_job_cluster(*, rank: int, world_size: int, device=None, cache: bool 
     return cluster_from_dict(shared[0], name="local")
 
 
-def _measure_job(*, rank: int, world_size: int, device, distributed: bool) -> Cluster | None:
+def _measure_job(*, rank: int, world_size: int, per_node: int, device, distributed: bool) -> Cluster | None:
     """Every worker measures its device; the slowest counts. Rank 0 returns the cluster (others None)."""
     import torch
     import torch.distributed as dist
@@ -325,24 +360,39 @@ def _measure_job(*, rank: int, world_size: int, device, distributed: bool) -> Cl
         free, total = torch.accelerator.get_memory_info(device.index)
         memory, copy_bytes = total, min(1 << 30, free // 8)
     else:
-        memory = memory_bytes() // world_size
-        copy_bytes = min(128 * 2**20, memory_bytes() // (8 * world_size))
+        memory = memory_bytes() // per_node
+        copy_bytes = min(128 * 2**20, memory_bytes() // (8 * per_node))
     copy = _copy_bytes_per_s(copy_bytes, device=device)
     slowest = torch.tensor([flops, bf16, copy], dtype=torch.float64, device=device)
-    latency, link = 50e-6, 1e9  # placeholders for one worker: no plan of one worker communicates
+    latency, link, inter = 50e-6, 1e9, None  # placeholders for one worker: no plan of one worker communicates
     if distributed:
         dist.all_reduce(slowest, op=dist.ReduceOp.MIN)  # synchronous training runs at the slowest worker
-        latency = _ping_pong_latency(rank, device=device)
-        link = _all_reduce_bus_bandwidth(world_size, device=device)
-    if rank != 0:  # only ranks 0 and 1 measured the latency
+        latency, link = _links(rank, size=per_node, device=device)
+        if per_node < world_size:  # across nodes: node 0's first worker and node 1's
+            across = _ping_pong_latency(rank, device=device, peers=(0, per_node))
+            inter = (_all_reduce_bus_bandwidth(world_size, device=device), across)
+            latency, link = (across, inter[0]) if per_node == 1 else (latency, link)  # no link inside a node
+    if rank != 0:  # rank 0 measured every latency
         return None
     peaks = {"fp32": slowest[0].item(), **({"bf16": slowest[1].item()} if accelerator else {})}
     return _measured_node(
         name=f"{device.type} (measured)" if accelerator else _cpu_name(torch.get_num_threads()),
-        devices=world_size,
+        devices=per_node,
         device_memory_bytes=memory,
         flops_per_s=peaks,
         memory_bytes_per_s=slowest[2].item(),
         link_bytes_per_s=link,
         latency_s=latency,
+        nodes=world_size // per_node,
+        inter_node=inter,
     )
+
+
+def _links(rank: int, *, size: int, device) -> tuple[float, float]:
+    """Latency and all-reduce bandwidth inside a node of ``size`` workers, measured in every node at once."""
+    import torch.distributed as dist
+
+    if size == 1:
+        return 50e-6, 1e9  # placeholders: a node of one device has no link inside it
+    group = dist.new_subgroups(group_size=size)[0] if size < dist.get_world_size() else None
+    return _ping_pong_latency(rank, device=device), _all_reduce_bus_bandwidth(size, device=device, group=group)

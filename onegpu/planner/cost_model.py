@@ -54,6 +54,9 @@ class Workload:
     global_batch: int
     optimizer_slots: int = 2  # AdamW
     sequence_parallel: bool = True  # under tensor parallelism, norms and residuals split by position too
+    # a compiled block's forward and backward time over the eager one's, measured on the job's devices
+    # (planner/compile_measure.py); None: not measured, and a compiled plan is costed as eager
+    compiled_block_time: float | None = None
 
 
 def is_cpu(cluster: Cluster) -> bool:
@@ -229,6 +232,11 @@ class _Step:
     def stage_params(self) -> float:
         return (sum(self.fullest) * self.block.params + self.work.profile.rest.params) / self.plan.tp
 
+    def block_time(self, *, recompute: bool) -> float:
+        """One micro-batch through one block, compiled when the plan compiles (as measured, else as eager)."""
+        speed = self.work.compiled_block_time if self.plan.compile else None
+        return self.part_time(self.block, recompute=recompute) * (speed or 1.0)
+
     def part_time(self, part, *, recompute: bool) -> float:
         """One micro-batch's forward and backward through ``part`` (recomputing its forward, or not)."""
         b, tp, compute_bytes = self.micro_batch, self.plan.tp, self.work.profile.param_bytes
@@ -269,10 +277,10 @@ def _stage_times(step: _Step) -> tuple[float, float, float]:
     tensor-parallel communication (4 all-reduce-sized collectives of each block's boundary)."""
     plan, block, n = step.plan, step.block, sum(step.fullest)
     c = sum(plan.checkpointed_blocks(size) for size in step.fullest)  # a number of blocks is per stage
-    block_time = step.part_time(block, recompute=False)
+    block_time, recomputed = step.block_time(recompute=False), step.block_time(recompute=True)
     rest = step.part_time(step.work.profile.rest, recompute=False)
-    compute = c * step.part_time(block, recompute=True) + (n - c) * block_time + rest
-    recompute = c * (step.part_time(block, recompute=True) - block_time)
+    compute = c * recomputed + (n - c) * block_time + rest
+    recompute = c * (recomputed - block_time)
     tp_comm = 0.0
     if plan.tp > 1:
         volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes
@@ -319,7 +327,7 @@ def _data_parallel_comm(step: _Step) -> float:
         half_ring = (group - 1) / group
         gather = _collective(half_ring * block.params / plan.tp * compute_bytes, group, shard_link)
         per_block = 2 * gather + _collective(half_ring * block.params / plan.tp * compute_bytes, group, shard_link) / m
-        comm = m * n * max(per_block - overlap * step.part_time(block, recompute=False), 0.0) + gather
+        comm = m * n * max(per_block - overlap * step.block_time(recompute=False), 0.0) + gather
         if plan.sharding == "hybrid" and dp > group:
             replicas = dp // group
             comm += _collective(2 * (replicas - 1) / replicas * grad_bytes / group, replicas, cluster.inter_node)

@@ -30,10 +30,12 @@ class Pins:
     activation_checkpointing: str | int | None = None
     offloads: tuple[str, ...] = OFFLOADS
     precision: str | None = None
+    compile: bool | None = None  # None: compiled blocks where measured faster on the job's devices
 
 
 KNOWN = ["dp", "tp", "pp", "microbatches", "schedule", "sharding", "activation_checkpointing", "offload",
-         "mixed_precision", *ALIASES, "distribute_parameter", "pipeline_parallel"]  # fmt: skip
+         "mixed_precision", "compile", *ALIASES, "distribute_parameter", "pipeline_parallel"]  # fmt: skip
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def parse_pins(**raw: Any) -> Pins:
@@ -69,7 +71,17 @@ def parse_pins(**raw: Any) -> Pins:
         if precision not in PRECISION_OF:
             raise UsageError(f"mixed_precision={precision!r} is not known: use bf16, fp16 or off")
         pins["precision"] = PRECISION_OF[precision]
+    if "compile" in values:
+        pins["compile"] = _switch("compile", values["compile"])
     return Pins(**pins)
+
+
+def _switch(name: str, value: Any) -> bool:
+    """A pin that is on or off: a bool, or true/false (yes/no, on/off) as text."""
+    text = str(value).lower()
+    if isinstance(value, bool) or text in TRUE + FALSE:
+        return value if isinstance(value, bool) else text in TRUE
+    raise UsageError(f"{name}={value!r}: use true or false")
 
 
 def _choices(values: dict[str, Any]) -> dict[str, Any]:

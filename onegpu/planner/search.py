@@ -21,6 +21,9 @@ from onegpu.planner.profile import ModelProfile
 from onegpu.planner.stages import worker_stage_blocks
 
 DEFAULT_BUDGET_FRACTION = 0.9
+# a compiled block must be measured this much faster than eager to pay for its compile time (seconds to
+# minutes at the start of every job) and for what dynamo adds (recompiles on new shapes)
+COMPILE_WORTH = 0.95
 EVERYTHING = Capabilities()
 
 
@@ -43,11 +46,14 @@ def find_plan(
     budget_fraction: float = DEFAULT_BUDGET_FRACTION,
     optimizer_slots: int = 2,
     capabilities: Capabilities = EVERYTHING,
+    compiled_block_time: float | None = None,
     **pins: Any,
 ) -> Plan:
     """The fastest plan that fits ``cluster`` for ``model`` (a preset, config path or object, a
     :class:`ModelDescription` or a :class:`ModelProfile`), fitted to the model: with its stage cuts and
-    tensor-parallel groups. ``capabilities``: what the runtime that will run it can execute."""
+    tensor-parallel groups. ``capabilities``: what the runtime that will run it can execute.
+    ``compiled_block_time``: a compiled block's time over an eager one's, measured on the job's devices;
+    without it, blocks are compiled only when the ``compile`` pin asks for it."""
     started = time.perf_counter()
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise UsageError(f"global batch size {global_batch_size!r}: give a whole number >= 1")
@@ -58,7 +64,9 @@ def find_plan(
     described = _descriptions(model, seq_len=seq_len, precisions=_precisions(parsed, cluster, capabilities))
     budget = int(cluster.memory_bytes * budget_fraction)
     tally = _Tally()
-    search = _Search(described, global_batch_size, optimizer_slots, cluster, parsed, capabilities, budget)
+    search = _Search(
+        described, global_batch_size, optimizer_slots, cluster, parsed, capabilities, budget, compiled_block_time
+    )
     scored = list(search.scored(tally))
     feasible = sorted(
         (p for p in scored if p.predicted.memory_per_device_bytes <= budget), key=lambda p: p.predicted.step_time_s
@@ -127,6 +135,14 @@ class _Search:
     pins: Pins
     caps: Capabilities
     budget: int
+    compiled_block_time: float | None = None
+
+    @property
+    def compile(self) -> bool:
+        """Compiled blocks when pinned so, or when measured worth it on the job's devices: never on a guess."""
+        if self.pins.compile is not None:
+            return self.pins.compile
+        return self.compiled_block_time is not None and self.compiled_block_time <= COMPILE_WORTH
 
     @property
     def any_description(self) -> ModelDescription:
@@ -193,7 +209,7 @@ class _Search:
                     self.schedules(pp), self.pins.shardings, self.pins.offloads
                 ):
                     plan = Plan(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, sharding="none",
-                                offload=offload, precision=precision)  # fmt: skip
+                                offload=offload, precision=precision, compile=self.compile)  # fmt: skip
                     group = hybrid_shard_group(plan, cluster) if sharding == "hybrid" else None
                     plan = replace(plan, sharding=sharding, shard_group=group)
                     if not self.caps.missing(plan) and _sensible(plan, blocks=blocks, cluster=cluster):
@@ -222,6 +238,7 @@ class _Search:
                 global_batch=self.global_batch,
                 optimizer_slots=self.optimizer_slots,
                 sequence_parallel=described.sequence_parallel,
+                compiled_block_time=self.compiled_block_time,
             )
             for base in self.candidates(precision):
                 any_plan = True

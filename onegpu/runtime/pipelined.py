@@ -31,6 +31,7 @@ from onegpu.launch.process_group import Worker
 from onegpu.outputs import find_loss, replace_loss
 from onegpu.parallel import pipeline as pp
 from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.compile import apply_compile
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
 from onegpu.parallel.layouts import data_parallel_mesh
@@ -228,10 +229,12 @@ class Pipeline:
         )
 
     def _parallelize_stages(self) -> None:
-        """Checkpointing and data parallelism per stage; a module two stages of this worker share is the first's."""
+        """Checkpointing, compile and data parallelism per stage (a module two of its stages share: the first's)."""
         managed: set[nn.Parameter] = set()
         for index, stage in self.stages.items():  # under mixed precision, at degree 1 the units carry the policy
             apply_activation_checkpointing(stage.blocks[: self.plan.checkpointed_blocks(len(stage.blocks))])
+            if self.plan.compile:
+                apply_compile(stage.blocks)
             if self.plan.dp > 1 or is_mixed(self.plan.precision):  # the last stage hands its loss on in fp32
                 apply_data_parallel(stage, mesh=data_parallel_mesh(self.mesh, self.plan), plan=self.plan, blocks=stage.blocks, ignored=managed,
                                     outputs_in_fp32=index == self.plan.pipeline_stages - 1)  # fmt: skip
