@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from onegpu.errors import UsageError
+from onegpu.parallel.replicated import apply_replicated
 from onegpu.plan import Plan
 
 
@@ -40,6 +41,9 @@ def apply_data_parallel(
 
     # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if plan.sharding == "none" and plan.precision == "fp32" and plan.tp == 1 and plan.pp == 1 and not ignored:
+        apply_replicated(module, mesh=mesh)  # DDP's reducer: its buckets' reductions overlap backward
+        return
     if plan.sharding == "none":
         for block in blocks:
             replicate(block, mesh=mesh)
