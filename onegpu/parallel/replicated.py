@@ -25,7 +25,7 @@ def apply_replicated(module: nn.Module, *, mesh: DeviceMesh) -> None:
         process_group=group,
         device_id=_device_id(mesh),
         gradient_as_bucket_view=True,  # no copy out of the buckets
-        broadcast_buffers=False,  # equal on every replica already (rank 0's at prepare; global batch norm)
+        forward_sync_buffers=False,  # equal on every replica already (rank 0's at prepare; global batch norm)
         find_unused_parameters=True,  # a model may leave parameters out of a call (FSDP2 allows it too)
     )
     module.register_comm_hook(group, _sum)
