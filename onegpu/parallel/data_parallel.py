@@ -1,10 +1,13 @@
-"""Data parallelism, one way for every layout: FSDP2 over the mesh's data-parallel dimension.
+"""Data parallelism over the mesh's data-parallel dimension: DDP's reducer or FSDP2.
 
-Each block is one unit, then the rest of the module (its root). Replicated plans use FSDP2's
-``replicate`` (every replica holds the whole module; gradients are all-reduced per unit while
-backward runs); sharded plans use ``fully_shard``: ZeRO-2 (``sharding="gradients"``) keeps the
-parameters gathered from forward to backward, ZeRO-3 (``"parameters"``) gathers them per block
-and frees them again. Offload keeps the shards in host memory.
+Replicated fp32 plans of a whole model (no pipeline, no tensor parallelism) run on DDP's C++ reducer
+(:mod:`onegpu.parallel.replicated`: buckets reduced while backward runs, plain tensors for the
+optimizer; on gloo it hides the reductions FSDP2 waits for). Otherwise each block is one unit, then
+the rest of the module (its root): other replicated plans use FSDP2's ``replicate`` (every replica
+holds the whole module; gradients are all-reduced per unit while backward runs); sharded plans use
+``fully_shard``: ZeRO-2 (``sharding="gradients"``) keeps the parameters gathered from forward to
+backward, ZeRO-3 (``"parameters"``) gathers them per block and frees them again. Offload keeps the
+shards in host memory.
 
 Replicas SUM their gradients: each replica's loss is already its share of the global batch
 (:mod:`onegpu.runtime.loss_weighting`), the one rule every plan follows.
@@ -41,7 +44,7 @@ def apply_data_parallel(
 
     # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if plan.sharding == "none" and plan.precision == "fp32" and plan.tp == 1 and plan.pp == 1 and not ignored:
+    if _on_ddp(plan) and not ignored:
         apply_replicated(module, mesh=mesh)  # DDP's reducer: its buckets' reductions overlap backward
         return
     if plan.sharding == "none":
@@ -61,6 +64,12 @@ def apply_data_parallel(
         if isinstance(unit, FSDPModule):  # each replica's loss is its share of the global batch: sum
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def _on_ddp(plan: Plan) -> bool:
+    """Replicated fp32 plans of a whole model, one forward per backward (DDP reduces a gradient once per backward:
+    micro-batches of one call are FSDP2's); mixed precision is FSDP2's policy."""
+    return plan.sharding == "none" and plan.precision == "fp32" and plan.tp == plan.pp == plan.microbatches == 1
 
 
 def _refuse_unfrozen(module: nn.Module, args) -> None:
