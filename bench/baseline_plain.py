@@ -1,6 +1,6 @@
-"""Hand-written single-process baseline: plain PyTorch training of the demo model.
+"""Hand-written single-process baseline: plain PyTorch training of a benchmark model (bench/models.py).
 
-    python bench/baseline_plain.py [--steps 30] [--warmup 5] [--threads N]
+    python bench/baseline_plain.py [--model demo|llama17m] [--steps 30] [--warmup 5] [--threads N]
 
 Prints one JSON line: {"name": "plain", "workers": 1, "tokens_per_s": ..., "step_time_s": ...}
 """
@@ -15,21 +15,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.demo_data import (  # noqa: E402
-    GLOBAL_BATCH,
-    LR,
-    SEQ_LEN,
-    TextChunks,
-    build_demo_model,
-    load_tokenizer,
-)
+from bench.models import MODELS  # noqa: E402
+from bench.timing import profiled  # noqa: E402
+from examples.demo_data import LR  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     parser.add_argument("--steps", type=int, default=30, help="total optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="leading steps not timed")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -41,16 +36,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    tokenizer = load_tokenizer()
-    dataset = TextChunks(seq_len=SEQ_LEN, tokenizer=tokenizer)
-    loader = DataLoader(
-        dataset,
-        batch_size=GLOBAL_BATCH,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    model = build_demo_model(vocab_size=len(tokenizer), seed=args.seed).to(device)
+    bench = MODELS[args.model]
+    loader = bench.loader(seed=args.seed)
+    model = bench.build(seed=args.seed).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 
@@ -58,20 +46,25 @@ def main() -> None:
         while True:  # restart the loader at each epoch boundary
             yield from loader
 
-    stream = batches()
-    for step in range(args.steps):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+    def step() -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    stream = batches()
+    for _ in range(args.warmup):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    with profiled("plain"):
+        for _ in range(args.steps - args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
 
     timed = args.steps - args.warmup
     print(
@@ -79,8 +72,9 @@ def main() -> None:
             {
                 "name": "plain",
                 "workers": 1,
-                "tokens_per_s": timed * GLOBAL_BATCH * SEQ_LEN / elapsed,
+                "tokens_per_s": timed * bench.tokens_per_step / elapsed,
                 "step_time_s": elapsed / timed,
+                "cpu_s_per_step": cpu / timed,
             }
         )
     )

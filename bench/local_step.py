@@ -69,7 +69,7 @@ else:
     model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
 plan = model.onegpu_plan
 
-step_time, losses = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
+step_time, losses, _ = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 peaks = [peak]
 if dist.is_initialized():

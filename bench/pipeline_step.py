@@ -33,7 +33,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 world = int(os.environ.get("WORLD_SIZE", "1"))
 plan = onegpu.Plan(dp=1, pp=world, microbatches=args.microbatches, schedule=args.schedule) if world > 1 else None
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=plan)
-step_time, _ = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
+step_time, _, _ = time_steps(model, optimizer, loader, steps=args.steps, warmup=args.warmup)
 # the planner's prediction for the same plan on this machine
 prediction = predicted(plan, model.config, world_size=world) if plan is not None else None
 if onegpu.is_main_process():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,7 +26,7 @@ def demo_loader(tokenizer, *, max_bytes: int | None = None) -> DataLoader:
     )
 
 
-def predicted(plan, config, *, world_size: int):
+def predicted(plan, config, *, world_size: int, seq_len: int = SEQ_LEN, global_batch: int = GLOBAL_BATCH):
     """The planner's prediction for ``plan`` and a model of ``config`` on this machine, as this job's workers
     measure it (every worker calls this; the prediction comes back on rank 0, None elsewhere)."""
     from onegpu.planner.analysis import analyze
@@ -33,8 +37,26 @@ def predicted(plan, config, *, world_size: int):
     cluster = measure_job_cluster(rank=rank, world_size=world_size)  # a collective
     if rank != 0:
         return None
-    profile = analyze(config, seq_len=SEQ_LEN, precision="fp32")
-    return plan.predicted or predict(plan, Workload(profile=profile, global_batch=GLOBAL_BATCH), cluster)
+    profile = analyze(config, seq_len=seq_len, precision=plan.precision)
+    return plan.predicted or predict(plan, Workload(profile=profile, global_batch=global_batch), cluster)
+
+
+@contextlib.contextmanager
+def profiled(name: str):
+    """With BENCH_PROFILE=DIR, the timed steps under cProfile, saved per rank as DIR/<name>-rank<R>.prof (time per
+    function per step: ``python -m pstats``); otherwise nothing."""
+    folder = os.environ.get("BENCH_PROFILE")
+    if not folder:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        profile.dump_stats(Path(folder) / f"{name}-rank{os.environ.get('RANK', '0')}.prof")
 
 
 def _barrier() -> None:
@@ -42,23 +64,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def time_steps(model, optimizer, loader, *, steps: int, warmup: int) -> tuple[float, list[float]]:
-    """Seconds per optimizer step after ``warmup`` untimed steps (the loader restarts when exhausted), and the losses."""
+def time_steps(model, optimizer, loader, *, steps: int, warmup: int) -> tuple[float, list[float], float]:
+    """Seconds per optimizer step after ``warmup`` untimed steps (the loader restarts when exhausted), the losses,
+    and this process's CPU seconds per step (all its threads: on a busy machine a steadier figure than the wall's)."""
 
     def batches():
         while True:
             yield from loader
 
-    stream, losses = batches(), []
-    start = time.perf_counter()
-    for step in range(steps):
-        if step == warmup:
-            _barrier()
-            start = time.perf_counter()
+    def step() -> None:
         loss = model(**next(stream)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+
+    stream, losses = batches(), []
+    for _ in range(warmup):
+        step()
     _barrier()
-    return (time.perf_counter() - start) / (steps - warmup), losses
+    start, cpu = time.perf_counter(), time.process_time()
+    with profiled("onegpu"):
+        for _ in range(steps - warmup):
+            step()
+        _barrier()
+    timed = steps - warmup
+    return (time.perf_counter() - start) / timed, losses, (time.process_time() - cpu) / timed

@@ -90,7 +90,9 @@ def predicted(run: dict) -> tuple[Plan, bool]:
     if par.get("micro_batch"):
         pins["microbatches"] = par["global_batch"] // (par["dp"] * par["micro_batch"])
     try:
-        return find_plan(profile, global_batch_size=par["global_batch"], seq_len=m["seq_len"], cluster=cluster, **pins), True
+        return find_plan(
+            profile, global_batch_size=par["global_batch"], seq_len=m["seq_len"], cluster=cluster, **pins
+        ), True
     except UsageError:  # our conservative memory model rejects the run's layout: cost it anyway
         micro = par.get("micro_batch") or 1
         layout = Plan(

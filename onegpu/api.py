@@ -186,9 +186,7 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
         chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
     elif cluster is not None and strategy is None and _trains(model):
         described = _at_precisions(model, slice_, description, cluster=cluster)
-        chosen = _searched(
-            given, described, unavailable, cluster=cluster, worker=worker, budget=budget, slice_=slice_
-        )
+        chosen = _searched(given, described, unavailable, cluster=cluster, worker=worker, budget=budget, slice_=slice_)
     else:
         chosen = _simple(given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_)
     if slice_ is None and not chosen.fitted and description is None:

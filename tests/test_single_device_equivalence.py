@@ -57,7 +57,7 @@ def test_same_training_as_one_device(reference, onegpu_runs, scenario, strategy,
     slices = {1: [5], 2: [3, 2], 3: [2, 2, 1]}[workers]
     assert run["local_batch_sizes"] == [[size] * 8 for size in slices], "each worker loads only its slice"
     if workers > 1:
-        assert run["model_class"].startswith("Replicate" if "ddp" in strategy else "FSDP")  # FSDP2 both ways
+        assert run["model_class"].startswith("DDP" if "ddp" in strategy else "FSDP")  # DDP's reducer, FSDP2
     expected_checkpointed = {
         "fsdp-checkpoint-offload": 2 if scenario in ("hf", "gpt2") else 3,
         "zero2-checkpoint-1": 1,

@@ -1,13 +1,15 @@
-"""Data parallelism, one way for every layout: FSDP2 over the mesh's data-parallel dimension.
+"""Data parallelism over the mesh's data-parallel dimension: DDP's reducer or FSDP2.
 
-Each block is one unit, then the rest of the module (its root). Replicated plans use FSDP2's
-``replicate`` (every replica holds the whole module; gradients are all-reduced per unit while
-backward runs), ZeRO-1 too (``sharding="optimizer"``: only its optimizer state is split, by
-:mod:`onegpu.parallel.optimizer_state`); sharded plans use ``fully_shard``: ZeRO-2
-(``sharding="gradients"``) keeps the parameters gathered from forward to backward, ZeRO-3
-(``"parameters"``) gathers them per block and frees them again, and hybrid sharding does so over a
-2D mesh (HSDP: shard inside groups of ``plan.shard_group`` replicas, replicate across them).
-``offload="parameters"`` keeps the parameters (or shards) in host memory.
+Replicated fp32 plans of a whole model (no pipeline, no tensor parallelism, no micro-batches) run on
+DDP's C++ reducer (:mod:`onegpu.parallel.replicated`: buckets reduced while backward runs, plain tensors
+for the optimizer; on gloo it hides the reductions FSDP2 waits for). Otherwise each block is one unit,
+then the rest of the module (its root). Other replicated plans use FSDP2's ``replicate`` (every replica
+holds the whole module; gradients are all-reduced per unit while backward runs), ZeRO-1 too
+(``sharding="optimizer"``: only its optimizer state is split, by :mod:`onegpu.parallel.optimizer_state`);
+sharded plans use ``fully_shard``: ZeRO-2 (``sharding="gradients"``) keeps the parameters gathered from
+forward to backward, ZeRO-3 (``"parameters"``) gathers them per block and frees them again, and hybrid
+sharding does so over a 2D mesh (HSDP: shard inside groups of ``plan.shard_group`` replicas, replicate
+across them). ``offload="parameters"`` keeps the parameters (or shards) in host memory.
 Mixed precision is FSDP2's policy on the same units (:mod:`onegpu.parallel.mixed_precision`), at
 degree 1 where a plan has no data parallelism.
 
@@ -26,6 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, 
 
 from onegpu.errors import UsageError
 from onegpu.parallel.mixed_precision import cast_shape_only, is_mixed, mixed_precision_policy, reshard_after_evaluation
+from onegpu.parallel.replicated import apply_replicated
 from onegpu.plan import Plan
 
 
@@ -48,6 +51,9 @@ def apply_data_parallel(
 
     # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if _on_ddp(plan) and mesh.size() > 1 and not ignored:
+        apply_replicated(module, mesh=mesh)  # DDP's reducer: its buckets' reductions overlap backward
+        return
     policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if plan.offload == "parameters" else OffloadPolicy()
     inner = mixed_precision_policy(plan.precision, outputs_in_fp32=False)
     outer = mixed_precision_policy(plan.precision, outputs_in_fp32=outputs_in_fp32)
@@ -71,6 +77,17 @@ def apply_data_parallel(
     if is_mixed(plan.precision):
         reshard_after_evaluation(module)
         cast_shape_only(module, plan.precision)  # a pipeline stage's modules run for their outputs' shapes
+
+
+def _on_ddp(plan: Plan) -> bool:
+    """Replicated fp32 plans of a whole model, one forward per backward (DDP reduces a gradient once per backward:
+    micro-batches of one call are FSDP2's); mixed precision is FSDP2's policy."""
+    return (
+        plan.sharding == "none"
+        and plan.precision == "fp32"
+        and plan.offload != "parameters"
+        and plan.tp == plan.pp == plan.microbatches == 1
+    )
 
 
 def _refuse_unfrozen(module: nn.Module, args) -> None:
