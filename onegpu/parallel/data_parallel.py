@@ -51,7 +51,7 @@ def apply_data_parallel(
 
     # FSDP2 warns on every step that a loss which is a view could be changed in place; ours is not
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if _on_ddp(plan) and mesh.size() > 1 and not ignored:
+    if _on_ddp(plan) and not ignored:
         apply_replicated(module, mesh=mesh)  # DDP's reducer: its buckets' reductions overlap backward
         return
     policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if plan.offload == "parameters" else OffloadPolicy()
