@@ -24,7 +24,7 @@ from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
 from onegpu.runtime.call_slicing import share_random_state
 from onegpu.runtime.data import check_loader, first_samples
-from onegpu.runtime.execute import EXECUTABLE, TrainingObjects, execute, sliced_loaders
+from onegpu.runtime.execute import TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
 from onegpu.runtime.user_loss import check_loss_fn
 from onegpu.settings import settings
@@ -240,7 +240,7 @@ def _at_precisions(model: nn.Module, slice_: Any | None, description, *, cluster
     if description is None:
         return None
     pinned = parse_pins(**_pins).precision
-    wanted = {pinned} if pinned else {"bf16"} & set(cluster.device.peak_tflops) & set(EXECUTABLE.precisions)
+    wanted = {pinned} if pinned else {"bf16"} & set(cluster.device.peak_tflops)
     return {"fp32": description, **{p: _describe(model, slice_, precision=p)[0] for p in wanted - {"fp32"}}}
 
 
@@ -275,7 +275,6 @@ def _searched(
         cluster=cluster,
         budget_fraction=1.0,
         optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
-        capabilities=EXECUTABLE,
         compiled_block_time=compiled,
         **_pins,
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from onegpu.errors import UsageError
 from onegpu.parallel.batch_norm import no_micro_batches_for
-from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Capabilities, Plan, Rejection, SearchStats
+from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
 from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict
@@ -24,7 +24,6 @@ DEFAULT_BUDGET_FRACTION = 0.9
 # a compiled block must be measured this much faster than eager to pay for its compile time (seconds to
 # minutes at the start of every job) and for what dynamo adds (recompiles on new shapes)
 COMPILE_WORTH = 0.95
-EVERYTHING = Capabilities()
 
 
 class NoPlanFits(UsageError):
@@ -45,13 +44,12 @@ def find_plan(
     cluster: Cluster | str,
     budget_fraction: float = DEFAULT_BUDGET_FRACTION,
     optimizer_slots: int = 2,
-    capabilities: Capabilities = EVERYTHING,
     compiled_block_time: float | None = None,
     **pins: Any,
 ) -> Plan:
     """The fastest plan that fits ``cluster`` for ``model`` (a preset, config path or object, a
     :class:`ModelDescription` or a :class:`ModelProfile`), fitted to the model: with its stage cuts and
-    tensor-parallel groups. ``capabilities``: what the runtime that will run it can execute.
+    tensor-parallel groups.
     ``compiled_block_time``: a compiled block's time over an eager one's, measured on the job's devices;
     without it, blocks are compiled only when the ``compile`` pin asks for it."""
     started = time.perf_counter()
@@ -61,12 +59,10 @@ def find_plan(
         raise UsageError(f"memory budget fraction {budget_fraction}: give a fraction in (0, 1], e.g. 0.9")
     cluster = load_cluster(cluster) if isinstance(cluster, str) else cluster
     parsed = parse_pins(**pins)
-    described = _descriptions(model, seq_len=seq_len, precisions=_precisions(parsed, cluster, capabilities))
+    described = _descriptions(model, seq_len=seq_len, precisions=_precisions(parsed, cluster))
     budget = int(cluster.memory_bytes * budget_fraction)
     tally = _Tally()
-    search = _Search(
-        described, global_batch_size, optimizer_slots, cluster, parsed, capabilities, budget, compiled_block_time
-    )
+    search = _Search(described, global_batch_size, optimizer_slots, cluster, parsed, budget, compiled_block_time)
     scored = list(search.scored(tally))
     feasible = sorted(
         (p for p in scored if p.predicted.memory_per_device_bytes <= budget), key=lambda p: p.predicted.step_time_s
@@ -93,14 +89,12 @@ def find_plan(
     )
 
 
-def _precisions(pins: Pins, cluster: Cluster, capabilities: Capabilities) -> list[str]:
+def _precisions(pins: Pins, cluster: Cluster) -> list[str]:
     if pins.precision is not None:
-        if pins.precision not in capabilities.precisions:
-            raise UsageError(f"mixed precision {pins.precision} is not executable here yet: use mixed_precision='off'")
         if pins.precision not in cluster.device.peak_tflops and not is_cpu(cluster):  # a CPU is costed at fp32
             raise UsageError(f"{cluster.device.name} has no {pins.precision} peak: choose another mixed_precision")
         return [pins.precision]
-    options = [p for p in ("fp32", "bf16") if p in capabilities.precisions and p in cluster.device.peak_tflops]
+    options = [p for p in ("fp32", "bf16") if p in cluster.device.peak_tflops]
     return options or ["fp32"]
 
 
@@ -133,7 +127,6 @@ class _Search:
     optimizer_slots: int
     cluster: Cluster
     pins: Pins
-    caps: Capabilities
     budget: int
     compiled_block_time: float | None = None
 
@@ -189,7 +182,7 @@ class _Search:
         if self.pins.microbatches is not None:
             return [self.pins.microbatches] if local_batch % self.pins.microbatches == 0 else []
         if pp == 1:
-            if not self.caps.accumulation or self.any_description.batch_norm:  # its statistics need the whole batch
+            if self.any_description.batch_norm:  # its statistics need the whole batch
                 return [1]
             return [m for m in _divisors(local_batch) if m & (m - 1) == 0]  # powers of two
         options = [m for m in _divisors(local_batch) if m >= pp]
@@ -212,7 +205,7 @@ class _Search:
                                 offload=offload, precision=precision, compile=self.compile)  # fmt: skip
                     group = hybrid_shard_group(plan, cluster) if sharding == "hybrid" else None
                     plan = replace(plan, sharding=sharding, shard_group=group)
-                    if not self.caps.missing(plan) and _sensible(plan, blocks=blocks, cluster=cluster):
+                    if _sensible(plan, blocks=blocks, cluster=cluster):
                         yield plan
 
     def scored(self, tally: _Tally) -> Iterator[Plan]:
@@ -223,13 +216,6 @@ class _Search:
                 f"global batch size {self.global_batch} cannot be split evenly over any data-parallel degree "
                 f"the {self.cluster.world_size} devices allow: use a multiple of "
                 f"{self.cluster.world_size // max(1, self.pins.tp or 1) // max(1, self.pins.pp or 1)}"
-            )
-        shardings = [s for s in self.pins.shardings if s in self.caps.shardings]
-        offloads = [o for o in self.pins.offloads if o in self.caps.offloads]
-        if not shardings or not offloads:
-            raise UsageError(
-                f"sharding {self.pins.shardings} / offload {self.pins.offloads} is not executable here yet: "
-                f"choose from sharding {', '.join(self.caps.shardings)} and offload {', '.join(self.caps.offloads)}"
             )
         any_plan, fitted = False, set()
         for precision, described in self.described.items():

@@ -1,7 +1,7 @@
 """Execute a Plan on this worker: build its layout from the plan and the model alone.
 
-``EXECUTABLE`` is the one statement of what the runtime runs; the planner offers nothing else to
-``prepare`` and ``check_executable`` refuses anything else, naming what is missing.
+Every plan the planner proposes runs; ``check_executable`` refuses, in one line, the one combination a
+hand-written plan can ask for that torch cannot build (an interleaved schedule over FSDP2-sharded stages).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from onegpu.parallel.layouts import device_mesh, parallelize
 from onegpu.parallel.materialize import is_on_meta, materialize
 from onegpu.parallel.mixed_precision import check_precision, is_mixed
 from onegpu.parallel.optimizer_state import apply_optimizer_state
-from onegpu.plan import INTERLEAVED, Capabilities, Plan
+from onegpu.plan import INTERLEAVED, Plan
 from onegpu.runtime.accumulation import GradientAccumulation
 from onegpu.runtime.call_slicing import CallSlicer, attach_call_slicing
 from onegpu.runtime.collectives import broadcast_from_main
@@ -33,20 +33,12 @@ from onegpu.runtime.optimizer import parameter_names, repoint
 from onegpu.runtime.user_loss import attach_loss_fn
 from onegpu.runtime.watchdog import Watchdog, process_watchdog
 
-EXECUTABLE = Capabilities()
-
 
 def check_executable(plan: Plan) -> None:
     if plan.schedule in INTERLEAVED and plan.sharding in ("gradients", "parameters", "hybrid"):
         raise UsageError(
             f"the {plan.schedule} schedule runs two stages per worker, which FSDP2 cannot shard (sharding="
             f"{plan.sharding!r}): use sharding 'none' or 'optimizer' with it, or the gpipe or 1f1b schedule"
-        )
-    missing = EXECUTABLE.missing(plan)
-    if missing:
-        raise UsageError(
-            f"this plan needs {', '.join(missing)}, which the runtime cannot execute yet: use sharding none, "
-            "gradients or parameters, offload of sharded parameters, and the interleaved schedules unsharded"
         )
 
 
