@@ -179,7 +179,7 @@ ROWS: list[Row] = [
                 "unknown",
                 "tensor_parallel_degree=2",
                 "onegpu: unknown pin 'tensor_parallel_degree': known pins are dp, tp, pp, microbatches, schedule, "
-                "sharding, activation_checkpointing, offload, mixed_precision, num_stages, num_micro_batches, "
+                "sharding, activation_checkpointing, offload, mixed_precision, compile, num_stages, num_micro_batches, "
                 "activation_recomputation, distribute_parameter, pipeline_parallel",
             ),
             ("tp-zero", "tp=0", "onegpu: tp=0: give a whole number >= 1"),

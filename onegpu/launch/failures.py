@@ -111,7 +111,7 @@ def describe(failure: Failure, *, status: Path | None) -> str:
     if failure.usage:
         return failure.message
     if failure.message is not None:
-        return f"worker rank {failure.rank} failed (exit code {failure.exitcode}): {failure.message}"
+        return f"worker rank {failure.rank} failed (exit code {_meant_code(failure, status)}): {failure.message}"
     if failure.exitcode >= 0:
         return f"worker rank {failure.rank} ended with exit code {failure.exitcode} without saying why"
     try:
@@ -126,6 +126,13 @@ def describe(failure: Failure, *, status: Path | None) -> str:
         f" (its memory: {_size(memory.resident)} at the last measure, {_size(memory.peak)} at peak)" if memory else ""
     )
     return f"{said}, possibly out of memory{measured}: if so, use a smaller batch or more workers"
+
+
+def _meant_code(failure: Failure, status: Path | None) -> int:
+    """The exit code the worker ended with, even when torchelastic stopped it while it was exiting."""
+    if failure.exitcode >= 0:
+        return failure.exitcode
+    return next((e.code for e in endings(status) if e.rank == failure.rank), failure.exitcode)
 
 
 def _size(size: float) -> str:
