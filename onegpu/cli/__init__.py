@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from onegpu.cli import plan as plan_command
+from onegpu.cli import resize as resize_command
 from onegpu.cli import run as run_command
 from onegpu.cli import smi as smi_command
 from onegpu.cli import switch as switch_command
@@ -21,6 +22,7 @@ run_command.register(app)
 plan_command.register(app)
 smi_command.register(app)
 switch_command.register(app)
+resize_command.register(app)
 usage_command.register(app)
 
 

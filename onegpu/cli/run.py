@@ -1,4 +1,4 @@
-"""``onegpu run [--workers N] SCRIPT ARGS...``"""
+"""``onegpu run [--workers N] [--max-restarts N] SCRIPT ARGS...``"""
 
 from __future__ import annotations
 
@@ -20,11 +20,19 @@ def run(
         bool,
         typer.Option("--no-wait", help="Fail at once when the pool cannot serve the job now, instead of queueing."),
     ] = False,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            "--max-restarts",
+            help="Restart all workers up to N times when one fails; the script resumes with onegpu.load_state.",
+        ),
+    ] = 0,
 ) -> None:
     """Run SCRIPT on N workers as if on one device."""
     from onegpu.launch.run import launch  # torchelastic only when running
 
-    raise typer.Exit(launch(script, list(args or []), workers=worker_count(workers), wait=not no_wait))
+    count = worker_count(workers)
+    raise typer.Exit(launch(script, list(args or []), workers=count, wait=not no_wait, max_restarts=max_restarts))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""``onegpu switch [FLAVOR]``: choose how many devices stand behind the virtual device."""
+"""``onegpu switch [FLAVOR] [--job JOB]``: choose how many devices stand behind the virtual device, or a running
+job."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ from typing import Annotated
 import typer
 
 from onegpu.cli.one_line import one_line_errors
+from onegpu.cli.resize import resize_job
 from onegpu.pool.config import load_pool
-from onegpu.pool.flavors import all_flavors, current_flavor, switch_flavor
+from onegpu.pool.flavors import all_flavors, current_flavor, find_flavor, switch_flavor
 
 
 def switch(
     flavor: Annotated[
         str | None, typer.Argument(help="The flavor, e.g. Large or Large.24GB; none: choose from a menu.")
+    ] = None,
+    job: Annotated[
+        str | None, typer.Option("--job", help="Move this running job to the flavor (as onegpu resize does).")
     ] = None,
 ) -> None:
     """Resize the virtual device: the flavor decides how many workers your jobs run on."""
@@ -22,6 +27,9 @@ def switch(
         flavor = _menu(pool)
         if flavor is None:
             return
+    if job is not None:
+        resize_job(pool, job=job, workers=find_flavor(pool, flavor).devices)
+        return
     chosen = switch_flavor(pool, flavor)
     typer.echo(f"onegpu: the virtual device is now {chosen.name} ({chosen.devices} x {pool.devices[0].name})")
 

@@ -1,11 +1,15 @@
-"""Start N workers running a script, on top of torch.distributed.run (torchrun / elastic)."""
+"""Start N workers running a script, on top of torch.distributed.run (torchrun / elastic).
+
+With ``max_restarts``, torchelastic restarts every worker when one fails (its own restart loop), while
+this process keeps the job's device leases. When ``onegpu resize`` asks for another size, the workers
+save their state and end; this loop then grows or shrinks the lease and starts them again.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,30 +19,23 @@ from torch.distributed.run import get_args_parser, run
 
 from onegpu.errors import LaunchError
 from onegpu.launch.failures import root_cause
+from onegpu.launch.resizing import job_directory, take_resize
+from onegpu.launch.status import attempt_directory
 from onegpu.launch.workers import threads_per_worker
-from onegpu.pool.lease import leased_devices
+from onegpu.pool.lease import JobLease, leased_devices, resize_lease
 from onegpu.settings import worker_environment
 
 
-def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> int:
+def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max_restarts: int = 0) -> int:
     """Run ``script ARGS`` as ``workers`` local processes, each on a device leased from the pool for as
-    long as the job runs (waiting in line for them unless ``wait`` is False); returns 0 or raises LaunchError."""
+    long as the job runs (waiting in line for them unless ``wait`` is False); all of them are started
+    again, up to ``max_restarts`` times, when one fails. Returns 0 or raises LaunchError."""
     if not Path(script).is_file():
         raise LaunchError(f"script {script!r} not found: give the path of a Python file, e.g. onegpu run train.py")
     if workers < 1:
         raise LaunchError(f"--workers {workers}: a job needs at least 1 worker")
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
-    torchrun_args = [
-        "--standalone",
-        f"--nproc-per-node={workers}",
-        "--max-restarts=0",
-        "--monitor-interval=0.1",
-        f"--rdzv-id={uuid.uuid4().hex[:12]}",
-        "--module",
-        "onegpu.launch.worker",
-        script,
-        *args,
-    ]
+    if max_restarts < 0:
+        raise LaunchError(f"--max-restarts {max_restarts}: give how many times a failed job may restart, 0 or more")
     # onegpu reports a failed job itself, in one line; torchelastic's own log would repeat it (each of its
     # loggers has a level of its own)
     for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
@@ -50,23 +47,46 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True) -> 
         lost.append(reason)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with tempfile.TemporaryDirectory(prefix="onegpu-job-") as status:
-        # the workers end with this process, however it ends, and leave their memory and their end in status
-        os.environ.update(worker_environment(launcher_pid=os.getpid(), status_dir=Path(status)))
-        try:
-            with leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
-                os.environ.update(
-                    worker_environment(
-                        job=lease.job, devices=lease.devices, launcher_pid=os.getpid(), status_dir=Path(status)
-                    )
-                )
-                if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
-                    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, lease.devices))
-                run(get_args_parser().parse_args(torchrun_args))
-        except ChildFailedError as failure:
-            raise LaunchError(root_cause(failure, status=Path(status))) from None
-        except SignalException as signal_:  # Ctrl-C, a scheduler's SIGTERM, or a lost lease: the workers were stopped
-            raise LaunchError(
-                lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped"
-            ) from None
-    return 0
+    status = None
+    try:
+        with leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
+            with job_directory(lease.job) as status:
+                while True:
+                    _run_workers(script, args, lease=lease, status=status, max_restarts=max_restarts)
+                    size = take_resize(status)
+                    if size is None:
+                        return 0
+                    lease = resize_lease(lease, count=size)
+    except ChildFailedError as failure:
+        cause = root_cause(failure, status=attempt_directory(status, max_restarts))
+        restarts = f" (after {max_restarts} restart{'s' if max_restarts > 1 else ''})" if max_restarts else ""
+        raise LaunchError(f"{cause}{restarts}") from None
+    except SignalException as signal_:  # Ctrl-C, a scheduler's SIGTERM, or a lost lease: the workers were stopped
+        raise LaunchError(lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped") from None
+
+
+def _run_workers(script: str, args: list[str], *, lease: JobLease, status: Path, max_restarts: int) -> None:
+    """One worker per leased device, until they end (torchelastic restarting them up to ``max_restarts``
+    times); the workers end with this process, however it ends, and leave their memory and their end in
+    ``status``."""
+    workers = len(lease.devices)
+    os.environ.update(
+        worker_environment(job=lease.job, devices=lease.devices, launcher_pid=os.getpid(), status_dir=status)
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
+    if max_restarts:  # a store of each attempt's own: a restarted gloo/NCCL mesh would read the last one's
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # addresses from the shared one (pytorch#135712)
+    if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, lease.devices))
+    torchrun_args = [
+        "--standalone",
+        f"--nproc-per-node={workers}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.1",
+        f"--rdzv-id={uuid.uuid4().hex[:12]}",
+        "--module",
+        "onegpu.launch.worker",
+        script,
+        *args,
+    ]
+    run(get_args_parser().parse_args(torchrun_args))

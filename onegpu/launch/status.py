@@ -1,5 +1,7 @@
 """What each worker leaves for its launcher to read after it is gone: its last measured memory and how it
-ended, one small file per rank in the job's status directory (``ONEGPU_STATUS_DIR``, made by the launcher).
+ended, one small file per rank in the job's status directory (``ONEGPU_STATUS_DIR``, made by the launcher),
+under a directory of its own per attempt (``attempt-N``, N torchelastic's restart count): a restarted job's
+report reads its last attempt's files, never an earlier one's.
 
 A worker killed by a signal writes nothing at its end; its memory file then says how big it last was.
 Outside ``onegpu run`` there is no status directory and every function here does nothing.
@@ -33,8 +35,18 @@ class Ended:
     time_us: int
 
 
+def attempt_directory(status: Path, restart: int) -> Path:
+    """Where the workers of attempt ``restart`` (0 for the first, N after N restarts) leave their files."""
+    return status / f"attempt-{restart}"
+
+
 def _directory() -> Path | None:
-    return settings().status_dir
+    status = settings().status_dir
+    if status is None:
+        return None
+    directory = attempt_directory(status, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    directory.mkdir(exist_ok=True)
+    return directory
 
 
 def _write(name: str, data: dict) -> None:

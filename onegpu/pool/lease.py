@@ -98,3 +98,19 @@ def _release(ledger: Ledger, *, job: str, devices: tuple[int, ...], held_s: floa
     except UsageError as exc:
         held = f"devices {','.join(map(str, devices))} for {held_s:.0f} s"
         print(f"onegpu: warning: the usage of job {job} ({held}) was not recorded: {exc}", file=sys.stderr, flush=True)
+
+
+def resize_lease(lease: JobLease, *, count: int) -> JobLease:
+    """The job's lease grown or shrunk to ``count`` devices: the devices it keeps stay leased (one interval
+    each), the extra ones are released, the missing ones acquired (waiting in line, saying for what)."""
+    ledger = pool_ledger(lease.pool)
+    if count <= len(lease.devices):
+        ledger.release(job=lease.job, devices=lease.devices[count:])
+        return JobLease(job=lease.job, devices=lease.devices[:count], pool=lease.pool)
+    added = ledger.acquire(
+        job=lease.job,
+        devices=count - len(lease.devices),
+        pool_size=len(lease.pool.devices),
+        on_wait=lambda message: print(f"onegpu: {message}", file=sys.stderr, flush=True),
+    )
+    return JobLease(job=lease.job, devices=(*lease.devices, *added), pool=lease.pool)

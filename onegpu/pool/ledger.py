@@ -230,15 +230,18 @@ class Ledger:
         with self._transaction() as run:
             run("UPDATE leases SET renewed = ? WHERE job = ?", now, job)
 
-    def release(self, *, job: str) -> None:
-        """End ``job``'s leases, recording their intervals."""
+    def release(self, *, job: str, devices: tuple[int, ...] | None = None) -> None:
+        """End ``job``'s leases (only those of ``devices`` when given: a job that shrinks), recording their intervals."""
         now = time.time()
         with self._transaction() as run:
             for user, device, started in run("SELECT user_name, device, started FROM leases WHERE job = ?", job):
-                run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, now)
-            run("DELETE FROM leases WHERE job = ?", job)
-            run("DELETE FROM stats WHERE job = ?", job)
-            run("DELETE FROM queue WHERE job = ?", job)
+                if devices is None or device in devices:
+                    run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, now)
+                    run("DELETE FROM leases WHERE device = ?", device)
+                    run("DELETE FROM stats WHERE device = ?", device)
+            if devices is None:
+                run("DELETE FROM stats WHERE job = ?", job)
+                run("DELETE FROM queue WHERE job = ?", job)
 
     def report(self, *, job: str, device: int, memory_bytes: float, utilization: float) -> None:
         """A worker's current memory use and utilization of its device."""

@@ -29,7 +29,7 @@ from onegpu.runtime.data import GlobalBatchLoader
 from onegpu.runtime.gather import use_replica_group
 from onegpu.runtime.loss_weighting import GlobalBatchHooks
 from onegpu.runtime.micro_batches import run_as_micro_batches
-from onegpu.runtime.optimizer import parameter_names, repoint
+from onegpu.runtime.optimizer import parameter_names, repoint, stop_for_resize_at_step_boundary
 from onegpu.runtime.user_loss import attach_loss_fn
 from onegpu.runtime.watchdog import Watchdog, process_watchdog
 
@@ -135,6 +135,8 @@ def execute(
         repoint(optimizer, model, groups)
         apply_optimizer_state(optimizer, plan, group=mesh["dp"].get_group() if mesh is not None else None)
         _watch_steps(optimizer, watchdog)
+    if given.optimizers:  # the last optimizer's step ends a training step
+        stop_for_resize_at_step_boundary(model, given.optimizers[-1], worker=worker)
     if plan.precision == "fp16":  # accelerators only (check_precision): these lines have not run on a GPU yet
         from onegpu.runtime.loss_scale import DynamicLossScale
 

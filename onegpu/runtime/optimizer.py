@@ -1,11 +1,16 @@
-"""Keep an optimizer created before ``prepare`` pointed at the model's (possibly sharded) parameters."""
+"""Keep an optimizer created before ``prepare`` pointed at the model's (possibly sharded) parameters; stop
+the job at a step boundary when it is resized."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from onegpu.errors import UsageError
+from onegpu.launch.process_group import Worker
+from onegpu.launch.resizing import accept_resize, mark_saves_state, requested_workers
+from onegpu.settings import settings
 
 
 def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -38,3 +43,45 @@ def repoint(optimizer: torch.optim.Optimizer, model: nn.Module, groups: list[lis
     current = dict(model.named_parameters())
     for group, names in zip(optimizer.param_groups, groups):
         group["params"] = [current[name] for name in names if name in current]
+
+
+def stop_for_resize_at_step_boundary(model: nn.Module, optimizer: torch.optim.Optimizer, *, worker: Worker) -> None:
+    """Under ``onegpu run``: when ``onegpu resize`` asked the job for another number of workers and the script
+    saves its state, every worker saves it after the same step of ``optimizer`` and ends at the model's next
+    call, for the launcher to start them again at the new size (``launch/resizing.py``); the rest of the step
+    (logging, the script's own save) runs as usual. Per step: one file's stat and an all-reduce of one integer
+    on the CPU, once the script saved or loaded its state."""
+    status = settings().status_dir
+    if status is None:
+        return
+    from onegpu.runtime.state import save_at_step_boundary, state_directory
+
+    collective = dist.is_initialized() and worker.world_size > 1
+    # the workers agree on the host, without waiting for an accelerator's stream (GPU: never run yet)
+    group = dist.new_group(backend="gloo") if collective and dist.get_backend() != "gloo" else None
+    marked, stopping = [], []
+
+    def after_step(*_) -> None:
+        directory = state_directory()
+        if directory is None or stopping:
+            return
+        if not marked:
+            if worker.is_main:
+                mark_saves_state(status, state=directory)
+            marked.append(True)
+        wanted = requested_workers(status)
+        target = torch.tensor([wanted if wanted is not None and wanted != worker.world_size else 0])
+        if collective:  # a request seen at this step by one worker only counts for all of them
+            dist.all_reduce(target, op=dist.ReduceOp.MAX, group=group)
+        if target.item():
+            save_at_step_boundary()
+            stopping.append(int(target.item()))
+
+    def before_call(*_) -> None:
+        if stopping:  # a script that ends without another call ends the job: the launcher restarts nothing
+            if worker.is_main:
+                accept_resize(status, workers=stopping[0])
+            raise SystemExit(0)
+
+    optimizer.register_step_post_hook(after_step)
+    model.register_forward_pre_hook(before_call, prepend=True)
