@@ -476,3 +476,49 @@ ROWS += [
         tracebacks=True,  # rank 0's own, above the line that names it
     ),
 ]
+
+
+# restarts and resizing (issue 15): a job that uses up its restarts, `onegpu resize` and `switch --job` asked for
+# what cannot be: nothing is written to any job
+ROWS += [
+    Row(
+        id="max-restarts-negative",
+        args=("run", "--max-restarts", "-1", "{scripts}/job.py", "ok"),
+        message=re.escape("onegpu: --max-restarts -1: give how many times a failed job may restart, 0 or more"),
+    ),
+    Row(
+        id="restarts-used-up",
+        args=("run", "--workers", "1", "--max-restarts", "1", "{scripts}/faults_restart.py", "{tag}"),
+        message=re.escape("onegpu: worker rank 0 failed (exit code 1): exited with no luck (after 1 restart)"),
+    ),
+    Row(
+        id="resize-unknown-job",
+        args=("resize", "alice-0000", "2"),
+        message=re.escape("onegpu: no running job 'alice-0000': onegpu smi lists the running jobs"),
+    ),
+    Row(
+        id="switch-job-unknown-job",
+        args=("switch", "Medium", "--job", "alice-0000"),
+        message=re.escape("onegpu: no running job 'alice-0000': onegpu smi lists the running jobs"),
+    ),
+    Row(
+        id="resize-unknown-flavor",
+        args=("resize", "alice-0000", "Huge"),
+        message=re.escape(f"onegpu: no flavor 'Huge' on this pool: {FLAVORS}"),
+    ),
+    Row(
+        id="resize-beyond-the-pool",
+        args=("resize", "alice-0000", "9"),
+        message=re.escape("onegpu: 9 devices: this pool has 4; the largest flavor is Large.8GB (4 devices)"),
+    ),
+    *(
+        Row(
+            id=f"resize-to-{count}",
+            args=("resize", "alice-0000", count),
+            message=re.escape(
+                f"onegpu: {count} devices: a job needs at least 1; to stop it, stop its onegpu run (Ctrl-C)"
+            ),
+        )
+        for count in ("0",)
+    ),
+]
