@@ -102,8 +102,8 @@ def _print_sized(stretches: list[Sized], *, since: float, price: float, as_json:
         {"job": s.job, "start": _utc(s.start), "end": _utc(s.end), "devices": s.devices,
          "device_minutes": s.billed_minutes(since=since), "cost": round(s.billed_minutes(since=since) / 60 * price, 4)}
         for s in stretches
+        if s.end > since  # a stretch shows though no minute began in it: its devices' minutes began before
     ]  # fmt: skip
-    rows = [row for row in rows if row["device_minutes"]]
     total = sum(row["device_minutes"] for row in rows)
     if as_json:
         typer.echo(json.dumps({"by": "interval", "price_per_device_hour": price, "rows": rows,
