@@ -47,22 +47,27 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max
         lost.append(reason)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    status = None
     try:
         with leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
             with job_directory(lease.job) as status:
                 while True:
-                    _run_workers(script, args, lease=lease, status=status, max_restarts=max_restarts)
+                    try:
+                        _run_workers(script, args, lease=lease, status=status, max_restarts=max_restarts)
+                    except ChildFailedError as failure:  # reported while the workers' status files are there
+                        raise LaunchError(_report(failure, status=status, max_restarts=max_restarts)) from None
                     size = take_resize(status)
                     if size is None:
                         return 0
                     lease = resize_lease(lease, count=size)
-    except ChildFailedError as failure:
-        cause = root_cause(failure, status=attempt_directory(status, max_restarts))
-        restarts = f" (after {max_restarts} restart{'s' if max_restarts > 1 else ''})" if max_restarts else ""
-        raise LaunchError(f"{cause}{restarts}") from None
     except SignalException as signal_:  # Ctrl-C, a scheduler's SIGTERM, or a lost lease: the workers were stopped
         raise LaunchError(lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped") from None
+
+
+def _report(failure: ChildFailedError, *, status: Path, max_restarts: int) -> str:
+    """The one line on a failed job: its last attempt's cause, and how many restarts came before it (torchelastic
+    gives up only once every restart is used)."""
+    cause = root_cause(failure, status=attempt_directory(status, max_restarts))
+    return f"{cause} (after {max_restarts} restart{'s' if max_restarts > 1 else ''})" if max_restarts else cause
 
 
 def _run_workers(script: str, args: list[str], *, lease: JobLease, status: Path, max_restarts: int) -> None:
