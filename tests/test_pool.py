@@ -230,7 +230,10 @@ def test_usage_bills_each_device_per_started_minute(home):
     text = cli(home, "usage", "--by", "user").stdout
     assert "ann" in text and "bob" in text and "total" in text
     wrong = cli(home, "usage", "--by", "month")
-    assert wrong.returncode == 1 and wrong.stderr.strip() == "onegpu: --by 'month': group by one of job, user, day, interval"
+    assert (
+        wrong.returncode == 1
+        and wrong.stderr.strip() == "onegpu: --by 'month': group by one of job, user, day, interval"
+    )
 
 
 def test_smi_shows_the_virtual_device_and_the_jobs_behind_it(home):
