@@ -10,7 +10,6 @@ import socket
 import pytest
 from conftest import assert_same_parameters, assert_same_values, run_onegpu
 from elastic_training import STEPS, reference
-from scenarios import SkipNet
 
 from onegpu.errors import UsageError
 from onegpu.pool.ledger import Interval
@@ -18,8 +17,6 @@ from onegpu.pool.ledger import Interval
 
 @pytest.mark.slow
 def test_a_job_resized_2_3_2_with_a_worker_killed_on_3_trains_as_one_uninterrupted_process(tmp_path):
-    from safetensors.torch import load_file
-
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
     out.mkdir()
@@ -40,9 +37,7 @@ def test_a_job_resized_2_3_2_with_a_worker_killed_on_3_trains_as_one_uninterrupt
     assert steps[5]["attempt"] == 1  # torchelastic restarted the 3 workers once, after the SIGKILL
     losses, trained = reference()
     assert_same_values([steps[s]["loss"] for s in range(STEPS)], losses, what="per-step losses")
-    resumed = SkipNet(depth=3)
-    resumed.load_state_dict(load_file(out / "model" / "model.safetensors"))
-    assert_same_parameters(resumed, trained)
+    assert_same_parameters(type(trained).from_pretrained(out / "model"), trained)
     usage = json.loads(run_onegpu("usage", "--by", "interval", "--json", env=env).stdout)
     # one lease interval per size: the restart kept the devices, and each size is billed at its own
     assert [row["devices"] for row in usage["rows"]] == [2, 3, 2]
@@ -139,3 +134,46 @@ def test_each_attempt_of_a_restarted_job_leaves_its_own_status(home, monkeypatch
     record_end(rank=0, code=3)
     assert [(e.rank, e.code) for e in endings(attempt_directory(status, 1))] == [(0, 3)]
     assert [(e.rank, e.code) for e in endings(attempt_directory(status, 0))] == [(1, 0)]
+
+
+def test_a_loop_drawing_its_own_batches_stops_at_the_next_call_and_resumes_exactly(home, monkeypatch):
+    """One worker, in this process: the job asked to resize after step 2 saves at step 3's end (its scheduler
+    stepped, its random state before step 4's batch was drawn) and ends at step 4's call; a new run continues."""
+    import torch
+    from scenarios import SkipNet
+
+    import onegpu
+    from onegpu.launch.resizing import request_resize, take_resize
+
+    status = home / "status"
+    status.mkdir()
+
+    def run(*, prepare, losses: dict, ask_after: int | None = None) -> None:
+        torch.manual_seed(0)
+        model = SkipNet(depth=2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        start = None
+        if prepare:
+            model, optimizer, scheduler = onegpu.prepare(model, optimizer, scheduler)
+            start = onegpu.load_state(home / "state")
+        for step in range(start or 0, 8):
+            loss = model(torch.randn(6, 8), torch.randn(6, 1))  # drawn by the loop from torch's random state
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            losses[step] = loss.item()
+            if step == ask_after:
+                request_resize(status, workers=2)
+
+    expected: dict[int, float] = {}
+    run(prepare=False, losses=expected)
+    monkeypatch.setenv("ONEGPU_STATUS_DIR", str(status))  # as under onegpu run
+    losses: dict[int, float] = {}
+    with pytest.raises(SystemExit) as ended:
+        run(prepare=True, losses=losses, ask_after=2)
+    assert ended.value.code == 0 and sorted(losses) == [0, 1, 2, 3]
+    assert take_resize(status) == 2  # what the launcher reads: start again on 2 workers
+    run(prepare=True, losses=losses)
+    assert_same_values([losses[s] for s in range(8)], [expected[s] for s in range(8)], what="per-step losses")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -140,6 +140,20 @@ class SlicedBatches:
 SLICED = SlicedBatches()
 
 
+_AT_NEXT_BATCH: list[Callable[[], None]] = []
+
+
+def at_next_batch(action: Callable[[], None]) -> None:
+    """Run ``action`` once, when the loop next asks a prepared loader for a batch, before any is drawn: between
+    two steps, after everything the loop did in the first (a scheduler's step, its logging, its own save)."""
+    _AT_NEXT_BATCH.append(action)
+
+
+def _next_batch_asked() -> None:
+    while _AT_NEXT_BATCH:
+        _AT_NEXT_BATCH.pop(0)()
+
+
 class GlobalBatchLoader(DataLoader):
     """The user's DataLoader, yielding this worker's slice of every global batch on its device.
 
@@ -172,6 +186,7 @@ class GlobalBatchLoader(DataLoader):
         return len(self.original)
 
     def __iter__(self) -> Iterator[Any]:
+        _next_batch_asked()
         if self.slices_indices:
             batches = super().__iter__()
         else:
@@ -180,6 +195,7 @@ class GlobalBatchLoader(DataLoader):
             batch = move_to(batch, self.worker.device)
             SLICED.mark(batch)
             yield batch
+            _next_batch_asked()
 
     def _sliced(self, batches: Iterator[Any]) -> Iterator[Any]:
         sync_rng(self.original.generator, worker=self.worker)

@@ -10,6 +10,9 @@ from torch import nn
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
 from onegpu.launch.resizing import accept_resize, mark_saves_state, requested_workers
+from onegpu.runtime.call_slicing import _random_state as random_state
+from onegpu.runtime.call_slicing import _set_random_state as set_random_state
+from onegpu.runtime.data import at_next_batch
 from onegpu.settings import settings
 
 
@@ -47,10 +50,12 @@ def repoint(optimizer: torch.optim.Optimizer, model: nn.Module, groups: list[lis
 
 def stop_for_resize_at_step_boundary(model: nn.Module, optimizer: torch.optim.Optimizer, *, worker: Worker) -> None:
     """Under ``onegpu run``: when ``onegpu resize`` asked the job for another number of workers and the script
-    saves its state, every worker saves it after the same step of ``optimizer`` and ends at the model's next
-    call, for the launcher to start them again at the new size (``launch/resizing.py``); the rest of the step
-    (logging, the script's own save) runs as usual. Per step: one file's stat and an all-reduce of one integer
-    on the CPU, once the script saved or loaded its state."""
+    saves its state, the workers agree after a step of ``optimizer`` to stop there, save the state at the next
+    step boundary (when the loop asks a prepared loader for its next batch, or calls the model: after the rest
+    of the step, its scheduler's step and logging) and end, for the launcher to start them again at the new
+    size (``launch/resizing.py``). The state holds the random state of the step's end, before the loop drew
+    anything for the next one. Per step: one file's stat and an all-reduce of one integer on the CPU, once
+    the script saved or loaded its state."""
     status = settings().status_dir
     if status is None:
         return
@@ -74,14 +79,18 @@ def stop_for_resize_at_step_boundary(model: nn.Module, optimizer: torch.optim.Op
         if collective:  # a request seen at this step by one worker only counts for all of them
             dist.all_reduce(target, op=dist.ReduceOp.MAX, group=group)
         if target.item():
-            save_at_step_boundary()
-            stopping.append(int(target.item()))
+            stopping.append((int(target.item()), random_state(worker.device)))
+            at_next_batch(stop)
 
-    def before_call(*_) -> None:
-        if stopping:  # a script that ends without another call ends the job: the launcher restarts nothing
-            if worker.is_main:
-                accept_resize(status, workers=stopping[0])
-            raise SystemExit(0)
+    def stop(*_) -> None:
+        if not stopping:
+            return
+        workers, random = stopping[0]
+        set_random_state(random, worker.device)  # as the step ended: the process ends after saving
+        save_at_step_boundary()
+        if worker.is_main:
+            accept_resize(status, workers=workers)
+        raise SystemExit(0)  # every worker ends here; the launcher starts them again
 
     optimizer.register_step_post_hook(after_step)
-    model.register_forward_pre_hook(before_call, prepend=True)
+    model.register_forward_pre_hook(stop, prepend=True)  # a loop without a prepared loader
