@@ -10,6 +10,7 @@ import socket
 import pytest
 from conftest import assert_same_parameters, assert_same_values, run_onegpu
 from elastic_training import STEPS, reference
+from scenarios import SkipNet
 
 from onegpu.errors import UsageError
 from onegpu.pool.ledger import Interval
@@ -17,6 +18,8 @@ from onegpu.pool.ledger import Interval
 
 @pytest.mark.slow
 def test_a_job_resized_2_3_2_with_a_worker_killed_on_3_trains_as_one_uninterrupted_process(tmp_path):
+    from safetensors.torch import load_file
+
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
     out.mkdir()
@@ -37,7 +40,9 @@ def test_a_job_resized_2_3_2_with_a_worker_killed_on_3_trains_as_one_uninterrupt
     assert steps[5]["attempt"] == 1  # torchelastic restarted the 3 workers once, after the SIGKILL
     losses, trained = reference()
     assert_same_values([steps[s]["loss"] for s in range(STEPS)], losses, what="per-step losses")
-    assert_same_parameters(type(trained).from_pretrained(out / "model"), trained)
+    resumed = SkipNet(depth=3)
+    resumed.load_state_dict(load_file(out / "model" / "model.safetensors"))
+    assert_same_parameters(resumed, trained)
     usage = json.loads(run_onegpu("usage", "--by", "interval", "--json", env=env).stdout)
     # one lease interval per size: the restart kept the devices, and each size is billed at its own
     assert [row["devices"] for row in usage["rows"]] == [2, 3, 2]
@@ -137,10 +142,11 @@ def test_each_attempt_of_a_restarted_job_leaves_its_own_status(home, monkeypatch
 
 
 def test_a_loop_drawing_its_own_batches_stops_at_the_next_call_and_resumes_exactly(home, monkeypatch):
-    """One worker, in this process: the job asked to resize after step 2 saves at step 3's end (its scheduler
-    stepped, its random state before step 4's batch was drawn) and ends at step 4's call; a new run continues."""
+    """One worker, in this process, a Hugging Face Llama on token batches the loop draws itself: the job asked to
+    resize after step 2 saves at step 3's end (its scheduler stepped, its random state before step 4's batch was
+    drawn) and ends at step 4's call; a new run continues from there."""
     import torch
-    from scenarios import SkipNet
+    from scenarios import build
 
     import onegpu
     from onegpu.launch.resizing import request_resize, take_resize
@@ -149,8 +155,7 @@ def test_a_loop_drawing_its_own_batches_stops_at_the_next_call_and_resumes_exact
     status.mkdir()
 
     def run(*, prepare, losses: dict, ask_after: int | None = None) -> None:
-        torch.manual_seed(0)
-        model = SkipNet(depth=2)
+        model, _ = build("hf")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         start = None
@@ -158,7 +163,8 @@ def test_a_loop_drawing_its_own_batches_stops_at_the_next_call_and_resumes_exact
             model, optimizer, scheduler = onegpu.prepare(model, optimizer, scheduler)
             start = onegpu.load_state(home / "state")
         for step in range(start or 0, 8):
-            loss = model(torch.randn(6, 8), torch.randn(6, 1))  # drawn by the loop from torch's random state
+            tokens = torch.randint(0, 64, (4, 12))  # drawn by the loop from torch's random state
+            loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
