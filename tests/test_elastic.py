@@ -31,6 +31,7 @@ def test_a_job_resized_2_3_2_with_a_worker_killed_on_3_trains_as_one_uninterrupt
     assert result.returncode == 0, result.stderr
     assert "moves to 3 devices at its next step boundary" in result.stderr
     assert "moves to 2 devices at its next step boundary" in result.stderr
+    assert "onegpu: a worker failed: all workers started again (restart 1 of 1)" in result.stderr
     steps = {}
     for line in (out / "steps.jsonl").read_text().splitlines():
         record = json.loads(line)

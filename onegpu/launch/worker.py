@@ -63,6 +63,10 @@ def main(argv: list[str]) -> None:
     from onegpu.launch.reporting import start_reporting
 
     start_reporting()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and rank == 0:  # torchelastic started every worker again after one failed (onegpu run --max-restarts)
+        limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
+        print(f"onegpu: a worker failed: all workers started again (restart {restart} of {limit})", file=sys.stderr)
     code = run_script(script, args)
     record_end(rank=rank, code=code)
     finish(code)
