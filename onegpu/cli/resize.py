@@ -49,6 +49,10 @@ def resize_job(pool: PoolConfig, *, job: str, workers: int) -> None:
     if holding.host != socket.gethostname():
         raise UsageError(f"job {job} runs on {holding.host}: run onegpu resize there")
     directory = jobs_directory() / job
+    if not directory.is_dir():  # its launcher could not write to onegpu's home, or uses another one
+        raise UsageError(
+            f"job {job} has no directory in {jobs_directory()}: resize it with the ONEGPU_HOME it runs with"
+        )
     if not saves_state(directory):
         raise UsageError(
             f"job {job} cannot be resized: it does not save its state (onegpu.save_state and onegpu.load_state "
