@@ -135,7 +135,7 @@ def _gathered(piece, value: torch.Tensor) -> torch.Tensor:
     padded = value.new_zeros(piece.chunk)
     padded[: value.numel()] = value
     every = value.new_empty(dist.get_world_size(group) * piece.chunk)
-    dist.all_gather_into_tensor(every, padded, group=group)
+    dist.all_gather_single(every, padded, group=group)
     local = piece.param.to_local() if isinstance(piece.param, DTensor) else piece.param
     whole = every[: local.numel()].view(local.shape)
     if isinstance(piece.param, DTensor):
