@@ -43,7 +43,7 @@ def build_run(scenario: str):
 
 
 def train_state(scenario: str, *, prepare=None, directory=None, stop: int | None = None, resume: bool = False,
-                **how) -> dict:  # fmt: skip
+                asynchronous: bool = False, **how) -> dict:  # fmt: skip
     """Train ``scenario`` from a fresh start (or from the state in ``directory`` when ``resume``), saving there
     after step ``stop``. Returns the steps run, ``{step: (loss, sample ids)}``, and where it started."""
     import onegpu
@@ -72,7 +72,7 @@ def train_state(scenario: str, *, prepare=None, directory=None, stop: int | None
             scheduler.step()
             steps[step] = (loss.item(), ids_of(batch))
             if step == stop:  # and go on: the run is the uninterrupted one on this plan
-                onegpu.save_state(directory, step=step, epoch=epoch)
+                onegpu.save_state(directory, step=step, epoch=epoch, asynchronous=asynchronous)
             step += 1
         epoch += 1
     return {"start": start, "steps": steps}

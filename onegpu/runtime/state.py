@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,8 @@ def _barrier(worker) -> None:
 def _dcp():
     import torch.distributed.checkpoint as dcp  # a second to import: only when states are used
 
+    # one process without a process group reads and writes alone, as it should: torch need not say so
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     return dcp
 
 
