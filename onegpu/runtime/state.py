@@ -26,6 +26,7 @@ import torch.distributed as dist
 from onegpu.errors import UsageError
 from onegpu.parallel.state_dict import MODEL, StateTensors, model_state, optimizer_state, optimizer_targets
 from onegpu.runtime import state_files as files
+from onegpu.runtime.checkpoint import user_class
 from onegpu.runtime.prepared import Prepared, current
 
 _last: dict[str, Any] = {"directory": None, "options": {}, "extra": {}, "saved_extra": None}
@@ -45,9 +46,7 @@ def saved_extra() -> dict[str, Any]:
     return dict(_last["saved_extra"])
 
 
-def save_state(
-    directory: str | Path, *, step: int, keep: int = 3, asynchronous: bool = False, **extra: Any
-) -> None:
+def save_state(directory: str | Path, *, step: int, keep: int = 3, asynchronous: bool = False, **extra: Any) -> None:
     """Save everything ``prepare`` was given, the random states, ``step`` and ``extra`` values to
     ``directory/step-<step>/``; call it on every worker. The state counts once every worker has written its
     part (a crash mid-save leaves the previous state); the newest ``keep`` states are kept. ``asynchronous``:
@@ -153,8 +152,10 @@ def _summary(prepared: Prepared, *, step: int, extra: dict[str, Any]) -> dict[st
         "dp": plan.dp if plan is not None else prepared.worker.world_size,
         "groups": [[_hyper(g) for g in o.param_groups] for o in prepared.optimizers],
         "stateful": [o.state_dict() for o in prepared.stateful],
-        "loaders": [loader.position.state(loader.order_generator(), batch_size=loader.batch_size_global())
-                    for loader in prepared.loaders],  # fmt: skip
+        "loaders": [
+            loader.position.state(loader.order_generator(), batch_size=loader.batch_size_global())
+            for loader in prepared.loaders
+        ],  # fmt: skip
         "extra": extra,
     }
 
@@ -168,7 +169,7 @@ def _write_config(prepared: Prepared, target: Path) -> None:
     config = getattr(prepared.model, "config", None)
     if config is None or not hasattr(config, "to_json_file"):
         return
-    from onegpu.runtime.checkpoint import _fix_architectures, user_class
+    from onegpu.runtime.checkpoint import _fix_architectures
 
     config.to_json_file(target / "config.json")
     _fix_architectures(target / "config.json", user_class(prepared.model).__name__)
@@ -274,7 +275,7 @@ def _check_same_model(prepared: Prepared, metadata: dict[str, Any], path: Path) 
         problem = f"the state's parameter {extra[0][len(MODEL) :]!r} is not in it"
     if problem:
         raise UsageError(
-            f"the state in {path} was saved from another model: this {type(model).__name__}: {problem} "
+            f"the state in {path} was saved from another model: this {user_class(model).__name__}: {problem} "
             "(load a state of this model, or save to another directory)"
         )
 

@@ -63,7 +63,9 @@ def check_directory(directory: Path, *, create: bool) -> None:
         raise UsageError(f"{existing} is a file: give save_state and load_state a directory for the states")
     if not create:
         if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            raise UsageError(f"cannot write states to {directory}: {existing} is not writable (give a writable directory)")
+            raise UsageError(
+                f"cannot write states to {directory}: {existing} is not writable (give a writable directory)"
+            )
         return
     probe = directory / f".onegpu-write-test-{os.getpid()}"
     try:

@@ -32,7 +32,9 @@ for run in sys.argv[3:]:
     name, scenario, plan, action = run.split(":")
     if action.startswith("save@"):
         stop = int(action.split("@")[1])
-        report[name] = train_state(scenario, prepare=onegpu.prepare, plan=PLANS[plan], directory=states / name, stop=stop)
+        report[name] = train_state(
+            scenario, prepare=onegpu.prepare, plan=PLANS[plan], directory=states / name, stop=stop
+        )
     else:
         directory = states / action.split("=")[1]
         report[name] = train_state(scenario, prepare=onegpu.prepare, plan=PLANS[plan], directory=directory, resume=True)
