@@ -16,7 +16,8 @@ the same layout, its local values on the host). Around each ``optimizer.step()``
   per dtype) so every replica holds the whole updated parameter again.
 
 ``optimizer.zero_grad()`` clears the model's gradients too. The optimizer's state is then this worker's
-alone: each worker saves its own ``optimizer.state_dict()`` and loads it back under the same plan.
+alone: each worker's own ``optimizer.state_dict()`` loads back under the same plan only; ``onegpu.save_state``
+saves it per parameter (:mod:`onegpu.parallel.state_dict`), for any plan.
 
 Why not ``torch.distributed.optim.ZeroRedundancyOptimizer``: it replaces the user's optimizer object (the
 loop and its schedulers hold the old one) and gives each rank whole parameters, so its memory is 1/dp
