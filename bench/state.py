@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -62,7 +63,7 @@ model, vocab, seq = build()
 tokens = torch.randint(0, vocab, (8, seq), generator=torch.Generator().manual_seed(0))
 loader = DataLoader(TensorDataset(tokens), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-workers = dist.get_world_size() if dist.is_initialized() else 1
+workers = int(os.environ.get("WORLD_SIZE", "1"))
 model, optimizer, loader = onegpu.prepare(model, optimizer, loader, plan=Plan(dp=workers, sharding=args.sharding))
 (batch,) = next(iter(loader))
 model(input_ids=batch, labels=batch).loss.backward()

@@ -23,9 +23,13 @@ from onegpu.runtime import state_files
 
 # name:scenario:plan:action (tests/scripts/train_state.py); each launch after the ones whose states it loads
 ON_2 = ("ddp:skipnet:ddp2:save@2", "tp:gpt2-odd:tp2:save@5", "pp:hf:pp2:save@5", "zero1:skipnet:zero1-2:save@5",
-        "drop:dropnet:ddp2:save@2", "drop-same:dropnet:ddp2:load=drop", "pp-dp2:hf:ddp2:load=pp")  # fmt: skip
+        "drop:dropnet:ddp2:async@2", "drop-same:dropnet:ddp2:load=drop", "pp-dp2:hf:ddp2:load=pp")  # fmt: skip
 ON_4 = ("ddp-fsdp4:skipnet:fsdp4:load=ddp", "zero1-zero1-4:skipnet:zero1-4:load=zero1", "four:skipnet:fsdp4:save@5")
-ON_3 = ("ddp-fsdp3:skipnet:fsdp3:load=ddp", "tp-fsdp3:gpt2-odd:fsdp3:load=tp")
+ON_3 = (
+    "ddp-fsdp3:skipnet:fsdp3:load=ddp",
+    "tp-fsdp3:gpt2-odd:fsdp3:load=tp",
+    "zero1-offload3:skipnet:offload3:load=zero1",
+)
 THEN_ON_2 = ("four-zero1-2:skipnet:zero1-2:load=four",)
 SCENARIO = {run.split(":")[0]: run.split(":")[1] for run in (*ON_2, *ON_4, *ON_3, *THEN_ON_2)}
 
@@ -64,6 +68,7 @@ LOADS = {  # run: (the run that saved, its replicas; this run's replicas)
     "zero1-zero1-4": ("zero1", 2, 4),
     "ddp-fsdp3": ("ddp", 2, 3),
     "tp-fsdp3": ("tp", 1, 3),
+    "zero1-offload3": ("zero1", 2, 3),
     "four-zero1-2": ("four", 4, 2),
 }
 
@@ -97,7 +102,8 @@ def test_saved_runs_train_as_the_plain_process_and_another_plan_is_said(launched
 
 @pytest.mark.slow
 def test_dropout_continues_exactly_on_the_same_plan(launched):
-    """Random numbers drawn inside the model (dropout masks: per replica streams) are restored on the same plan."""
+    """Random numbers drawn inside the model (dropout masks: per replica streams) are restored on the same plan;
+    the state was saved asynchronously (committed once every worker's part was written)."""
     reports = launched["reports"]
     resumed, uninterrupted = reports["drop-same"][0], reports["drop"][0]
     assert resumed["start"] == 3

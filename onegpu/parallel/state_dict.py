@@ -98,6 +98,12 @@ def model_state(model: nn.Module, *, loading: bool = False) -> StateTensors:
     return out
 
 
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The global shape of each ``model.<name>`` the model's state holds here (the model's own, unpadded)."""
+    changes = split_changes(model)
+    return {MODEL + name: _own_shape(changes, name, t) for name, t in model.state_dict().items()}
+
+
 def optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[torch.Tensor, object]]:
     """Each parameter the optimizer updates, by the model's name for it: (the tensor the optimizer holds, its
     ZeRO-1 or offload piece, or None)."""

@@ -24,7 +24,14 @@ import torch
 import torch.distributed as dist
 
 from onegpu.errors import UsageError
-from onegpu.parallel.state_dict import MODEL, StateTensors, model_state, optimizer_state, optimizer_targets
+from onegpu.parallel.state_dict import (
+    MODEL,
+    StateTensors,
+    model_shapes,
+    model_state,
+    optimizer_state,
+    optimizer_targets,
+)
 from onegpu.runtime import state_files as files
 from onegpu.runtime.checkpoint import user_class
 from onegpu.runtime.prepared import Prepared, current
@@ -258,15 +265,14 @@ def _check_batches(prepared: Prepared, summary: dict[str, Any], path: Path) -> N
 def _check_same_model(prepared: Prepared, metadata: dict[str, Any], path: Path) -> None:
     """Refuse a state of another model, naming the first parameter that differs."""
     model = prepared.model
-    mine = model_state(model, loading=True).tensors
+    mine = model_shapes(model)
     problem = None
-    for key, tensor in mine.items():
+    for key, shape in mine.items():
         saved = metadata.get(key)
         if saved is None or not hasattr(saved, "size"):
             problem = f"its parameter {key[len(MODEL) :]!r} is not in the state"
-        elif tuple(saved.size) != tuple(tensor.shape):
-            problem = (f"its parameter {key[len(MODEL) :]!r} has shape {tuple(tensor.shape)}, the state's "
-                       f"{tuple(saved.size)}")  # fmt: skip
+        elif tuple(saved.size) != tuple(shape):
+            problem = f"its parameter {key[len(MODEL) :]!r} has shape {tuple(shape)}, the state's {tuple(saved.size)}"
         if problem:
             break
     whole = "onegpu_pipeline" not in model.__dict__  # a pipeline stage holds some of the names only
