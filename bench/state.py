@@ -70,14 +70,17 @@ model(input_ids=batch, labels=batch).loss.backward()
 optimizer.step()
 optimizer.zero_grad()
 
-root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="onegpu-bench-state-"))
+where = [args.dir or (tempfile.mkdtemp(prefix="onegpu-bench-state-") if onegpu.is_main_process() else None)]
+if dist.is_initialized():
+    dist.broadcast_object_list(where, src=0)  # one directory for every worker
+root = Path(where[0])
 save = seconds(lambda: onegpu.save_state(root, step=0))
 size = sum(f.stat().st_size for f in (root / "step-00000000").iterdir())
 returned = seconds(lambda: onegpu.save_state(root, step=1, asynchronous=True))
 committed = returned + seconds(wait_for_save)
 load = seconds(lambda: onegpu.load_state(root))
 if onegpu.is_main_process():
-    parameters = sum(p.numel() for p in model.parameters()) * (workers if args.sharding != "none" else 1)
+    parameters = sum(p.numel() for p in model.parameters())  # a DTensor counts its global elements
     print(json.dumps({
         "model": args.model, "parameters_m": round(parameters / 1e6, 1), "workers": workers,
         "plan": model.onegpu_plan.describe(), "size_mb": round(size / 1e6, 1), "save_s": round(save, 2),
