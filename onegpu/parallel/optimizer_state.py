@@ -110,6 +110,14 @@ def apply_optimizer_state(optimizer: torch.optim.Optimizer, plan: Plan, *, group
         _mark_saved_pieces(optimizer, rank=rank, replicas=replicas)
 
 
+@torch.no_grad()
+def refresh_pieces(optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's pieces given the model's parameters' values again (host copies do not follow a
+    parameter loaded in place; views do, and copy onto themselves)."""
+    for piece in placed_pieces(optimizer):
+        _local(piece.proxy).copy_(piece.local(piece.param))
+
+
 def _piece(param: nn.Parameter, *, replicas: int, rank: int, host: bool, shard: bool) -> _Piece:
     if shard:
         values = param.to_local() if isinstance(param, DTensor) else param

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from onegpu.errors import UsageError
+from onegpu.parallel.optimizer_state import refresh_pieces
 from onegpu.parallel.state_dict import (
     MODEL,
     StateTensors,
@@ -296,6 +297,8 @@ def _load_tensors(prepared: Prepared, path: Path, summary: dict[str, Any], metad
     _dcp().load(tensors, checkpoint_id=path, no_dist=not dist.is_initialized())
     for part in parts:
         part.finish()
+    for optimizer in prepared.optimizers:  # offloaded copies of the parameters take their loaded values
+        refresh_pieces(optimizer)
 
 
 def _restore(prepared: Prepared, path: Path, summary: dict[str, Any]) -> None:
