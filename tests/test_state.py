@@ -124,9 +124,10 @@ def test_two_workers_to_one_and_export(launched, plain, tmp_path):
         [resumed["steps"][s][0] for s in range(3, STEPS)], [plain["skipnet"][s][0] for s in range(3, STEPS)]
     )
     train_state("gpt2-odd", prepare=onegpu.prepare, directory=tmp_path / "one", stop=5)
-    for source, out in ((states / "tp", tmp_path / "tp"), (tmp_path / "one" / "step-00000005", tmp_path / "ref")):
-        result = run_onegpu("export", str(source), str(out))
-        assert result.returncode == 0, result.stderr
+    from onegpu.cli.export import export
+
+    export(states / "tp", tmp_path / "tp")  # the command's function, in this process (its CLI: tests/bad_input.py)
+    export(tmp_path / "one" / "step-00000005", tmp_path / "ref")
     from transformers import GPT2LMHeadModel
 
     exported, reference = (GPT2LMHeadModel.from_pretrained(tmp_path / d) for d in ("tp", "ref"))

@@ -34,7 +34,6 @@ from onegpu.parallel.state_dict import (
     optimizer_targets,
 )
 from onegpu.runtime import state_files as files
-from onegpu.runtime.checkpoint import user_class
 from onegpu.runtime.prepared import Prepared, current
 
 _last: dict[str, Any] = {"directory": None, "options": {}, "extra": {}, "saved_extra": None}
@@ -177,7 +176,7 @@ def _write_config(prepared: Prepared, target: Path) -> None:
     config = getattr(prepared.model, "config", None)
     if config is None or not hasattr(config, "to_json_file"):
         return
-    from onegpu.runtime.checkpoint import _fix_architectures
+    from onegpu.runtime.checkpoint import _fix_architectures, user_class
 
     config.to_json_file(target / "config.json")
     _fix_architectures(target / "config.json", user_class(prepared.model).__name__)
@@ -282,9 +281,15 @@ def _check_same_model(prepared: Prepared, metadata: dict[str, Any], path: Path) 
         problem = f"the state's parameter {extra[0][len(MODEL) :]!r} is not in it"
     if problem:
         raise UsageError(
-            f"the state in {path} was saved from another model: this {user_class(model).__name__}: {problem} "
+            f"the state in {path} was saved from another model: this {_class_name(model)}: {problem} "
             "(load a state of this model, or save to another directory)"
         )
+
+
+def _class_name(model) -> str:
+    """The model's class as the user wrote it (not the one FSDP2, DDP or a pipeline put in front of it)."""
+    wrappers = ("onegpu", "torch.distributed")
+    return next(c.__name__ for c in type(model).__mro__ if not c.__module__.startswith(wrappers))
 
 
 def _load_tensors(prepared: Prepared, path: Path, summary: dict[str, Any], metadata: dict[str, Any]) -> None:
