@@ -302,3 +302,26 @@ def test_a_save_at_a_step_boundary_counts_the_optimizers_steps(tmp_path):
     assert [p.name for p in state_files.committed(tmp_path)] == ["step-00000001", "step-00000002"]
     assert onegpu.load_state(tmp_path) == 3
     assert onegpu.saved_extra() == {"epoch": 0}
+
+
+def test_a_stream_resumes_after_the_batches_it_gave(tmp_path):
+    """A loader over an IterableDataset (no indices to draw again): its batches are read again and skipped."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from (torch.tensor([float(i)]) for i in range(20))
+
+    def run(resume: bool) -> list[list[float]]:
+        model = torch.nn.Linear(1, 1)
+        model, optimizer, loader = onegpu.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  DataLoader(Stream(), batch_size=5))  # fmt: skip
+        start = onegpu.load_state(tmp_path) if resume else None
+        seen = []
+        for step, batch in enumerate(loader, start=start or 0):
+            seen.append(batch.view(-1).tolist())
+            if step == 1 and not resume:
+                onegpu.save_state(tmp_path, step=step)
+        return seen
+
+    first, resumed = run(resume=False), run(resume=True)
+    assert resumed == first[2:] == [[10.0, 11.0, 12.0, 13.0, 14.0], [15.0, 16.0, 17.0, 18.0, 19.0]]
