@@ -3,7 +3,8 @@ uninterrupted run does (the plain single process's losses; the same samples at e
 epoch); states are atomic, pruned, checked against the model; ``onegpu export`` joins a state's shards.
 
 The multi-process runs are tests/state_runs.py's loop in tests/scripts/train_state.py: states saved on 2 workers
-(DDP, tensor parallel, pipeline, ZeRO-1) and on 4 (FSDP), loaded on 1, 2, 3 and 4 workers under other plans.
+(DDP, tensor parallel, pipeline, ZeRO-1) and on 4 (FSDP), loaded on 1, 2, 3 and 4 workers under other plans
+(DDP, FSDP, ZeRO-1, optimizer offload, tensor parallel, pipeline).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from onegpu.runtime import state_files
 
 # name:scenario:plan:action (tests/scripts/train_state.py); each launch after the ones whose states it loads
 ON_2 = ("ddp:skipnet:ddp2:save@2", "tp:gpt2-odd:tp2:save@5", "pp:hf:pp2:save@5", "zero1:skipnet:zero1-2:save@5",
-        "drop:dropnet:ddp2:async@2", "drop-same:dropnet:ddp2:load=drop", "pp-dp2:hf:ddp2:load=pp")  # fmt: skip
+        "drop:dropnet:ddp2:async@2", "drop-same:dropnet:ddp2:load=drop", "pp-dp2:hf:ddp2:load=pp",
+        "gpt2-ddp:gpt2-odd:ddp2:save@5")  # fmt: skip
 ON_4 = ("ddp-fsdp4:skipnet:fsdp4:load=ddp", "zero1-zero1-4:skipnet:zero1-4:load=zero1", "four:skipnet:fsdp4:save@5")
 ON_3 = (
     "ddp-fsdp3:skipnet:fsdp3:load=ddp",
     "tp-fsdp3:gpt2-odd:fsdp3:load=tp",
     "zero1-offload3:skipnet:offload3:load=zero1",
 )
-THEN_ON_2 = ("four-zero1-2:skipnet:zero1-2:load=four",)
+THEN_ON_2 = (
+    "four-zero1-2:skipnet:zero1-2:load=four",
+    "gpt2-ddp-tp2:gpt2-odd:tp2:load=gpt2-ddp",
+    "ddp-pp2:skipnet:pp2:load=ddp",
+)
 SCENARIO = {run.split(":")[0]: run.split(":")[1] for run in (*ON_2, *ON_4, *ON_3, *THEN_ON_2)}
 
 
@@ -70,6 +76,8 @@ LOADS = {  # run: (the run that saved, its replicas; this run's replicas)
     "tp-fsdp3": ("tp", 1, 3),
     "zero1-offload3": ("zero1", 2, 3),
     "four-zero1-2": ("four", 4, 2),
+    "gpt2-ddp-tp2": ("gpt2-ddp", 2, 1),  # into tensor parallelism: a fused qkv and a vocabulary padded again
+    "ddp-pp2": ("ddp", 2, 1),
 }
 
 
