@@ -509,3 +509,26 @@ ROWS += [
         tracebacks=True,  # rank 0's own, above the line that names it
     ),
 ]
+
+
+# states (issue 15): another model's state, a path that cannot hold states, an export of nothing
+ROWS += [
+    Row(
+        id="state-of-another-model",
+        args=("run", "--workers", "2", "{scripts}/faults_state.py", "other-model", "{home}/states", "{tag}"),
+        message=r"onegpu: the state in .*/states/step-00000000 was saved from another model: this Sequential: its "
+        r"parameter '0\.weight' has shape \(6, 4\), the state's \(8, 4\) \(load a state of this model, or save to "
+        r"another directory\)",
+    ),
+    Row(
+        id="states-under-a-file",
+        args=("run", "--workers", "1", "{scripts}/faults_state.py", "unwritable", "{home}/run/states", "{tag}"),
+        message=r"onegpu: .*/run/notes\.txt is a file: give save_state and load_state a directory for the states",
+    ),
+    Row(
+        id="export-of-a-missing-state",
+        args=("export", "{home}/missing", "{home}/out"),
+        message=r"onegpu: export: .*/missing does not exist: give a directory onegpu\.save_state wrote, or a step-\* "
+        r"in it",
+    ),
+]

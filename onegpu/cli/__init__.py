@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from onegpu.cli import export as export_command
 from onegpu.cli import plan as plan_command
 from onegpu.cli import run as run_command
 from onegpu.cli import smi as smi_command
@@ -22,6 +23,7 @@ plan_command.register(app)
 smi_command.register(app)
 switch_command.register(app)
 usage_command.register(app)
+export_command.register(app)
 
 
 @app.callback()
