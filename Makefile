@@ -21,7 +21,7 @@ demo: install
 	$(PY) examples/generate.py out/demo-llama
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two test files at a time: the launches wait on I/O and rendezvous
 
 bench: install
 	$(PY) bench/throughput.py

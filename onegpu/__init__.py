@@ -17,8 +17,11 @@ _PUBLIC = {
     "gather": "onegpu.runtime.gather",
     "init": "onegpu.launch.relaunch",
     "is_main_process": "onegpu.launch.process_group",
+    "load_state": "onegpu.runtime.state",
     "prepare": "onegpu.api",
     "save_pretrained": "onegpu.runtime.checkpoint",
+    "save_state": "onegpu.runtime.state",
+    "saved_extra": "onegpu.runtime.state",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ from onegpu.runtime.call_slicing import share_random_state
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
+from onegpu.runtime.prepared import remember
 from onegpu.runtime.user_loss import check_loss_fn
 from onegpu.settings import settings
 
@@ -100,6 +101,7 @@ def prepare(
     else:  # no batch to fit the plan's layout to yet: the model's first call shows one
         prepared = sliced_loaders(given, chosen, worker=worker)
         _defer(given, chosen, worker=worker, loss_fn=loss_fn, count_items=count_items)
+    remember(prepared, worker=worker)
     return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
 
@@ -116,6 +118,7 @@ class _Deferred:
 
 def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count_items) -> None:
     from onegpu.planner.layout import fit_layout
+    from onegpu.runtime.state import load_after_build
 
     model, user_class = given.model, type(given.model)
 
@@ -130,6 +133,7 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
 
         fitted = _shared(fit, worker=worker, measure=False)
         execute(fitted, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
+        load_after_build(model)  # a state load_state found before the model was split
 
     model.__class__ = type(f"Deferred{user_class.__name__}", (_Deferred, user_class), {})
     model.__dict__["onegpu_deferred"] = build

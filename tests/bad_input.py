@@ -1,6 +1,10 @@
 """The table of bad inputs and faults: each row is what a user does wrong (or what goes wrong under them),
 run through the real CLI in an ONEGPU_HOME of its own, and what they must see.
 
+A row whose command fails before any worker starts runs in the test's own process (typer's CliRunner: the same
+``main``, arguments and environment, without the seconds of a new interpreter); a row whose script starts workers
+(``tests/scripts/faults_*.py``) runs the real CLI in a process of its own.
+
 A row passes when the command exits with ``exit_code``, its last line on stderr is ``message`` (a regular
 expression matched against the whole line), no traceback is shown (unless the row allows the workers'
 own), no process of the row is left running and no device is left leased.
@@ -38,6 +42,11 @@ class Row:
     tracebacks: bool = False  # a failing worker's own traceback may be shown above the last line
     timeout: float = 120
 
+    @property
+    def starts_workers(self) -> bool:
+        """Whether the command gets as far as starting workers (only the ``faults_*`` scripts do)."""
+        return any(arg.startswith("{scripts}/faults_") for arg in self.args)
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -54,12 +63,10 @@ def run_row(row: Row, home: Path) -> Outcome:
     if row.setup is not None:
         row.setup(home)
     fill = lambda text: text.format(tag=tag, home=home, scripts=SCRIPTS)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "ONEGPU_HOME": str(home),
-        **{k: fill(v) for k, v in row.env.items()},
-    }
+    changes = {"ONEGPU_HOME": str(home), **{k: fill(v) for k, v in row.env.items()}}
+    if not row.starts_workers:
+        return Outcome(result=_in_process([fill(arg) for arg in row.args], changes), home=home, tag=tag)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **changes}
     result = subprocess.run(
         [sys.executable, "-m", "onegpu", *map(fill, row.args)],
         cwd=ROOT,
@@ -69,6 +76,28 @@ def run_row(row: Row, home: Path) -> Outcome:
         env=env,
     )
     return Outcome(result=result, home=home, tag=tag)
+
+
+def _in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``onegpu *args`` run by this process, as a process's result; an exception that escaped is its traceback."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from onegpu.cli import app
+
+    cwd, environ = os.getcwd(), dict(os.environ)
+    os.chdir(ROOT)
+    try:
+        result = CliRunner().invoke(app, args, env=env)
+    finally:  # the command's own changes too (``onegpu run`` marks the environment it launches from)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, stdout=result.stdout, stderr=stderr)
 
 
 def processes_of(tag: str) -> list[str]:
@@ -97,6 +126,10 @@ def check_row(row: Row, outcome: Outcome) -> None:
     if not row.tracebacks:
         assert "Traceback" not in result.stderr, result.stderr
     assert processes_of(outcome.tag) == [], "processes left running"
+    while _LOCKERS:  # the row's command has ended: release the ledger it found locked, to read it
+        locker = _LOCKERS.pop()
+        locker.kill()
+        locker.wait()
     assert leases_in(outcome.home) == [], "devices left leased"
 
 
@@ -267,7 +300,7 @@ PG_DOWN = (
     r"onegpu: cannot connect to the PostgreSQL ledger at 127\.0\.0\.1:1/onegpu \(.*Connection refused\): start the "
     r"server, or fix ONEGPU_DATABASE_URL \(or database_url in pool\.toml\)"
 )
-_LOCKERS: list[subprocess.Popen] = []  # other processes, holding a ledger's lock for 20 s
+_LOCKERS: list[subprocess.Popen] = []  # other processes, holding a ledger's lock until the row is checked
 
 
 def _corrupt_ledger(home: Path) -> None:
@@ -474,6 +507,29 @@ ROWS += [
         args=("run", "--workers", "2", "{scripts}/faults_job.py", "save-bad-path", "{home}", "{tag}"),
         message=r"onegpu: (worker rank 0 failed \(exit code 1\): \w+Error: )?.*a-file.*",
         tracebacks=True,  # rank 0's own, above the line that names it
+    ),
+]
+
+
+# states (issue 15): another model's state, a path that cannot hold states, an export of nothing
+ROWS += [
+    Row(
+        id="state-of-another-model",
+        args=("run", "--workers", "2", "{scripts}/faults_state.py", "other-model", "{home}/states", "{tag}"),
+        message=r"onegpu: the state in .*/states/step-00000000 was saved from another model: this Sequential: its "
+        r"parameter '0\.weight' has shape \(6, 4\), the state's \(8, 4\) \(load a state of this model, or save to "
+        r"another directory\)",
+    ),
+    Row(
+        id="states-under-a-file",
+        args=("run", "--workers", "1", "{scripts}/faults_state.py", "unwritable", "{home}/run/states", "{tag}"),
+        message=r"onegpu: .*/run/notes\.txt is a file: give save_state and load_state a directory for the states",
+    ),
+    Row(
+        id="export-of-a-missing-state",
+        args=("export", "{home}/missing", "{home}/out"),
+        message=r"onegpu: export: .*/missing does not exist: give a directory onegpu\.save_state wrote, or a step-\* "
+        r"in it",
     ),
 ]
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 from bad_input import ROWS, check_row, run_row
 
-pytestmark = pytest.mark.slow  # every row runs the real CLI in a process of its own
+
+def _param(row):
+    """A row that starts workers runs the real CLI in processes of its own: a slow test."""
+    return pytest.param(row, id=row.id, marks=[pytest.mark.slow] if row.starts_workers else [])
 
 
-@pytest.mark.parametrize("row", [pytest.param(row, id=row.id) for row in ROWS])
+@pytest.mark.parametrize("row", [_param(row) for row in ROWS])
 def test_bad_input_gets_one_line_and_loses_nothing(row, tmp_path):
     check_row(row, run_row(row, tmp_path / "home"))

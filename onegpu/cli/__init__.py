@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from onegpu.cli import export as export_command
 from onegpu.cli import plan as plan_command
 from onegpu.cli import resize as resize_command
 from onegpu.cli import run as run_command
@@ -24,6 +25,7 @@ smi_command.register(app)
 switch_command.register(app)
 resize_command.register(app)
 usage_command.register(app)
+export_command.register(app)
 
 
 @app.callback()

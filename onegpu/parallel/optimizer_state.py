@@ -16,7 +16,8 @@ the same layout, its local values on the host). Around each ``optimizer.step()``
   per dtype) so every replica holds the whole updated parameter again.
 
 ``optimizer.zero_grad()`` clears the model's gradients too. The optimizer's state is then this worker's
-alone: each worker saves its own ``optimizer.state_dict()`` and loads it back under the same plan.
+alone: each worker's own ``optimizer.state_dict()`` loads back under the same plan only; ``onegpu.save_state``
+saves it per parameter (:mod:`onegpu.parallel.state_dict`), for any plan.
 
 Why not ``torch.distributed.optim.ZeroRedundancyOptimizer``: it replaces the user's optimizer object (the
 loop and its schedulers hold the old one) and gives each rank whole parameters, so its memory is 1/dp
@@ -27,7 +28,9 @@ refused under ZeRO-1 (a DTensor parameter keeps its own layout under offload, so
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,12 @@ ELEMENTWISE = tuple(
     for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Rprop", "Adadelta", "ASGD")
 )
 HOST = torch.device("cpu")
+_PLACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its pieces
+
+
+def placed_pieces(optimizer: torch.optim.Optimizer) -> list[_Piece]:
+    """The pieces ``optimizer`` updates in place of the model's parameters (none when it updates them)."""
+    return _PLACED.get(optimizer, [])
 
 
 @dataclass
@@ -54,6 +63,7 @@ class _Piece:
     start: int | None = None
     stop: int | None = None
     chunk: int = 0  # ZeRO-1: the elements of each replica's piece (the last ones may hold fewer)
+    group: Any = None  # ZeRO-1: the replicas' process group
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the parameter or its gradient) as the proxy sees it: this worker's piece of its values."""
@@ -90,11 +100,22 @@ def apply_optimizer_state(optimizer: torch.optim.Optimizer, plan: Plan, *, group
         made = [_piece(p, replicas=replicas, rank=rank, host=host, shard=shard) for p in param_group["params"]]
         param_group["params"] = [piece.proxy for piece in made]
         pieces += made
+    for piece in pieces:
+        piece.group = group if shard else None
+    _PLACED[optimizer] = pieces
     optimizer.register_step_pre_hook(lambda *_: _take_gradients(pieces, host=host))
     optimizer.register_step_post_hook(lambda *_: _return_values(pieces, host=host, group=group if shard else None))
     _clear_model_gradients_too(optimizer, [piece.param for piece in pieces])
     if shard:
         _mark_saved_pieces(optimizer, rank=rank, replicas=replicas)
+
+
+@torch.no_grad()
+def refresh_pieces(optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's pieces given the model's parameters' values again (host copies do not follow a
+    parameter loaded in place; views do, and copy onto themselves)."""
+    for piece in placed_pieces(optimizer):
+        _local(piece.proxy).copy_(piece.local(piece.param))
 
 
 def _piece(param: nn.Parameter, *, replicas: int, rank: int, host: bool, shard: bool) -> _Piece:

@@ -47,12 +47,12 @@ def share_random_state(worker: Worker) -> None:
     """Give every worker rank 0's random state: torch's (CPU and this worker's device), Python's, NumPy's."""
     if worker.world_size == 1:
         return
-    state = [_random_state(worker.device)]
+    state = [random_state(worker.device)]
     dist.broadcast_object_list(state, src=0, device=worker.device if worker.device.type != "cpu" else None)
-    _set_random_state(state[0], worker.device)
+    set_random_state(state[0], worker.device)
 
 
-def _random_state(device: torch.device) -> dict[str, Any]:
+def random_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type != "cpu":
         state["device"] = torch.get_device_module(device).get_rng_state(device)
@@ -64,7 +64,7 @@ def _random_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def _set_random_state(state: dict[str, Any], device: torch.device) -> None:
+def set_random_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "device" in state:

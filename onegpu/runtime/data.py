@@ -45,16 +45,17 @@ def sync_rng(generator: torch.Generator | None, *, worker: Worker) -> None:
 class SlicedBatchSampler(Sampler[list[int]]):
     """Yields this worker's slice of each global batch of indices drawn by the user's batch sampler."""
 
-    def __init__(self, batch_sampler: Any, *, worker: Worker, shard: tuple[int, int]) -> None:
-        self.batch_sampler, self.worker, self.shard = batch_sampler, worker, shard
+    def __init__(self, batch_sampler: Any, *, worker: Worker, shard: tuple[int, int], position: LoaderPosition) -> None:
+        self.batch_sampler, self.worker, self.shard, self.position = batch_sampler, worker, shard, position
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
-        sync_rng(getattr(getattr(self.batch_sampler, "sampler", None), "generator", None), worker=self.worker)
+        generator = getattr(getattr(self.batch_sampler, "sampler", None), "generator", None)
+        sync_rng(generator, worker=self.worker)
         rank, size = self.shard
-        for indices in self.batch_sampler:
+        for indices in self.position.epoch(iter(self.batch_sampler), generator):
             indices = list(indices)
             start, end = slice_bounds(len(indices), rank=rank, world_size=size)
             yield indices[start:end]
@@ -154,6 +155,55 @@ def _next_batch_asked() -> None:
         _AT_NEXT_BATCH.pop(0)()
 
 
+class LoaderPosition:
+    """Where a loader is: its epoch (counted from 0), the global batches of that epoch the loop has taken, and
+    the random state its sampler drew the epoch's order from. A state restored (:meth:`resume_at`) makes the
+    next epoch the rest of the saved one: the same order drawn again, the batches taken skipped unloaded."""
+
+    def __init__(self) -> None:
+        self.epochs, self.batches, self.start_state = 0, 0, None
+        self.resume: dict[str, Any] | None = None
+
+    def epoch(self, batches: Iterator[Any], generator: torch.Generator | None) -> Iterator[Any]:
+        """``batches`` of a new epoch (of the saved one when resuming), counting from where it resumes."""
+        resume, self.resume = self.resume, None
+        if resume is None or resume["start_state"] is None:  # a fresh epoch (a state saved before any)
+            self.epochs += 1 if self.start_state is not None else 0
+            self.start_state, self.batches = _get_state(generator), 0
+            return batches
+        _set_state(generator, resume["start_state"])  # the saved epoch's order, drawn again
+        self.epochs, self.start_state, self.batches = resume["epochs"], resume["start_state"], 0
+        for _ in range(resume["batches"]):
+            if next(batches, None) is None:
+                break
+            self.batches += 1
+        _set_state(generator, resume["state"])  # where the saved run was: the rest of its draws follow
+        return batches
+
+    def taken(self) -> None:
+        self.batches += 1
+
+    def state(self, generator: torch.Generator | None, *, batch_size: int | None) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batches": self.batches, "start_state": self.start_state,
+                "state": _get_state(generator), "batch_size": batch_size,
+                "samples": self.batches * (batch_size or 1)}  # fmt: skip
+
+    def resume_at(self, state: dict[str, Any], generator: torch.Generator | None) -> None:
+        self.resume, self.epochs, self.batches = state, state["epochs"], state["batches"]
+        _set_state(generator, state["state"])
+
+
+def _get_state(generator: torch.Generator | None) -> torch.Tensor:
+    return generator.get_state() if generator is not None else torch.get_rng_state()
+
+
+def _set_state(generator: torch.Generator | None, state: torch.Tensor) -> None:
+    if generator is not None:
+        generator.set_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
 class GlobalBatchLoader(DataLoader):
     """The user's DataLoader, yielding this worker's slice of every global batch on its device.
 
@@ -164,11 +214,14 @@ class GlobalBatchLoader(DataLoader):
         self.worker, self.original = worker, loader
         self.shard = shard or (worker.rank, worker.world_size)
         self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
+        self.position = LoaderPosition()
         check_loader(loader, replicas=self.shard[1])
         if self.slices_indices:
             super().__init__(
                 loader.dataset,
-                batch_sampler=SlicedBatchSampler(loader.batch_sampler, worker=worker, shard=self.shard),
+                batch_sampler=SlicedBatchSampler(
+                    loader.batch_sampler, worker=worker, shard=self.shard, position=self.position
+                ),
                 num_workers=loader.num_workers,
                 collate_fn=loader.collate_fn,
                 pin_memory=loader.pin_memory,
@@ -194,11 +247,22 @@ class GlobalBatchLoader(DataLoader):
         for batch in batches:
             batch = move_to(batch, self.worker.device)
             SLICED.mark(batch)
+            self.position.taken()
             yield batch
             _next_batch_asked()
 
+    def batch_size_global(self) -> int | None:
+        """The user's loader's batch size: the global batch, whatever the workers."""
+        return self.original.batch_size
+
+    def order_generator(self) -> torch.Generator | None:
+        """The generator the user's sampler draws the order from (None: torch's default one)."""
+        if self.slices_indices:
+            return getattr(getattr(self.original.batch_sampler, "sampler", None), "generator", None)
+        return self.original.generator
+
     def _sliced(self, batches: Iterator[Any]) -> Iterator[Any]:
         sync_rng(self.original.generator, worker=self.worker)
-        for batch in batches:
+        for batch in self.position.epoch(batches, self.original.generator):
             start, end = slice_bounds(leading_size(batch), rank=self.shard[0], world_size=self.shard[1])
             yield slice_batch(batch, start, end)

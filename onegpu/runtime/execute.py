@@ -170,6 +170,7 @@ def _hook_calls(model: nn.Module, plan: Plan, *, mesh, worker: Worker, watchdog,
         weight_losses()
     else:
         slicer = CallSlicer(replica=replica_slice(plan, worker=worker)[0], replicas=plan.dp, group=group, worker=worker)
+        model.__dict__["onegpu_call_slicer"] = slicer  # its random streams' position is saved with the state
         attach_call_slicing(model, slicer, between=weight_losses, watchdog=watchdog)
     if plan.microbatches > 1:
         run_as_micro_batches(

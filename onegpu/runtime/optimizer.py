@@ -10,8 +10,7 @@ from torch import nn
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
 from onegpu.launch.resizing import accept_resize, mark_saves_state, requested_workers
-from onegpu.runtime.call_slicing import _random_state as random_state
-from onegpu.runtime.call_slicing import _set_random_state as set_random_state
+from onegpu.runtime.call_slicing import random_state, set_random_state
 from onegpu.runtime.data import at_next_batch
 from onegpu.settings import settings
 
