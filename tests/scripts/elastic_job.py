@@ -10,15 +10,16 @@ and saves the trained model in OUT/model.
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elastic_training import build_run, train  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 import onegpu  # noqa: E402
+from onegpu.cli import app  # noqa: E402
 
 out = Path(sys.argv[1])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -37,9 +38,9 @@ def after_step(step: int, loss: float) -> None:
         onegpu.save_state(state, step=step)
     if (step, world, attempt, rank) == (4, 3, 0, 1):
         os.kill(os.getpid(), signal.SIGKILL)
-    if rank == 0 and (step, world) in requests:
-        said = subprocess.run([sys.executable, "-m", "onegpu", *requests[step, world]], capture_output=True, text=True)
-        print(said.stdout.strip() or said.stderr.strip(), file=sys.stderr)
+    if rank == 0 and (step, world) in requests:  # the command as a user types it (run here: no new interpreter)
+        said = CliRunner().invoke(app, requests[step, world])
+        print(said.output.strip(), file=sys.stderr)
 
 
 train(model, optimizer, scheduler, loader, start=start or 0, after_step=after_step)
