@@ -7,8 +7,9 @@ Runs the demo model (0.8M-parameter Llama, the demo corpus) on --workers workers
 saving its state (onegpu.save_state) every 2 steps. Once the job has taken --kill-at steps, rank 1 is sent
 SIGKILL from outside. torchelastic stops the others and starts all of them again; they load the last state
 and train on. Prints, per run: the time from the kill to the end of the first step after it, split into the
-new workers' start (processes, imports, process group, prepare) until load_state begins, load_state, and the
-first step; beside it the same job's first start (launcher to first step) and its steady step time.
+new workers' start (the failure detected, the survivors stopped, new processes up with torch imported; the
+script's own imports, model and data built; prepare), load_state, and the first step; beside it the same
+job's first start (launcher to first step) and its steady step time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 def worker(out: Path) -> None:
     """One worker of the measured job: rank 0 logs when each phase ended."""
+    began = time.time()  # the process is up, torch imported (by onegpu's worker entry point)
     import onegpu
     from bench.models import MODELS
 
@@ -37,6 +39,7 @@ def worker(out: Path) -> None:
     model = demo.build()
     optimizer = __import__("torch").optim.AdamW(model.parameters(), lr=1e-3)
     loader = demo.loader()
+    built = time.time()
     model, optimizer, loader = onegpu.prepare(model, optimizer, loader)
     rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     (out / f"rank-{rank}-{attempt}.pid").write_text(str(os.getpid()))
@@ -46,6 +49,8 @@ def worker(out: Path) -> None:
             with open(out / "log.jsonl", "a") as handle:
                 handle.write(json.dumps({"attempt": attempt, "time": time.time(), **record}) + "\n")
 
+    log(event="began", time=began)
+    log(event="built", time=built)
     log(event="load-begins")
     start = onegpu.load_state(out / "state")
     log(event="loaded", start=start)
@@ -83,11 +88,15 @@ def one_run(*, workers: int, kill_at: int) -> dict:
             time.sleep(0.01)
         job.wait(timeout=600)
         steps0 = [r["time"] for r in _records(out, event="step", attempt=0)]
+        began, built = _records(out, event="began", attempt=1)[0], _records(out, event="built", attempt=1)[0]
         begins, loaded = _records(out, event="load-begins", attempt=1)[0], _records(out, event="loaded", attempt=1)[0]
         first = _records(out, event="step", attempt=1)[0]
         return {
             "restart_to_first_step_s": round(first["time"] - killed, 2),
             "workers_start_s": round(begins["time"] - killed, 2),
+            "process_up_s": round(began["time"] - killed, 2),  # detected, stopped, new processes up, torch imported
+            "build_s": round(built["time"] - began["time"], 2),  # onegpu and transformers imported, model built
+            "prepare_s": round(begins["time"] - built["time"], 2),  # process group joined, plan chosen and applied
             "load_state_s": round(loaded["time"] - begins["time"], 3),
             "first_step_s": round(first["time"] - loaded["time"], 3),
             "resumed_at_step": loaded["start"],
@@ -120,7 +129,8 @@ def main() -> None:
     for run in runs:
         print(
             f"kill -9 of rank 1 of {args.workers} at step {args.kill_at}: first step after it in "
-            f"{run['restart_to_first_step_s']:.2f} s (workers started {run['workers_start_s']:.2f} s, load_state "
+            f"{run['restart_to_first_step_s']:.2f} s (workers started {run['workers_start_s']:.2f} s: processes up "
+            f"{run['process_up_s']:.2f}, build {run['build_s']:.2f}, prepare {run['prepare_s']:.2f}; load_state "
             f"{run['load_state_s']:.3f} s, first step {run['first_step_s']:.3f} s; resumed at step "
             f"{run['resumed_at_step']}) | first start {run['first_start_s']:.2f} s, step {run['step_s']:.3f} s"
         )
