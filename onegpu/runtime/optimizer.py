@@ -84,7 +84,7 @@ def stop_for_resize_at_step_boundary(model: nn.Module, optimizer: torch.optim.Op
     def stop(*_) -> None:
         if not stopping:
             return
-        workers, random = stopping[0]
+        workers, random = stopping.pop()  # once: the other way of reaching the boundary then finds nothing to do
         set_random_state(random, worker.device)  # as the step ended: the process ends after saving
         save_at_step_boundary()
         if worker.is_main:
