@@ -20,8 +20,9 @@ demo: install
 	$(VENV)/bin/onegpu run --workers 2 examples/train_llama.py --out out/demo-llama
 	$(PY) examples/generate.py out/demo-llama
 
+# two test files at a time (pytest-xdist): the launches wait on I/O and rendezvous
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile  # two test files at a time: the launches wait on I/O and rendezvous
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PY) bench/throughput.py

@@ -25,6 +25,7 @@ def test_onegpu_run_shows_printed_lines_once():
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["hello from rank 0 of 2"]
     assert "strategy: ddp" in result.stderr
+    assert "find_unused_parameters" not in result.stderr  # DDP's reducer's warning on onegpu's own choice
 
 
 def test_plain_python_with_init_starts_the_workers():

@@ -42,6 +42,7 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     lost: list[str] = []
+    threads = os.environ.get("OMP_NUM_THREADS")  # the user's, kept at every size; else a share of the cores
 
     def stop_on_lost_lease(reason: str) -> None:  # torchelastic stops the workers on SIGTERM
         lost.append(reason)
@@ -52,7 +53,9 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max
             with job_directory(lease.job) as status:
                 while True:
                     try:
-                        _run_workers(script, args, lease=lease, status=status, max_restarts=max_restarts)
+                        _run_workers(
+                            script, args, lease=lease, status=status, max_restarts=max_restarts, threads=threads
+                        )
                     except ChildFailedError as failure:  # reported while the workers' status files are there
                         raise LaunchError(_report(failure, status=status, max_restarts=max_restarts)) from None
                     size = take_resize(status)
@@ -70,7 +73,9 @@ def _report(failure: ChildFailedError, *, status: Path, max_restarts: int) -> st
     return f"{cause} (after {max_restarts} restart{'s' if max_restarts > 1 else ''})" if max_restarts else cause
 
 
-def _run_workers(script: str, args: list[str], *, lease: JobLease, status: Path, max_restarts: int) -> None:
+def _run_workers(
+    script: str, args: list[str], *, lease: JobLease, status: Path, max_restarts: int, threads: str | None
+) -> None:
     """One worker per leased device, until they end (torchelastic restarting them up to ``max_restarts``
     times); the workers end with this process, however it ends, and leave their memory and their end in
     ``status``."""
@@ -78,7 +83,10 @@ def _run_workers(script: str, args: list[str], *, lease: JobLease, status: Path,
     os.environ.update(
         worker_environment(job=lease.job, devices=lease.devices, launcher_pid=os.getpid(), status_dir=status)
     )
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
+    os.environ["OMP_NUM_THREADS"] = threads or str(threads_per_worker(workers))
+    # PyTorch's C++ warnings only (not Python's): DDP's reducer warns every replicated job that it looks for
+    # parameters a call leaves out, which onegpu does on purpose (a model may skip some); set it to see them
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if max_restarts:  # a store of each attempt's own: a restarted gloo/NCCL mesh would read the last one's
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # addresses from the shared one (pytorch#135712)
     if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
