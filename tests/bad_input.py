@@ -403,8 +403,24 @@ ROWS += [
         id="pool-unknown-key",
         args=("run", "{scripts}/job.py", "ok", "{tag}"),
         pool_toml="cpu_slot = 4\n",
-        message=r"onegpu: \S+/pool\.toml: unknown key 'cpu_slot'; known keys are cpu_slots, database_url, flavors, "
-        r"lease_ttl_s, price_per_device_hour, slot_memory_gb",
+        message=r"onegpu: \S+/pool\.toml: unknown key 'cpu_slot'; known keys are address, backend, cpu_slots, "
+        r"database_url, device_resource, flavors, lease_ttl_s, price_per_device_hour, slot_memory_gb",
+    ),
+    Row(
+        id="pool-unknown-backend",
+        args=("run", "{scripts}/job.py", "ok", "{tag}"),
+        pool_toml='backend = "slurm"\n',
+        message=r'onegpu: \S+/pool\.toml: backend = \'slurm\': use "local" \(this machine\) or "ray" \(a Ray cluster\)',
+    ),
+    *(
+        Row(
+            id=f"ray-pool-unreachable-{args[0]}",
+            args=args,
+            pool_toml='backend = "ray"\naddress = "127.0.0.1:1"\n',
+            message=r"onegpu: cannot reach the Ray cluster at 127\.0\.0\.1:1 \(.*refused\): start it with "
+            r"`ray start --head`, or fix address in \S+/pool\.toml",
+        )
+        for args in (("run", "--workers", "2", "{scripts}/job.py", "ok", "{tag}"), ("smi",), ("usage",))
     ),
     *(
         Row(

@@ -68,7 +68,7 @@ def test_a_resized_job_keeps_its_devices_and_usage_shows_each_size_with_the_minu
 
     pool = load_pool()
     ledger = pool_ledger(pool)
-    lease = JobLease(job="alice-1", devices=ledger.acquire(job="alice-1", devices=2, pool_size=4), pool=pool)
+    lease = JobLease(job="alice-1", devices=ledger.acquire(job="alice-1", devices=2, pool_devices=range(4)), pool=pool)
     grown = resize_lease(lease, count=3)
     shrunk = resize_lease(grown, count=1)
     assert (grown.devices, shrunk.devices) == ((0, 1, 2), (0,))
@@ -104,7 +104,7 @@ def test_only_a_running_job_that_saves_its_state_on_this_machine_can_be_resized(
     from onegpu.pool.lease import pool_ledger
 
     pool = load_pool()
-    pool_ledger(pool).acquire(job="alice-2", devices=2, pool_size=4)
+    pool_ledger(pool).acquire(job="alice-2", devices=2, pool_devices=range(4))
     directory = jobs_directory() / "alice-2"
     directory.mkdir(parents=True)
     with pytest.raises(UsageError, match="job alice-2 cannot be resized: it does not save its state"):
@@ -113,7 +113,7 @@ def test_only_a_running_job_that_saves_its_state_on_this_machine_can_be_resized(
     mark_saves_state(directory, state=home / "ckpt")
     resize_job(pool, job="alice-2", workers=3)
     assert requested_workers(directory) == 3
-    pool_ledger(pool).acquire(job="bob-1", devices=1, pool_size=4)
+    pool_ledger(pool).acquire(job="bob-1", devices=1, pool_devices=range(4))
     with pytest.raises(
         UsageError, match=f"job bob-1 runs on {re.escape(socket.gethostname())}: run onegpu resize there"
     ):

@@ -177,7 +177,7 @@ def test_leases_of_a_killed_job_expire_and_its_usage_is_kept(home, backend):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     killed = time.time()
-    devices = records.acquire(job="next", devices=4, pool_size=4)  # waits until the dead job's leases expire
+    devices = records.acquire(job="next", devices=4, pool_devices=range(4))  # waits until the dead job's leases expire
     assert devices == (0, 1, 2, 3) and time.time() - killed < 2 + 2
     dead = [i for i in records.intervals() if i.job != "next"]
     assert len(dead) == 4 and all(i.end <= killed for i in dead)  # ended at its last renewal
@@ -185,11 +185,11 @@ def test_leases_of_a_killed_job_expire_and_its_usage_is_kept(home, backend):
 
 def test_waiting_jobs_are_served_first_come_first_served(home, backend):
     records = ledger(home)
-    records.acquire(job="big", devices=3, pool_size=4)
+    records.acquire(job="big", devices=3, pool_devices=range(4))
     served: list[str] = []
 
     def wait_for(job: str, count: int) -> None:
-        records.acquire(job=job, devices=count, pool_size=4, poll_s=0.05)
+        records.acquire(job=job, devices=count, pool_devices=range(4), poll_s=0.05)
         served.append(job)
 
     first = threading.Thread(target=wait_for, args=("first", 2))
@@ -238,7 +238,7 @@ def test_usage_bills_each_device_per_started_minute(home):
 
 def test_smi_shows_the_virtual_device_and_the_jobs_behind_it(home):
     records = ledger(home)
-    records.acquire(job="train", devices=2, pool_size=4)
+    records.acquire(job="train", devices=2, pool_devices=range(4))
     for device in (0, 1):
         records.report(job="train", device=device, memory_bytes=1.5e9, utilization=0.8)
     alive = {"ONEGPU_LEASE_TTL": "600"}  # nothing renews these leases: keep them valid while smi starts
@@ -322,7 +322,7 @@ def test_ctrl_c_stops_the_job_and_releases_its_devices(home, tmp_path):
 
 
 def test_no_wait_fails_at_once_when_the_pool_is_taken(home, tmp_path):
-    ledger(home).acquire(job="other", devices=4, pool_size=4)
+    ledger(home).acquire(job="other", devices=4, pool_devices=range(4))
     script = tmp_path / "job.py"
     script.write_text("print('ran')\n")
     result = cli(home, "run", "--no-wait", str(script), env={"ONEGPU_LEASE_TTL": "600"})  # "other" stays alive
@@ -335,7 +335,7 @@ def test_no_wait_fails_at_once_when_the_pool_is_taken(home, tmp_path):
 
 def test_a_corrupt_or_locked_ledger_is_a_clear_error_and_loses_nothing(home):
     records = ledger(home)
-    records.acquire(job="kept", devices=1, pool_size=4)
+    records.acquire(job="kept", devices=1, pool_devices=range(4))
     records.release(job="kept")
     connection = sqlite3.connect(home / "ledger.sqlite", isolation_level=None)
     connection.execute("BEGIN EXCLUSIVE")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import socket
 import time
 from typing import Annotated
 
@@ -47,9 +46,19 @@ def _report(pool, flavor, holdings, stats) -> dict:
             "memory_total_gb": flavor.memory_gb,
             "utilization": round(utilization, 3),
         },
+        "nodes": [
+            {
+                "node": node,
+                "host": devices[0].host,
+                "devices": len(devices),
+                "held": sum(d.index in job_of for d in devices),
+            }
+            for node, devices in pool.nodes.items()
+        ],
         "devices": [
             {
-                "node": socket.gethostname(),
+                "node": d.node,
+                "host": d.host,
                 "index": d.index,
                 "name": d.name,
                 "memory_gb": d.memory_gb,
@@ -80,7 +89,16 @@ def _print(report: dict, *, pool, flavor, holdings) -> None:
     ]
     line = "+" + "-" * (sum(map(len, cells)) + len(cells) - 1) + "+"
     typer.echo("\n".join([line, "|" + "|".join(cells) + "|", line.replace("-", "="), "|" + "|".join(row) + "|", line]))
-    typer.echo(f"  behind it: {flavor.devices} of {len(pool.devices)} x {pool.devices[0].name} in this pool")
+    nodes = report["nodes"]
+    typer.echo(
+        f"  behind it: {flavor.devices} of {len(pool.devices)} x {pool.devices[0].name} in this pool"
+        + (f", on {len(nodes)} nodes ({pool.backend} backend)" if len(nodes) > 1 else "")
+    )
+    if len(nodes) > 1:
+        for node in nodes:
+            typer.echo(
+                f"    node {node['node'][:12]:12}  {node['host']:16} {node['devices']} devices, {node['held']} held"
+            )
     typer.echo(f"  {'node':12} {'device':>6}  {'name':12} {'memory used':>16}  {'util':>5}  job")
     for device in report["devices"]:
         memory = f"{device['memory_used_gb']:.1f} / {device['memory_gb']:g} GB"

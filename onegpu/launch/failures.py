@@ -92,9 +92,13 @@ def failures_of(failure: ChildFailedError) -> list[Failure]:
     return sorted(found, key=lambda f: (f.time_us, f.rank))
 
 
-def root_cause(failure: ChildFailedError, *, status: Path | None = None) -> str:
+def root_cause(failure: ChildFailedError | list[Failure], *, status: Path | None = None) -> str:
     """One line on the worker whose failure stopped the job, and why; ``status`` is the job's status directory."""
-    failed = failures_of(failure)
+    failed = (
+        failures_of(failure)
+        if isinstance(failure, ChildFailedError)
+        else sorted(failure, key=lambda f: (f.time_us, f.rank))
+    )
     causes = [f for f in failed if not f.consequence]
     if causes:
         return describe(causes[0], status=status)

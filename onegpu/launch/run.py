@@ -1,4 +1,5 @@
-"""Start N workers running a script, on top of torch.distributed.run (torchrun / elastic).
+"""Start N workers running a script, on top of torch.distributed.run (torchrun / elastic), or on the nodes of a
+Ray pool (``launch.ray_run``).
 
 With ``max_restarts``, torchelastic restarts every worker when one fails (its own restart loop), while
 this process keeps the job's device leases. When ``onegpu resize`` asks for another size, the workers
@@ -19,6 +20,7 @@ from torch.distributed.run import get_args_parser, run
 
 from onegpu.errors import LaunchError
 from onegpu.launch.failures import root_cause
+from onegpu.launch.ray_run import run_on_ray
 from onegpu.launch.resizing import job_directory, take_resize
 from onegpu.launch.status import attempt_directory
 from onegpu.launch.workers import threads_per_worker
@@ -53,9 +55,12 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max
             with job_directory(lease.job) as status:
                 while True:
                     try:
-                        _run_workers(
-                            script, args, lease=lease, status=status, max_restarts=max_restarts, threads=threads
-                        )
+                        if lease.pool.backend == "ray":
+                            lease = run_on_ray(script, args, lease=lease, status=status, max_restarts=max_restarts)
+                        else:
+                            _run_workers(
+                                script, args, lease=lease, status=status, max_restarts=max_restarts, threads=threads
+                            )
                     except ChildFailedError as failure:  # reported while the workers' status files are there
                         raise LaunchError(_report(failure, status=status, max_restarts=max_restarts)) from None
                     size = take_resize(status)

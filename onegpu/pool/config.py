@@ -6,6 +6,10 @@ slot_memory_gb = 6            # each CPU slot's memory budget
 price_per_device_hour = 2.0   # for `onegpu usage`
 lease_ttl_s = 30              # a job that stops renewing its leases loses them after this long
 database_url = "postgresql://..."  # default: SQLite in $ONEGPU_HOME/ledger.sqlite (or ONEGPU_DATABASE_URL)
+backend = "ray"               # default "local": this machine's devices; "ray": the devices of a Ray cluster's nodes
+address = "10.0.0.1:6379"     # the Ray cluster (default: RAY_ADDRESS, else "auto": the cluster this machine joined)
+device_resource = "GPU"       # the Ray resource one device is (default "GPU"; CPU pools: a custom one, e.g.
+                              # `ray start --resources='{"onegpu_device": 2}'` with device_resource = "onegpu_device")
 
 [flavors]                     # replaces the standard flavors: name = device count
 Small = 1
@@ -13,12 +17,15 @@ Big = 3
 ```
 
 Flavors larger than this machine's pool are skipped (one file may serve machines of several sizes),
-but at least one must fit. A negative price is refused; 0 (the default) bills nothing.
+but at least one must fit. A negative price is refused; 0 (the default) bills nothing. On a Ray pool,
+``cpu_slots`` does not apply (each node offers its ``device_resource``) and ``slot_memory_gb`` is each
+device's memory (default: a CPU slot's share of its node's memory; set it to the GPUs' memory on GPU nodes).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import tomllib
 from dataclasses import dataclass
@@ -31,6 +38,8 @@ from onegpu.errors import UsageError
 from onegpu.settings import settings
 
 CPU_SLOTS = 4
+_HOST = socket.gethostname()
+_EXAMPLES = {"address": '"10.0.0.1:6379"', "device_resource": '"GPU"'}
 HOME_FIX = "point ONEGPU_HOME at a directory you can write to (it is created if missing)"
 
 
@@ -59,10 +68,12 @@ def _home_named(home: Path) -> str:
 
 @dataclass(frozen=True)
 class Device:
-    index: int
+    index: int  # in the ledger: the pool's device ids are stable while its nodes come and go
     name: str
     memory_gb: float
-    kind: str  # "cpu" (a slot of this machine) or the accelerator type ("cuda", ...)
+    kind: str  # "cpu" (a CPU slot) or the accelerator type ("cuda", ...)
+    node: str = ""  # the machine it is on: this host's name, or a Ray node's id
+    host: str = ""  # that machine's address or name
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,22 @@ class PoolConfig:
     database_url: str | None = None
     flavors: tuple[tuple[str, int], ...] = ()  # overrides: (name, device count)
     path: Path | None = None
+    backend: str = "local"  # or "ray"
+    address: str | None = None  # the Ray cluster's
+    device_resource: str = "GPU"  # the Ray resource one device is
+    slot_memory_gb: float | None = None
+
+    @property
+    def nodes(self) -> dict[str, tuple[Device, ...]]:
+        """The pool's devices by node, in the order of the pool."""
+        found: dict[str, tuple[Device, ...]] = {}
+        for device in self.devices:
+            found[device.node] = (*found.get(device.node, ()), device)
+        return found
+
+    def node_of(self) -> dict[int, str]:
+        """Each device id's node."""
+        return {device.index: device.node for device in self.devices}
 
 
 def load_pool(home: Path | None = None) -> PoolConfig:
@@ -86,6 +113,7 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path} is not valid TOML ({exc}): fix it, or delete it for the defaults") from None
     known = {"cpu_slots", "slot_memory_gb", "price_per_device_hour", "lease_ttl_s", "database_url", "flavors"}
+    known |= {"backend", "address", "device_resource"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
@@ -98,34 +126,54 @@ def load_pool(home: Path | None = None) -> PoolConfig:
             raise UsageError(f"{path}: {key} = {value!r}: give a whole number")
         return value
 
-    if torch.accelerator.is_available():
+    backend = raw.get("backend", "local")
+    if backend not in ("local", "ray"):
+        raise UsageError(f'{path}: backend = {backend!r}: use "local" (this machine) or "ray" (a Ray cluster)')
+    for key in ("address", "device_resource"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key]):
+            raise UsageError(f"{path}: {key} = {raw[key]!r}: give a string, e.g. {_EXAMPLES[key]}")
+    slot_memory = float(number("slot_memory_gb", 1)) if "slot_memory_gb" in raw else None
+    if backend == "ray":
+        devices: tuple[Device, ...] = ()  # the Ray cluster's, read by onegpu.pool.ray_pool
+    elif torch.accelerator.is_available():
         kind = torch.accelerator.current_accelerator().type
         devices = tuple(_accelerator(kind, i) for i in range(torch.accelerator.device_count()))
     else:
         total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         slots = int(number("cpu_slots", CPU_SLOTS, whole=True))
         memory = float(number("slot_memory_gb", max(1, int(total_gb // slots))))
-        devices = tuple(Device(index=i, name="CPU slot", memory_gb=memory, kind="cpu") for i in range(slots))
+        devices = tuple(
+            Device(index=i, name="CPU slot", memory_gb=memory, kind="cpu", node=_HOST, host=_HOST) for i in range(slots)
+        )
     flavors = raw.get("flavors", {})
     if not isinstance(flavors, dict) or any(
         isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in flavors.values()
     ):
         raise UsageError(f"{path}: [flavors] maps names to device counts (whole numbers >= 1)")
-    if flavors and min(flavors.values()) > len(devices):
+    if flavors and devices and min(flavors.values()) > len(devices):
         name, count = min(flavors.items(), key=lambda item: item[1])
         raise UsageError(
             f"{path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
             f"add a flavor of at most {len(devices)} devices"
         )
     url = settings().database_url or raw.get("database_url")
-    return PoolConfig(
+    pool = PoolConfig(
         devices=devices,
         price_per_device_hour=float(number("price_per_device_hour", 0.0, zero=True)),
         lease_ttl_s=float(number("lease_ttl_s", settings().lease_ttl_s or 30.0)),
         database_url=url,
         flavors=tuple(sorted(flavors.items(), key=lambda item: item[1])),
         path=path,
+        backend=backend,
+        address=raw.get("address") or os.environ.get("RAY_ADDRESS") or "auto",
+        device_resource=raw.get("device_resource", "GPU"),
+        slot_memory_gb=slot_memory,
     )
+    if backend == "ray":
+        from onegpu.pool.ray_pool import with_ray_devices
+
+        pool = with_ray_devices(pool)
+    return pool
 
 
 def _accelerator(kind: str, index: int) -> Device:
@@ -133,4 +181,4 @@ def _accelerator(kind: str, index: int) -> Device:
     if kind == "cuda":
         properties = torch.cuda.get_device_properties(index)
         name, memory = properties.name, properties.total_memory / 1e9
-    return Device(index=index, name=name, memory_gb=round(memory, 1), kind=kind)
+    return Device(index=index, name=name, memory_gb=round(memory, 1), kind=kind, node=_HOST, host=_HOST)

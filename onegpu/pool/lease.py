@@ -54,7 +54,7 @@ def leased_devices(
         devices = ledger.acquire(
             job=job,
             devices=count,
-            pool_size=len(pool.devices),
+            pool_devices=pool.node_of(),
             wait=wait,
             on_wait=lambda message: print(f"onegpu: {message}", file=sys.stderr, flush=True),
         )
@@ -103,14 +103,16 @@ def _release(ledger: Ledger, *, job: str, devices: tuple[int, ...], held_s: floa
 def resize_lease(lease: JobLease, *, count: int) -> JobLease:
     """The job's lease grown or shrunk to ``count`` devices: the devices it keeps stay leased (one interval
     each), the extra ones are released, the missing ones acquired (waiting in line, saying for what)."""
-    ledger = pool_ledger(lease.pool)
+    pool = load_pool() if lease.pool.backend == "ray" else lease.pool  # a Ray pool's nodes come and go
+    lease = JobLease(job=lease.job, devices=lease.devices, pool=pool)
+    ledger = pool_ledger(pool)
     if count <= len(lease.devices):
         ledger.release(job=lease.job, devices=lease.devices[count:])
         return JobLease(job=lease.job, devices=lease.devices[:count], pool=lease.pool)
     added = ledger.acquire(
         job=lease.job,
         devices=count - len(lease.devices),
-        pool_size=len(lease.pool.devices),
+        pool_devices=lease.pool.node_of(),
         on_wait=lambda message: print(f"onegpu: {message}", file=sys.stderr, flush=True),
     )
     return JobLease(job=lease.job, devices=(*lease.devices, *added), pool=lease.pool)

@@ -15,7 +15,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,9 @@ SCHEMA = (
     " created DOUBLE PRECISION NOT NULL, renewed DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS stats (device INTEGER PRIMARY KEY, job TEXT NOT NULL, memory_bytes DOUBLE PRECISION NOT NULL,"
     " utilization DOUBLE PRECISION NOT NULL, reported DOUBLE PRECISION NOT NULL)",
+    # a Ray pool's nodes, each given device ids of its own the first time it is seen (never reused)
+    "CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, host TEXT NOT NULL, first_device INTEGER NOT NULL,"
+    " slots INTEGER NOT NULL, seen DOUBLE PRECISION NOT NULL)",
 )
 
 
@@ -170,14 +173,18 @@ class Ledger:
         *,
         job: str,
         devices: int,
-        pool_size: int,
+        pool_devices: Mapping[int, str] | Sequence[int],
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
         poll_s: float = 0.5,
         user: str | None = None,
     ) -> tuple[int, ...]:
-        """Lease ``devices`` of the pool's devices for ``job``, all at once; wait in line unless ``wait`` is False."""
+        """Lease ``devices`` of ``pool_devices`` for ``job``, all at once, on as few nodes as can serve them
+        (``pool_devices`` maps each device id to its node; a sequence is one node's); wait in line unless ``wait``
+        is False."""
         user = user or getpass.getuser()
+        node_of = pool_devices if isinstance(pool_devices, Mapping) else dict.fromkeys(pool_devices, "")
+        pool_size = len(node_of)
         told = False
         while True:
             now = time.time()
@@ -189,9 +196,9 @@ class Ledger:
                 first = run("SELECT job FROM queue ORDER BY created, job LIMIT 1")[0][0]
                 leases = run("SELECT device, job FROM leases")
                 held = {device for device, _ in leases}
-                free = [d for d in range(pool_size) if d not in held]
+                free = [d for d in node_of if d not in held]
                 if first == job and len(free) >= devices:
-                    chosen = tuple(free[:devices])
+                    chosen = fewest_nodes(free, node_of=node_of, count=devices)
                     for device in chosen:
                         run(
                             "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -224,19 +231,36 @@ class Ledger:
                 told = True
             time.sleep(poll_s)
 
+    def register_nodes(self, nodes: Sequence[tuple[str, str, int]]) -> dict[str, int]:
+        """The first device id of each ``(node, host, slots)``: a node seen before keeps its ids, a new one gets
+        ids no node had before."""
+        now = time.time()
+        with self._transaction() as run:
+            known = {node: (first, slots) for node, first, slots in run("SELECT node, first_device, slots FROM nodes")}
+            after = max((first + slots for first, slots in known.values()), default=0)
+            for node, host, slots in nodes:
+                if node in known and slots <= known[node][1]:
+                    run("UPDATE nodes SET seen = ? WHERE node = ?", now, node)
+                    continue
+                run("DELETE FROM nodes WHERE node = ?", node)  # new, or more slots than its ids: ids of its own
+                run("INSERT INTO nodes VALUES (?, ?, ?, ?, ?)", node, host, after, slots, now)
+                known[node], after = (after, slots), after + slots
+        return {node: known[node][0] for node, _, _ in nodes}
+
     def renew(self, *, job: str) -> None:
         """Keep ``job``'s leases alive (a heartbeat)."""
         now = time.time()
         with self._transaction() as run:
             run("UPDATE leases SET renewed = ? WHERE job = ?", now, job)
 
-    def release(self, *, job: str, devices: tuple[int, ...] | None = None) -> None:
-        """End ``job``'s leases (only those of ``devices`` when given: a job that shrinks), recording their intervals."""
-        now = time.time()
+    def release(self, *, job: str, devices: tuple[int, ...] | None = None, at: float | None = None) -> None:
+        """End ``job``'s leases (only those of ``devices`` when given: a job that shrinks, or lost a node), recording
+        their intervals up to now (or ``at``: when a lost node stopped serving the job)."""
+        now = min(at, time.time()) if at else time.time()
         with self._transaction() as run:
             for user, device, started in run("SELECT user_name, device, started FROM leases WHERE job = ?", job):
                 if devices is None or device in devices:
-                    run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, now)
+                    run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, max(started, now))
                     run("DELETE FROM leases WHERE device = ?", device)
                     run("DELETE FROM stats WHERE device = ?", device)
             if devices is None:
@@ -272,6 +296,19 @@ class Ledger:
             closed = run("SELECT job, user_name, device, started, ended FROM intervals WHERE ended >= ?", since or 0)
             open_ = run("SELECT job, user_name, device, started FROM leases")
         return [Interval(*row) for row in closed] + [Interval(*row, now) for row in open_]
+
+
+def fewest_nodes(free: Sequence[int], *, node_of: Mapping[int, str], count: int) -> tuple[int, ...]:
+    """``count`` of the ``free`` devices on as few nodes as possible: the node that fits them most tightly, else
+    the nodes with most free devices first (a job's workers then talk across as few links as they can)."""
+    by_node: dict[str, list[int]] = {}
+    for device in free:
+        by_node.setdefault(node_of[device], []).append(device)
+    fitting = [devices for devices in by_node.values() if len(devices) >= count]
+    if fitting:
+        return tuple(min(fitting, key=len)[:count])
+    chosen = [d for devices in sorted(by_node.values(), key=len, reverse=True) for d in devices]
+    return tuple(chosen[:count])
 
 
 def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
