@@ -1,9 +1,11 @@
 """A job another launcher started (torchrun, or srun emulated by the test), not onegpu: external_job.py OUT MODE.
 
 MODE ``init`` calls onegpu.init() and trains on a DataLoader; ``prepare`` calls only onegpu.prepare and builds its
-own batches. While it runs, rank 0 records what the pool's ledger holds in OUT/rank0.json.
+own batches. While it runs, rank 0 records what ``onegpu smi --json`` shows in OUT/rank0.json.
 """
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -13,8 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import onegpu
-from onegpu.pool.config import load_pool
-from onegpu.pool.lease import pool_ledger
+from onegpu.cli.smi import smi
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 if mode == "init":
@@ -34,11 +35,7 @@ for x, y in loader:
     optimizer.step()
     optimizer.zero_grad()
 if onegpu.is_main_process():
-    holdings = pool_ledger(load_pool()).holdings()
-    seen = {
-        "pid": os.getpid(),
-        "run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
-        "holdings": [{"job": h.job, "user": h.user, "devices": list(h.devices), "host": h.host, "pid": h.pid}
-                     for h in holdings],
-    }  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        smi(as_json=True)
+    seen = {"pid": os.getpid(), "run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "smi": json.loads(shown.getvalue())}
     (out / "rank0.json").write_text(json.dumps(seen))
