@@ -205,3 +205,20 @@ def test_an_srun_job_is_leased_while_it_runs_and_billed_after(pool):
         _, err = task.communicate(timeout=120)
         assert task.returncode == 0, err
     check_leased_then_billed(pool, job=f"{USER}-slurm-4242.0")
+
+
+@pytest.mark.slow
+def test_a_lease_that_cannot_be_renewed_lapses_and_the_job_runs_on(pool, capfd):
+    lease = lease_for_external_job(current_environment(srun()), srun())
+    for path in pool.glob("ledger.sqlite*"):  # the ledger deleted under the running job
+        path.unlink()
+    deadline = time.monotonic() + 10
+    while "lapse" not in (seen := capfd.readouterr().err) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert seen.splitlines()[-1] == (
+        f"onegpu: warning: the job's device leases could not be renewed (the ledger {pool / 'ledger.sqlite'} was "
+        "deleted or emptied while in use (no such table: leases): the next command starts a new one; restore it "
+        "from a backup to keep the usage it held): they lapse; the job runs on, unseen by onegpu smi"
+    )
+    release_external_lease()  # at exit: the usage it cannot record is named
+    assert capfd.readouterr().err.startswith(f"onegpu: warning: the usage of job {lease.job} (devices 0,1 for ")
