@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from onegpu.launch.clean_exit import end_cleanly_at_exit
 from onegpu.launch.environment import Environment, current_environment
+from onegpu.launch.external import lease_for_external_job
 from onegpu.settings import settings
 
 
@@ -53,7 +54,8 @@ _WORKER: Worker | None = None
 
 
 def current_worker(environment: Environment | None = None) -> Worker:
-    """Join the job's process group once (when there is more than one worker) and describe this worker."""
+    """Join the job's process group once (when there is more than one worker) and describe this worker; in a job
+    torchrun or srun started, the first worker of each machine leases the machine's devices (launch/external.py)."""
     global _WORKER
     if _WORKER is not None:
         return _WORKER
@@ -70,6 +72,7 @@ def current_worker(environment: Environment | None = None) -> Worker:
         end_cleanly_at_exit()  # under another launcher; onegpu's own workers end with clean_exit.finish
         # leave the group before the interpreter tears down: gloo's threads abort the process otherwise
         atexit.register(_leave_process_group)
+    lease_for_external_job(env)  # torchrun's or srun's job: leased in the pool's ledger (not onegpu run's workers)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import os
+import socket
 import sys
 import threading
 import time
@@ -31,15 +33,17 @@ def pool_ledger(pool: PoolConfig) -> Ledger:
 
 @contextmanager
 def leased_devices(
-    *, count: int, wait: bool = True, on_lost: Callable[[str], None] | None = None
+    *, count: int, wait: bool = True, on_lost: Callable[[str], None] | None = None, job: str | None = None
 ) -> Iterator[JobLease]:
-    """Hold ``count`` devices of this machine's pool for the duration of the block.
+    """Hold ``count`` devices of this machine's pool for the duration of the block, for ``job`` (default: a
+    new name, ``<user>-<8 hex digits>``).
 
     Waits in line (saying for what) when they are taken, or fails at once when ``wait`` is False.
     The leases are renewed by a thread and released however the block ends; if the whole process
     is killed, they expire after the pool's ``lease_ttl_s``. When renewals keep failing for half
     that time, ``on_lost(reason)`` is called once, from the thread, to stop what uses the devices
-    before they are given to another job.
+    before they are given to another job. A job named again (a restarted job under another launcher) first
+    ends the leases its processes on this host left when they died.
     """
     pool = load_pool()
     if count > len(pool.devices):
@@ -49,7 +53,8 @@ def leased_devices(
             f"({largest.devices} device{'s' if largest.devices > 1 else ''})"
         )
     ledger = pool_ledger(pool)
-    job = f"{getpass.getuser()}-{uuid.uuid4().hex[:8]}"
+    job = job or f"{getpass.getuser()}-{uuid.uuid4().hex[:8]}"
+    _end_leases_of_dead_processes(ledger, job=job)
     try:
         devices = ledger.acquire(
             job=job,
@@ -89,6 +94,23 @@ def leased_devices(
         stop.set()
         thread.join()
         _release(ledger, job=job, devices=devices, held_s=time.monotonic() - since)
+
+
+def _end_leases_of_dead_processes(ledger: Ledger, *, job: str) -> None:
+    """End ``job``'s leases taken on this host by a process that is gone (killed before releasing them)."""
+    for holding in ledger.holdings():
+        if holding.job == job and holding.host == socket.gethostname() and not _alive(holding.pid):
+            ledger.release(job=job, devices=holding.devices)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _release(ledger: Ledger, *, job: str, devices: tuple[int, ...], held_s: float) -> None:
