@@ -26,6 +26,7 @@ from onegpu.launch.failures import Failure, root_cause
 from onegpu.launch.ray_workers import WorkerEnd, WorkerSpec, forwarded_environment, worker_host_actor
 from onegpu.launch.status import attempt_directory
 from onegpu.pool import ray_pool
+from onegpu.pool.backend import pool_backend
 from onegpu.pool.config import load_pool
 from onegpu.pool.lease import JobLease, pool_ledger
 from onegpu.settings import worker_environment
@@ -49,13 +50,10 @@ def run_on_ray(script: str, args: list[str], *, lease: JobLease, status: Path, m
     restart, wanted = 0, len(lease.devices)
     with _signals_raised():
         while True:
-            group = ray_pool.reserve(lease.pool, job=lease.job, devices=lease.devices)
-            try:
+            with pool_backend(lease.pool).hold(lease.pool, job=lease.job, devices=lease.devices) as group:
                 outcome = _attempt(
                     script, args, lease=lease, group=group, status=status, restart=restart, limit=max_restarts
                 )
-            finally:
-                ray_pool.release(group)
             if outcome.lost:
                 lease = _drop_lost(lease, outcome)
             if outcome.failures is None:
@@ -68,7 +66,7 @@ def run_on_ray(script: str, args: list[str], *, lease: JobLease, status: Path, m
             restart += 1
             print(f"onegpu: {cause}", file=sys.stderr, flush=True)
             if len(lease.devices) < wanted:
-                lease = _replace_lost(lease, wanted=wanted)
+                lease = _replace_lost(lease, wanted=wanted, lost=set(outcome.lost))
 
 
 def _cause(outcome: Outcome, *, lease: JobLease, status: Path) -> str:
@@ -87,14 +85,16 @@ def _drop_lost(lease: JobLease, outcome: Outcome) -> JobLease:
     return replace(lease, devices=tuple(d for d in lease.devices if d not in lost))
 
 
-def _replace_lost(lease: JobLease, *, wanted: int) -> JobLease:
+def _replace_lost(lease: JobLease, *, wanted: int, lost: set[str]) -> JobLease:
     """Devices for the job's lost ones if the pool has them free now; else the job goes on with the devices
     it has, or waits in line for devices when it has none."""
     pool = load_pool()
     ledger = pool_ledger(pool)
     missing = wanted - len(lease.devices)
+    # a node Ray has not declared dead yet is still in the pool: not one the job just lost
+    node_of = {device: node for device, node in pool.node_of().items() if node not in lost}
     try:
-        added = ledger.acquire(job=lease.job, devices=missing, pool_devices=pool.node_of(), wait=not lease.devices)
+        added = ledger.acquire(job=lease.job, devices=missing, pool_devices=node_of, wait=not lease.devices)
     except UsageError:
         print(f"onegpu: going on with {len(lease.devices)} of {wanted} devices", file=sys.stderr, flush=True)
         return replace(lease, pool=pool)
@@ -152,7 +152,8 @@ def _attempt(
         for name, text in end.status.items():
             if not (attempt / name).exists():
                 (attempt / name).write_text(text)
-    gone = ray_pool.lost_nodes(lease.pool, nodes={node_of[ranked[r]] for r in dead})
+    failed = {node_of[ranked[r]] for r in dead} | {node_of[ranked[e.rank]] for e in ends.values() if e.code != 0}
+    gone = ray_pool.lost_nodes(lease.pool, nodes=failed)
     lost = {node: tuple(d for d in lease.devices if node_of[d] == node) for node in sorted(gone)}
     failures = [_failure(end) for end in ends.values() if end.code != 0]
     failures += [

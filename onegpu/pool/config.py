@@ -28,7 +28,7 @@ import os
 import socket
 import tempfile
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import platformdirs
@@ -88,6 +88,7 @@ class PoolConfig:
     address: str | None = None  # the Ray cluster's
     device_resource: str = "GPU"  # the Ray resource one device is
     slot_memory_gb: float | None = None
+    cpu_slots: int = CPU_SLOTS
 
     @property
     def nodes(self) -> dict[str, tuple[Device, ...]]:
@@ -103,7 +104,7 @@ class PoolConfig:
 
 
 def load_pool(home: Path | None = None) -> PoolConfig:
-    """The pool of this machine: its accelerators, or CPU slots when it has none."""
+    """The pool: ``pool.toml``'s settings and the devices its backend has now (``pool/backend.py``)."""
     home = home or onegpu_home()
     path = home / "pool.toml"
     raw: dict = {}
@@ -133,32 +134,15 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         if key in raw and (not isinstance(raw[key], str) or not raw[key]):
             raise UsageError(f"{path}: {key} = {raw[key]!r}: give a string, e.g. {_EXAMPLES[key]}")
     slot_memory = float(number("slot_memory_gb", 1)) if "slot_memory_gb" in raw else None
-    if backend == "ray":
-        devices: tuple[Device, ...] = ()  # the Ray cluster's, read by onegpu.pool.ray_pool
-    elif torch.accelerator.is_available():
-        kind = torch.accelerator.current_accelerator().type
-        devices = tuple(_accelerator(kind, i) for i in range(torch.accelerator.device_count()))
-    else:
-        total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-        slots = int(number("cpu_slots", CPU_SLOTS, whole=True))
-        memory = float(number("slot_memory_gb", max(1, int(total_gb // slots))))
-        devices = tuple(
-            Device(index=i, name="CPU slot", memory_gb=memory, kind="cpu", node=_HOST, host=_HOST) for i in range(slots)
-        )
+    slots = int(number("cpu_slots", CPU_SLOTS, whole=True))
     flavors = raw.get("flavors", {})
     if not isinstance(flavors, dict) or any(
         isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in flavors.values()
     ):
         raise UsageError(f"{path}: [flavors] maps names to device counts (whole numbers >= 1)")
-    if flavors and devices and min(flavors.values()) > len(devices):
-        name, count = min(flavors.items(), key=lambda item: item[1])
-        raise UsageError(
-            f"{path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
-            f"add a flavor of at most {len(devices)} devices"
-        )
     url = settings().database_url or raw.get("database_url")
     pool = PoolConfig(
-        devices=devices,
+        devices=(),
         price_per_device_hour=float(number("price_per_device_hour", 0.0, zero=True)),
         lease_ttl_s=float(number("lease_ttl_s", settings().lease_ttl_s or 30.0)),
         database_url=url,
@@ -168,12 +152,31 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         address=raw.get("address") or os.environ.get("RAY_ADDRESS") or "auto",
         device_resource=raw.get("device_resource", "GPU"),
         slot_memory_gb=slot_memory,
+        cpu_slots=slots,
     )
-    if backend == "ray":
-        from onegpu.pool.ray_pool import with_ray_devices
+    from onegpu.pool.backend import pool_backend
 
-        pool = with_ray_devices(pool)
-    return pool
+    devices = pool_backend(pool).devices(pool)
+    if flavors and min(flavors.values()) > len(devices):
+        name, count = min(flavors.items(), key=lambda item: item[1])
+        raise UsageError(
+            f"{path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
+            f"add a flavor of at most {len(devices)} devices"
+        )
+    return replace(pool, devices=devices)
+
+
+def this_machine(pool: PoolConfig) -> tuple[Device, ...]:
+    """This machine's accelerators, or ``cpu_slots`` CPU slots (each a share of its memory) when it has none."""
+    if torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        return tuple(_accelerator(kind, i) for i in range(torch.accelerator.device_count()))
+    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    memory = pool.slot_memory_gb or float(max(1, int(total_gb // pool.cpu_slots)))
+    return tuple(
+        Device(index=i, name="CPU slot", memory_gb=memory, kind="cpu", node=_HOST, host=_HOST)
+        for i in range(pool.cpu_slots)
+    )
 
 
 def _accelerator(kind: str, index: int) -> Device:

@@ -9,10 +9,11 @@ pinned to the chosen devices' nodes; the job's workers run inside it (``onegpu.l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from dataclasses import replace
+from collections.abc import Iterator
 from typing import Any
 
 from onegpu.errors import UsageError
@@ -74,8 +75,23 @@ def alive_nodes(pool: PoolConfig) -> list[dict]:
     return sorted(nodes, key=lambda n: n["NodeID"])
 
 
-def with_ray_devices(pool: PoolConfig) -> PoolConfig:
-    """``pool`` with the devices of the Ray cluster's alive nodes, numbered by the ledger."""
+class RayBackend:
+    """The devices of a Ray cluster's alive nodes; a job's are held as one placement group."""
+
+    def devices(self, pool: PoolConfig) -> tuple[Device, ...]:
+        return ray_devices(pool)
+
+    @contextlib.contextmanager
+    def hold(self, pool: PoolConfig, *, job: str, devices: tuple[int, ...]) -> Iterator[Any]:
+        group = reserve(pool, job=job, devices=devices)
+        try:
+            yield group
+        finally:
+            release(group)
+
+
+def ray_devices(pool: PoolConfig) -> tuple[Device, ...]:
+    """The devices of the Ray cluster's alive nodes, numbered by the ledger."""
     from onegpu.pool.ledger import open_ledger
 
     nodes = alive_nodes(pool)
@@ -106,7 +122,7 @@ def with_ray_devices(pool: PoolConfig) -> PoolConfig:
             )
             for i in range(count)
         ]
-    return replace(pool, devices=tuple(devices))
+    return tuple(devices)
 
 
 def reserve(pool: PoolConfig, *, job: str, devices: tuple[int, ...]) -> Any:
@@ -145,7 +161,16 @@ def release(group: Any) -> None:
 
 
 def lost_nodes(pool: PoolConfig, *, nodes: set[str]) -> set[str]:
-    """Which of ``nodes`` (Ray node ids) are no longer alive."""
+    """Which of ``nodes`` (Ray node ids) are gone: declared dead by Ray, or with a raylet that no longer accepts
+    connections (Ray declares a node dead only after its health checks fail, up to half a minute later)."""
     ray = connect(pool)
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-    return {node for node in nodes if node not in alive}
+    known = {n["NodeID"]: n for n in ray.nodes()}
+    return {node for node in nodes if node not in known or not known[node].get("Alive") or not _answers(known[node])}
+
+
+def _answers(node: dict) -> bool:
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=2.0):
+            return True
+    except OSError:
+        return False
