@@ -6,6 +6,7 @@ slot_memory_gb = 6            # each CPU slot's memory budget
 price_per_device_hour = 2.0   # for `onegpu usage`
 lease_ttl_s = 30              # a job that stops renewing its leases loses them after this long
 database_url = "postgresql://..."  # default: SQLite in $ONEGPU_HOME/ledger.sqlite (or ONEGPU_DATABASE_URL)
+admins = ["alice"]            # OS users who may `onegpu cancel` anyone's job (others: only their own)
 
 [flavors]                     # replaces the standard flavors: name = device count
 Small = 1
@@ -13,7 +14,8 @@ Big = 3
 ```
 
 Flavors larger than this machine's pool are skipped (one file may serve machines of several sizes),
-but at least one must fit. A negative price is refused; 0 (the default) bills nothing.
+but at least one must fit. A negative price is refused; 0 (the default) bills nothing. ``admins`` is
+checked by ``onegpu cancel`` itself; on PostgreSQL, docs/postgres-roles.md makes the database enforce it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class PoolConfig:
     database_url: str | None = None
     flavors: tuple[tuple[str, int], ...] = ()  # overrides: (name, device count)
     path: Path | None = None
+    admins: tuple[str, ...] = ()  # OS users who may cancel any job
 
 
 def load_pool(home: Path | None = None) -> PoolConfig:
@@ -85,7 +88,7 @@ def load_pool(home: Path | None = None) -> PoolConfig:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path} is not valid TOML ({exc}): fix it, or delete it for the defaults") from None
-    known = {"cpu_slots", "slot_memory_gb", "price_per_device_hour", "lease_ttl_s", "database_url", "flavors"}
+    known = {"cpu_slots", "slot_memory_gb", "price_per_device_hour", "lease_ttl_s", "database_url", "flavors", "admins"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
@@ -125,7 +128,15 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         database_url=url,
         flavors=tuple(sorted(flavors.items(), key=lambda item: item[1])),
         path=path,
+        admins=_admins(raw, path=path),
     )
+
+
+def _admins(raw: dict, *, path: Path) -> tuple[str, ...]:
+    admins = raw.get("admins", [])
+    if not isinstance(admins, list) or not all(isinstance(name, str) and name for name in admins):
+        raise UsageError(f'{path}: admins = {admins!r}: give a list of user names, e.g. admins = ["alice", "bob"]')
+    return tuple(admins)
 
 
 def _accelerator(kind: str, index: int) -> Device:

@@ -5,6 +5,10 @@ a ``postgresql://`` URL (``ONEGPU_DATABASE_URL``) selects PostgreSQL with the sa
 Every change is one transaction that first expires leases whose job stopped renewing them (a
 job killed with ``kill -9``): their interval ends at the last renewal, so nothing is counted twice
 and nothing is lost. Jobs waiting for devices are served first come, first served.
+``cancels`` records who asked a job to stop (``onegpu cancel``): a running job sees it when it renews
+its leases, a waiting one while it waits; the rows stay, as a record.
+With PostgreSQL, docs/postgres-roles.md gives each user a role of their own that cannot rewrite
+others' rows; the ledger then writes only tables that exist (a user's role may not create any).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ SCHEMA = (
     " created DOUBLE PRECISION NOT NULL, renewed DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS stats (device INTEGER PRIMARY KEY, job TEXT NOT NULL, memory_bytes DOUBLE PRECISION NOT NULL,"
     " utilization DOUBLE PRECISION NOT NULL, reported DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cancels (job TEXT PRIMARY KEY, by_user TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
 )
 
 
@@ -49,6 +54,26 @@ class Holding:
     since: float
     host: str
     pid: int
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A job in line for devices; ``position`` 1 is served first."""
+
+    job: str
+    user: str
+    devices: int
+    since: float
+    position: int
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What ``Ledger.cancel`` found: the job's state (running, waiting, ended, unknown), user, earlier canceller."""
+
+    state: str
+    user: str | None
+    earlier_by: str | None
 
 
 @dataclass(frozen=True)
@@ -103,8 +128,9 @@ class Ledger:
         self._connect, self.where, self.ttl_s, self._server = connect, where, ttl_s, server
         self._mark, self._begin, self._errors = placeholder, begin, errors
         with self._transaction(begin=begin_schema) as run:  # the tables to lock may not exist yet
-            for statement in SCHEMA:
-                run(statement)
+            for statement in SCHEMA:  # a PostgreSQL role of one user may use the tables but not create them
+                if not (server and run("SELECT to_regclass(?)", statement.split()[5])[0][0]):
+                    run(statement)
 
     @contextmanager
     def _transaction(self, *, begin: str | None = None) -> Iterator[Callable[..., list]]:
@@ -139,6 +165,11 @@ class Ledger:
             return (
                 f"cannot connect to the PostgreSQL ledger at {self.where} ({text}): start the server, "
                 "or fix ONEGPU_DATABASE_URL (or database_url in pool.toml)"
+            )
+        if self._server and "row-level security" in text:
+            return (
+                f"the PostgreSQL ledger at {self.where} refused a row ({text}): connect as the database role named "
+                f"as your OS user ({getpass.getuser()}), as docs/postgres-roles.md sets up"
             )
         if self._server:
             return (
@@ -181,6 +212,7 @@ class Ledger:
         told = False
         while True:
             now = time.time()
+            self._leave_if_cancelled(job=job)
             with self._transaction() as run:
                 self._expire(run, now)
                 if not run("SELECT job FROM queue WHERE job = ?", job):
@@ -224,6 +256,17 @@ class Ledger:
                 told = True
             time.sleep(poll_s)
 
+    def _leave_if_cancelled(self, *, job: str) -> None:
+        """A job cancelled while in line leaves it, with a one-line error that says by whom."""
+        with self._transaction() as run:
+            cancelled = run("SELECT by_user FROM cancels WHERE job = ?", job)
+            if cancelled:
+                run("DELETE FROM queue WHERE job = ?", job)
+        if cancelled:
+            raise LedgerError(
+                f"job {job} was cancelled by {cancelled[0][0]} with onegpu cancel while it waited in line"
+            )
+
     def renew(self, *, job: str) -> None:
         """Keep ``job``'s leases alive (a heartbeat)."""
         now = time.time()
@@ -242,6 +285,37 @@ class Ledger:
             if devices is None:
                 run("DELETE FROM stats WHERE job = ?", job)
                 run("DELETE FROM queue WHERE job = ?", job)
+
+    def cancel(self, *, job: str, by_user: str, allowed: Callable[[str], None]) -> Cancellation:
+        """Record that ``by_user`` asks ``job`` to stop (the job sees it: ``cancelled_by``) if it runs or waits, was
+        not asked before, and ``allowed(its user)`` does not raise; returns what was found."""
+        with self._transaction() as run:
+            self._expire(run, time.time())
+            earlier = next(iter(run("SELECT by_user FROM cancels WHERE job = ?", job)), (None,))[0]
+            found = Cancellation("ended" if earlier else "unknown", None, earlier)
+            for state, table in (("running", "leases"), ("waiting", "queue"), ("ended", "intervals")):
+                owner = run(f"SELECT user_name FROM {table} WHERE job = ? LIMIT 1", job)  # noqa: S608 - our names
+                if owner:
+                    found = Cancellation(state, owner[0][0], earlier)
+                    break
+            if found.state in ("running", "waiting") and earlier is None:
+                allowed(found.user)
+                run("INSERT INTO cancels VALUES (?, ?, ?)", job, by_user, time.time())
+        return found
+
+    def cancelled_by(self, *, job: str) -> str | None:
+        """Who asked ``job`` to stop with ``onegpu cancel`` (None: nobody)."""
+        with self._transaction() as run:
+            found = run("SELECT by_user FROM cancels WHERE job = ?", job)
+        return found[0][0] if found else None
+
+    def waiting(self) -> list[Waiting]:
+        """The jobs in line for devices, first served first."""
+        with self._transaction() as run:
+            self._expire(run, time.time())
+            rows = run("SELECT job, user_name, devices, created FROM queue ORDER BY created, job")
+        return [Waiting(job, user, devices, created, position) for position, (job, user, devices, created) in
+                enumerate(rows, start=1)]  # fmt: skip
 
     def report(self, *, job: str, device: int, memory_bytes: float, utilization: float) -> None:
         """A worker's current memory use and utilization of its device."""
