@@ -168,8 +168,8 @@ class Ledger:
             )
         if self._server and "row-level security" in text:
             return (
-                f"the PostgreSQL ledger at {self.where} refused a row ({text}): connect as the database role named "
-                f"as your OS user ({getpass.getuser()}), as docs/postgres-roles.md sets up"
+                f"the PostgreSQL ledger at {self.where} refused a row ({text}): a user's role writes only what "
+                f"docs/postgres-roles.md allows it; connect as the database role named as your OS user ({getpass.getuser()})"
             )
         if self._server:
             return (
@@ -191,7 +191,14 @@ class Ledger:
         for job, user, device, started, renewed in run(
             "SELECT job, user_name, device, started, renewed FROM leases WHERE renewed < ?", stale
         ):
-            run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, renewed)
+            run(  # once: docs/postgres-roles.md lets anyone record a stale lease's usage, and makes it unique
+                "INSERT INTO intervals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                job,
+                user,
+                device,
+                started,
+                renewed,
+            )
         run("DELETE FROM leases WHERE renewed < ?", stale)
         run("DELETE FROM stats WHERE job NOT IN (SELECT job FROM leases)")
         run("DELETE FROM queue WHERE renewed < ?", stale)
