@@ -11,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from bad_input import processes_of
 from conftest import ROOT, run_onegpu
 from typer.testing import CliRunner
 
@@ -187,29 +189,38 @@ def test_a_running_job_sees_its_cancel_at_its_next_renewal_and_keeps_its_usage(h
 
 
 @pytest.mark.slow
-def test_onegpu_run_cancelled_from_another_process_stops_its_workers_and_keeps_its_usage(home, tmp_path):
-    script = tmp_path / "job.py"
+@pytest.mark.parametrize("when", ["while-starting", "while-running"])
+def test_onegpu_run_cancelled_from_another_process_stops_its_workers_and_keeps_its_usage(home, tmp_path, when):
+    """Cancelled by an administrator (carol) as soon as it holds its device (before its worker runs, most
+    often), or once its worker runs (through the real CLI, from another process)."""
+    script, tag = tmp_path / "job.py", f"cancelled-{uuid.uuid4().hex[:8]}"
     script.write_text("import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.1)\n")
     env = {**os.environ, "ONEGPU_LEASE_TTL": "3", "LOGNAME": "alice", "USER": "alice", "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(
-        [sys.executable, "-m", "onegpu", "run", "--workers", "1", str(script)],
+        [sys.executable, "-m", "onegpu", "run", "--workers", "1", str(script), tag],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
     )  # fmt: skip
+    records = ledger(home)
     try:
-        assert job.stdout.readline().strip() == "started"
-        (name,) = [h.job for h in ledger(home).holdings()]
+        while not records.holdings() and job.poll() is None:
+            time.sleep(0.01)
+        (name,) = [h.job for h in records.holdings()]
         cancelled = time.time()
-        result = run_onegpu("cancel", name, env={"LOGNAME": "carol", "USER": "carol", "ONEGPU_LEASE_TTL": "3"})
-        assert result.returncode == 0 and "cancelled" in result.stdout
+        if when == "while-starting":
+            records.cancel(job=name, by_user="carol", allowed=lambda owner: None)
+        else:
+            assert job.stdout.readline().strip() == "started"
+            cancelled = time.time()
+            result = run_onegpu("cancel", name, env={"LOGNAME": "carol", "USER": "carol", "ONEGPU_LEASE_TTL": "3"})
+            assert result.returncode == 0 and "cancelled" in result.stdout
         recorded = time.time()
         assert job.wait(timeout=30) == 1
         ended = time.time()
     finally:
         job.kill()
     assert job.stderr.read().strip().splitlines()[-1] == f"onegpu: job {name} was cancelled by carol with onegpu cancel"
-    print(f"cancel took {recorded - cancelled:.2f} s, the job stopped {ended - recorded:.2f} s later")
     assert ended - recorded < 0.5 + 5, "noticed within one renewal (0.5 s), then the workers stopped"
-    records = ledger(home)
+    assert processes_of(tag) == []
     assert records.holdings() == [] and records.waiting() == []
     (interval,) = [i for i in records.intervals() if i.job == name]
     assert interval.user == "alice" and cancelled < interval.end < ended

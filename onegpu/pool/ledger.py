@@ -265,14 +265,11 @@ class Ledger:
 
     def _leave_if_cancelled(self, *, job: str) -> None:
         """A job cancelled while in line leaves it, with a one-line error that says by whom."""
-        with self._transaction() as run:
-            cancelled = run("SELECT by_user FROM cancels WHERE job = ?", job)
-            if cancelled:
+        by = self.cancelled_by(job=job)
+        if by is not None:
+            with self._transaction() as run:
                 run("DELETE FROM queue WHERE job = ?", job)
-        if cancelled:
-            raise LedgerError(
-                f"job {job} was cancelled by {cancelled[0][0]} with onegpu cancel while it waited in line"
-            )
+            raise LedgerError(f"job {job} was cancelled by {by} with onegpu cancel while it waited in line")
 
     def renew(self, *, job: str) -> None:
         """Keep ``job``'s leases alive (a heartbeat)."""
@@ -312,7 +309,7 @@ class Ledger:
 
     def cancelled_by(self, *, job: str) -> str | None:
         """Who asked ``job`` to stop with ``onegpu cancel`` (None: nobody)."""
-        with self._transaction() as run:
+        with self._transaction(begin="SELECT 1") as run:  # a read: it takes no lock (every renewal asks)
             found = run("SELECT by_user FROM cancels WHERE job = ?", job)
         return found[0][0] if found else None
 
