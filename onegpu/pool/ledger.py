@@ -188,17 +188,9 @@ class Ledger:
 
     def _expire(self, run: Callable[..., list], now: float) -> None:
         stale = now - self.ttl_s
-        for job, user, device, started, renewed in run(
-            "SELECT job, user_name, device, started, renewed FROM leases WHERE renewed < ?", stale
-        ):
-            run(  # once: docs/postgres-roles.md lets anyone record a stale lease's usage, and makes it unique
-                "INSERT INTO intervals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                job,
-                user,
-                device,
-                started,
-                renewed,
-            )
+        for lease in run("SELECT job, user_name, device, started, renewed FROM leases WHERE renewed < ?", stale):
+            # once: docs/postgres-roles.md lets anyone record a stale lease's usage, and makes it unique
+            run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", *lease)
         run("DELETE FROM leases WHERE renewed < ?", stale)
         run("DELETE FROM stats WHERE job NOT IN (SELECT job FROM leases)")
         run("DELETE FROM queue WHERE renewed < ?", stale)
@@ -218,8 +210,8 @@ class Ledger:
         user = user or getpass.getuser()
         told = False
         while True:
-            now = time.time()
             self._leave_if_cancelled(job=job)
+            now = time.time()
             with self._transaction() as run:
                 self._expire(run, now)
                 if not run("SELECT job FROM queue WHERE job = ?", job):
