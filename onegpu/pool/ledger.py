@@ -211,8 +211,8 @@ class Ledger:
         told = False
         while True:
             self._leave_if_cancelled(job=job)
-            now = time.time()
             with self._transaction() as run:
+                now = time.time()  # under the lock: after the end of the lease this one may follow
                 self._expire(run, now)
                 if not run("SELECT job FROM queue WHERE job = ?", job):
                     run("INSERT INTO queue VALUES (?, ?, ?, ?, ?)", job, user, devices, now, now)
@@ -271,8 +271,8 @@ class Ledger:
 
     def release(self, *, job: str, devices: tuple[int, ...] | None = None) -> None:
         """End ``job``'s leases (only those of ``devices`` when given: a job that shrinks), recording their intervals."""
-        now = time.time()
         with self._transaction() as run:
+            now = time.time()  # under the lock: before the start of a lease that follows this one
             for user, device, started in run("SELECT user_name, device, started FROM leases WHERE job = ?", job):
                 if devices is None or device in devices:
                     run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, now)
