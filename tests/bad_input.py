@@ -403,7 +403,7 @@ ROWS += [
         id="pool-unknown-key",
         args=("run", "{scripts}/job.py", "ok", "{tag}"),
         pool_toml="cpu_slot = 4\n",
-        message=r"onegpu: \S+/pool\.toml: unknown key 'cpu_slot'; known keys are address, backend, cpu_slots, "
+        message=r"onegpu: \S+/pool\.toml: unknown key 'cpu_slot'; known keys are address, admins, backend, cpu_slots, "
         r"database_url, device_resource, flavors, lease_ttl_s, price_per_device_hour, slot_memory_gb",
     ),
     Row(
@@ -592,5 +592,62 @@ ROWS += [
             ),
         )
         for count in ("0",)
+    ),
+]
+
+
+# several users on one pool (issue 16): cancelling what is not there or not yours, a malformed admins list
+def _alice_waits_in_line(home: Path) -> None:
+    import sqlite3
+    import time
+
+    from onegpu.pool.ledger import open_ledger
+
+    open_ledger(url=None, home=home, ttl_s=30)
+    with sqlite3.connect(home / "ledger.sqlite") as connection:  # a place in line, renewed now by its (absent) job
+        connection.execute("INSERT INTO queue VALUES ('alice-1234', 'alice', 2, ?, ?)", (time.time(), time.time()))
+
+
+def _alice_ran_a_job(home: Path) -> None:
+    from onegpu.pool.ledger import open_ledger
+
+    ledger = open_ledger(url=None, home=home, ttl_s=30)
+    ledger.acquire(job="alice-0001", devices=1, pool_size=4, user="alice")
+    ledger.release(job="alice-0001")
+
+
+ROWS += [
+    Row(
+        id="cancel-unknown-job",
+        args=("cancel", "alice-0000"),
+        message=re.escape("onegpu: no job 'alice-0000' runs or waits in this pool: onegpu jobs shows none"),
+    ),
+    Row(
+        id="cancel-another-users-job",
+        args=("cancel", "alice-1234"),
+        setup=_alice_waits_in_line,
+        env={"LOGNAME": "bob", "USER": "bob"},
+        message=r"onegpu: job alice-1234 belongs to alice: you \(bob\) may cancel only your own jobs; an administrator "
+        r"may cancel any \(add your user name to admins = \[\.\.\.\] in \S+/pool\.toml\)",
+    ),
+    Row(
+        id="cancel-an-ended-job",
+        args=("cancel", "alice-0001"),
+        setup=_alice_ran_a_job,
+        env={"LOGNAME": "alice", "USER": "alice"},
+        message=re.escape("onegpu: job alice-0001 already ended"),
+    ),
+    *(
+        Row(
+            id=f"pool-admins-{name}-{args[0]}",
+            args=args,
+            pool_toml=POOL + f"admins = {admins}\n",
+            message=rf"onegpu: \S+/pool\.toml: admins = {re.escape(shown)}: give a list of user names, e\.g\. "
+            r'admins = \["alice", "bob"\]',
+        )
+        for name, admins, shown, args in (
+            ("not-a-list", '"alice"', "'alice'", ("cancel", "alice-0000")),
+            ("not-names", "[1, 2]", "[1, 2]", ("jobs",)),
+        )
     ),
 ]

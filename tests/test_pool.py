@@ -63,7 +63,7 @@ def remove_ledger(home):
         import psycopg
 
         with psycopg.connect(url, autocommit=True) as connection:
-            connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats")
+            connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats, cancels")
     for path in home.glob("ledger.sqlite*"):
         path.unlink()
 

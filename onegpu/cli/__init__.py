@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from onegpu.cli import cancel as cancel_command
 from onegpu.cli import export as export_command
+from onegpu.cli import jobs as jobs_command
 from onegpu.cli import plan as plan_command
 from onegpu.cli import resize as resize_command
 from onegpu.cli import run as run_command
@@ -25,6 +27,8 @@ smi_command.register(app)
 switch_command.register(app)
 resize_command.register(app)
 usage_command.register(app)
+jobs_command.register(app)
+cancel_command.register(app)
 export_command.register(app)
 
 

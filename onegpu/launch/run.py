@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -51,7 +54,7 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max
         os.kill(os.getpid(), signal.SIGTERM)
 
     try:
-        with leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
+        with _sigterm_raises(), leased_devices(count=workers, wait=wait, on_lost=stop_on_lost_lease) as lease:
             with job_directory(lease.job) as status:
                 while True:
                     try:
@@ -69,6 +72,25 @@ def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max
                     lease = resize_lease(lease, count=size)
     except SignalException as signal_:  # Ctrl-C, a scheduler's SIGTERM, or a lost lease: the workers were stopped
         raise LaunchError(lost[0] if lost else f"stopped by {signal_.sigval.name}; all workers were stopped") from None
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a lost lease, onegpu cancel, a scheduler) raises SignalException in this process from the start,
+    as torchelastic's own handler does once workers run: the leases are then released and the job's line said,
+    also when it comes before the workers start."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(failure: ChildFailedError, *, status: Path, max_restarts: int) -> str:

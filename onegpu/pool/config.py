@@ -10,6 +10,7 @@ backend = "ray"               # default "local": this machine's devices; "ray": 
 address = "10.0.0.1:6379"     # the Ray cluster (default: RAY_ADDRESS, else "auto": the cluster this machine joined)
 device_resource = "GPU"       # the Ray resource one device is (default "GPU"; CPU pools: a custom one, e.g.
                               # `ray start --resources='{"onegpu_device": 2}'` with device_resource = "onegpu_device")
+admins = ["alice"]            # OS users who may `onegpu cancel` anyone's job (others: only their own)
 
 [flavors]                     # replaces the standard flavors: name = device count
 Small = 1
@@ -20,6 +21,7 @@ Flavors larger than this machine's pool are skipped (one file may serve machines
 but at least one must fit. A negative price is refused; 0 (the default) bills nothing. On a Ray pool,
 ``cpu_slots`` does not apply (each node offers its ``device_resource``) and ``slot_memory_gb`` is each
 device's memory (default: a CPU slot's share of its node's memory; set it to the GPUs' memory on GPU nodes).
+``admins`` is checked by ``onegpu cancel`` itself; on PostgreSQL, docs/postgres-roles.md makes the database enforce it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class PoolConfig:
         """Each device id's node."""
         return {device.index: device.node for device in self.devices}
 
+    admins: tuple[str, ...] = ()  # OS users who may cancel any job
+
 
 def load_pool(home: Path | None = None) -> PoolConfig:
     """The pool: ``pool.toml``'s settings and the devices its backend has now (``pool/backend.py``)."""
@@ -114,7 +118,7 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path} is not valid TOML ({exc}): fix it, or delete it for the defaults") from None
     known = {"cpu_slots", "slot_memory_gb", "price_per_device_hour", "lease_ttl_s", "database_url", "flavors"}
-    known |= {"backend", "address", "device_resource"}
+    known |= {"backend", "address", "device_resource", "admins"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
@@ -153,6 +157,7 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         device_resource=raw.get("device_resource", "GPU"),
         slot_memory_gb=slot_memory,
         cpu_slots=slots,
+        admins=_admins(raw, path=path),
     )
     from onegpu.pool.backend import pool_backend
 
@@ -177,6 +182,13 @@ def this_machine(pool: PoolConfig) -> tuple[Device, ...]:
         Device(index=i, name="CPU slot", memory_gb=memory, kind="cpu", node=_HOST, host=_HOST)
         for i in range(pool.cpu_slots)
     )
+
+
+def _admins(raw: dict, *, path: Path) -> tuple[str, ...]:
+    admins = raw.get("admins", [])
+    if not isinstance(admins, list) or not all(isinstance(name, str) and name for name in admins):
+        raise UsageError(f'{path}: admins = {admins!r}: give a list of user names, e.g. admins = ["alice", "bob"]')
+    return tuple(admins)
 
 
 def _accelerator(kind: str, index: int) -> Device:

@@ -43,7 +43,8 @@ def leased_devices(
     is killed, they expire after the pool's ``lease_ttl_s``. When renewals keep failing for half
     that time, ``on_lost(reason)`` is called once, from the thread, to stop what uses the devices
     before they are given to another job. A job named again (a restarted job under another launcher) first
-    ends the leases its processes on this host left when they died.
+    ends the leases its processes on this host left when they died. ``onegpu cancel`` stops the job the same way (seen at the next renewal,
+    every ``lease_ttl_s / 6``).
     """
     pool = load_pool()
     if count > len(pool.devices):
@@ -70,11 +71,15 @@ def leased_devices(
     stop = threading.Event()
 
     def renew() -> None:
-        renewed = time.monotonic()
+        renewed, cancelled = time.monotonic(), False
         while not stop.wait(pool.lease_ttl_s / 6):
             try:
                 ledger.renew(job=job)
                 renewed = time.monotonic()
+                if not cancelled and (by := ledger.cancelled_by(job=job)):  # onegpu cancel, from any machine
+                    cancelled = True  # stopped once; the leases stay renewed until released
+                    reason = f"job {job} was cancelled by {by} with onegpu cancel"
+                    (on_lost or _say)(reason)
             except Exception as exc:  # noqa: BLE001 - a busy or broken ledger: try again at the next beat
                 failing = time.monotonic() - renewed
                 if on_lost is not None and failing > pool.lease_ttl_s / 2:
@@ -111,6 +116,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _say(message: str) -> None:
+    print(f"onegpu: {message}", file=sys.stderr, flush=True)
 
 
 def _release(ledger: Ledger, *, job: str, devices: tuple[int, ...], held_s: float) -> None:

@@ -5,24 +5,27 @@ a ``postgresql://`` URL (``ONEGPU_DATABASE_URL``) selects PostgreSQL with the sa
 Every change is one transaction that first expires leases whose job stopped renewing them (a
 job killed with ``kill -9``): their interval ends at the last renewal, so nothing is counted twice
 and nothing is lost. Jobs waiting for devices are served first come, first served.
+``cancels`` records who asked a job to stop (``onegpu cancel``): a running job sees it when it renews
+its leases, a waiting one while it waits; the rows stay, as a record.
+With PostgreSQL, docs/postgres-roles.md gives each user a role of their own that cannot rewrite
+others' rows; the ledger then writes only tables that exist (a user's role may not create any).
 """
 
 from __future__ import annotations
 
 import getpass
-import math
 import os
 import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from onegpu.errors import UsageError
 from onegpu.pool.config import writable_home
+from onegpu.pool.ledger_rows import Cancellation, Holding, Interval, Stat, Waiting, fewest_nodes
 from onegpu.settings import settings
 
 SCHEMA = (
@@ -37,55 +40,12 @@ SCHEMA = (
     # a Ray pool's nodes, each given device ids of its own the first time it is seen (never reused)
     "CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, host TEXT NOT NULL, first_device INTEGER NOT NULL,"
     " slots INTEGER NOT NULL, seen DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cancels (job TEXT PRIMARY KEY, by_user TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
 )
 
 
 class LedgerError(UsageError):
     """The ledger cannot be used; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Holding:
-    job: str
-    user: str
-    devices: tuple[int, ...]
-    since: float
-    host: str
-    pid: int
-
-
-@dataclass(frozen=True)
-class Interval:
-    job: str
-    user: str
-    device: int
-    start: float
-    end: float
-
-    @property
-    def billed_minutes(self) -> int:
-        """Minutes billed: every started minute the device was held."""
-        return max(1, math.ceil((self.end - self.start) / 60)) if self.end > self.start else 0
-
-    def billed_minutes_between(self, start: float, end: float) -> int:
-        """The billed minutes that begin in ``[start, end)``; adjacent ranges never share one."""
-        return max(0, self._minutes_begun_before(end) - self._minutes_begun_before(start))
-
-    def _minutes_begun_before(self, moment: float) -> int:
-        if moment <= self.start:
-            return 0
-        if moment >= self.end:
-            return self.billed_minutes
-        return min(self.billed_minutes, math.ceil((moment - self.start) / 60))  # minute k begins at start + 60 k
-
-
-@dataclass(frozen=True)
-class Stat:
-    device: int
-    job: str
-    memory_bytes: float
-    utilization: float
-    reported: float
 
 
 class Ledger:
@@ -106,8 +66,9 @@ class Ledger:
         self._connect, self.where, self.ttl_s, self._server = connect, where, ttl_s, server
         self._mark, self._begin, self._errors = placeholder, begin, errors
         with self._transaction(begin=begin_schema) as run:  # the tables to lock may not exist yet
-            for statement in SCHEMA:
-                run(statement)
+            for statement in SCHEMA:  # a PostgreSQL role of one user may use the tables but not create them
+                if not (server and run("SELECT to_regclass(?)", statement.split()[5])[0][0]):
+                    run(statement)
 
     @contextmanager
     def _transaction(self, *, begin: str | None = None) -> Iterator[Callable[..., list]]:
@@ -143,6 +104,11 @@ class Ledger:
                 f"cannot connect to the PostgreSQL ledger at {self.where} ({text}): start the server, "
                 "or fix ONEGPU_DATABASE_URL (or database_url in pool.toml)"
             )
+        if self._server and "row-level security" in text:
+            return (
+                f"the PostgreSQL ledger at {self.where} refused a row ({text}): a user's role writes only what "
+                f"docs/postgres-roles.md allows it; connect as the database role named as your OS user ({getpass.getuser()})"
+            )
         if self._server:
             return (
                 f"the PostgreSQL ledger at {self.where} failed ({type(exc).__name__}: {text}): check the database "
@@ -160,10 +126,9 @@ class Ledger:
 
     def _expire(self, run: Callable[..., list], now: float) -> None:
         stale = now - self.ttl_s
-        for job, user, device, started, renewed in run(
-            "SELECT job, user_name, device, started, renewed FROM leases WHERE renewed < ?", stale
-        ):
-            run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, renewed)
+        for lease in run("SELECT job, user_name, device, started, renewed FROM leases WHERE renewed < ?", stale):
+            # once: docs/postgres-roles.md lets anyone record a stale lease's usage, and makes it unique
+            run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", *lease)
         run("DELETE FROM leases WHERE renewed < ?", stale)
         run("DELETE FROM stats WHERE job NOT IN (SELECT job FROM leases)")
         run("DELETE FROM queue WHERE renewed < ?", stale)
@@ -187,8 +152,9 @@ class Ledger:
         pool_size = len(node_of)
         told = False
         while True:
-            now = time.time()
+            self._leave_if_cancelled(job=job)
             with self._transaction() as run:
+                now = time.time()  # under the lock: after the end of the lease this one may follow
                 self._expire(run, now)
                 if not run("SELECT job FROM queue WHERE job = ?", job):
                     run("INSERT INTO queue VALUES (?, ?, ?, ?, ?)", job, user, devices, now, now)
@@ -247,6 +213,14 @@ class Ledger:
                 known[node], after = (after, slots), after + slots
         return {node: known[node][0] for node, _, _ in nodes}
 
+    def _leave_if_cancelled(self, *, job: str) -> None:
+        """A job cancelled while in line leaves it, with a one-line error that says by whom."""
+        by = self.cancelled_by(job=job)
+        if by is not None:
+            with self._transaction() as run:
+                run("DELETE FROM queue WHERE job = ?", job)
+            raise LedgerError(f"job {job} was cancelled by {by} with onegpu cancel while it waited in line")
+
     def renew(self, *, job: str) -> None:
         """Keep ``job``'s leases alive (a heartbeat)."""
         now = time.time()
@@ -256,8 +230,9 @@ class Ledger:
     def release(self, *, job: str, devices: tuple[int, ...] | None = None, at: float | None = None) -> None:
         """End ``job``'s leases (only those of ``devices`` when given: a job that shrinks, or lost a node), recording
         their intervals up to now (or ``at``: when a lost node stopped serving the job)."""
-        now = min(at, time.time()) if at else time.time()
         with self._transaction() as run:
+            now = time.time()  # under the lock: before the start of a lease that follows this one
+            now = min(at, now) if at else now  # a lost node: billed up to the loss
             for user, device, started in run("SELECT user_name, device, started FROM leases WHERE job = ?", job):
                 if devices is None or device in devices:
                     run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, max(started, now))
@@ -266,6 +241,37 @@ class Ledger:
             if devices is None:
                 run("DELETE FROM stats WHERE job = ?", job)
                 run("DELETE FROM queue WHERE job = ?", job)
+
+    def cancel(self, *, job: str, by_user: str, allowed: Callable[[str], None]) -> Cancellation:
+        """Record that ``by_user`` asks ``job`` to stop (the job sees it: ``cancelled_by``) if it runs or waits, was
+        not asked before, and ``allowed(its user)`` does not raise; returns what was found."""
+        with self._transaction() as run:
+            self._expire(run, time.time())
+            earlier = next(iter(run("SELECT by_user FROM cancels WHERE job = ?", job)), (None,))[0]
+            found = Cancellation("ended" if earlier else "unknown", None, earlier)
+            for state, table in (("running", "leases"), ("waiting", "queue"), ("ended", "intervals")):
+                owner = run(f"SELECT user_name FROM {table} WHERE job = ? LIMIT 1", job)  # noqa: S608 - our names
+                if owner:
+                    found = Cancellation(state, owner[0][0], earlier)
+                    break
+            if found.state in ("running", "waiting") and earlier is None:
+                allowed(found.user)
+                run("INSERT INTO cancels VALUES (?, ?, ?)", job, by_user, time.time())
+        return found
+
+    def cancelled_by(self, *, job: str) -> str | None:
+        """Who asked ``job`` to stop with ``onegpu cancel`` (None: nobody)."""
+        with self._transaction(begin="SELECT 1") as run:  # a read: it takes no lock (every renewal asks)
+            found = run("SELECT by_user FROM cancels WHERE job = ?", job)
+        return found[0][0] if found else None
+
+    def waiting(self) -> list[Waiting]:
+        """The jobs in line for devices, first served first."""
+        with self._transaction() as run:
+            self._expire(run, time.time())
+            rows = run("SELECT job, user_name, devices, created FROM queue ORDER BY created, job")
+        return [Waiting(job, user, devices, created, position) for position, (job, user, devices, created) in
+                enumerate(rows, start=1)]  # fmt: skip
 
     def report(self, *, job: str, device: int, memory_bytes: float, utilization: float) -> None:
         """A worker's current memory use and utilization of its device."""
@@ -296,19 +302,6 @@ class Ledger:
             closed = run("SELECT job, user_name, device, started, ended FROM intervals WHERE ended >= ?", since or 0)
             open_ = run("SELECT job, user_name, device, started FROM leases")
         return [Interval(*row) for row in closed] + [Interval(*row, now) for row in open_]
-
-
-def fewest_nodes(free: Sequence[int], *, node_of: Mapping[int, str], count: int) -> tuple[int, ...]:
-    """``count`` of the ``free`` devices on as few nodes as possible: the node that fits them most tightly, else
-    the nodes with most free devices first (a job's workers then talk across as few links as they can)."""
-    by_node: dict[str, list[int]] = {}
-    for device in free:
-        by_node.setdefault(node_of[device], []).append(device)
-    fitting = [devices for devices in by_node.values() if len(devices) >= count]
-    if fitting:
-        return tuple(min(fitting, key=len)[:count])
-    chosen = [d for devices in sorted(by_node.values(), key=len, reverse=True) for d in devices]
-    return tuple(chosen[:count])
 
 
 def open_ledger(*, url: str | None, home: Path, ttl_s: float) -> Ledger:
