@@ -612,7 +612,7 @@ def _alice_ran_a_job(home: Path) -> None:
     from onegpu.pool.ledger import open_ledger
 
     ledger = open_ledger(url=None, home=home, ttl_s=30)
-    ledger.acquire(job="alice-0001", devices=1, pool_size=4, user="alice")
+    ledger.acquire(job="alice-0001", devices=1, pool_devices=range(4), user="alice")
     ledger.release(job="alice-0001")
 
 

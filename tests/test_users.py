@@ -58,7 +58,7 @@ def wait_in_line(records, *, job: str, devices: int) -> dict:
 
     def wait() -> None:
         try:
-            records.acquire(job=job, devices=devices, pool_size=4, poll_s=0.05, user=user)
+            records.acquire(job=job, devices=devices, pool_devices=range(4), poll_s=0.05, user=user)
             outcome["served"] = True
         except LedgerError as error:
             outcome["error"] = str(error)
@@ -80,7 +80,7 @@ def test_an_empty_pool_says_so_in_one_line(home):
 def test_jobs_lists_who_runs_and_who_waits_in_line_with_flavors_and_positions(home, monkeypatch):
     records = ledger(home)
     be(monkeypatch, "alice")
-    records.acquire(job="alice-1", devices=3, pool_size=4)  # the user comes from the OS, as onegpu run's
+    records.acquire(job="alice-1", devices=3, pool_devices=range(4))  # the user comes from the OS, as onegpu run's
     be(monkeypatch, "bob")
     bob = wait_in_line(records, job="bob-1", devices=2)
     be(monkeypatch, "carol")
@@ -112,7 +112,7 @@ def test_jobs_lists_who_runs_and_who_waits_in_line_with_flavors_and_positions(ho
 def test_a_user_cancels_their_own_waiting_job_and_it_leaves_the_line_saying_by_whom(home, monkeypatch):
     records = ledger(home)
     be(monkeypatch, "alice")
-    records.acquire(job="alice-1", devices=4, pool_size=4)
+    records.acquire(job="alice-1", devices=4, pool_devices=range(4))
     be(monkeypatch, "bob")
     bob = wait_in_line(records, job="bob-1", devices=1)
     result = onegpu("cancel", "bob-1")
@@ -130,7 +130,7 @@ def test_a_user_cancels_their_own_waiting_job_and_it_leaves_the_line_saying_by_w
 def test_another_users_job_is_refused_unless_you_administer_the_pool(home, monkeypatch):
     records = ledger(home)
     be(monkeypatch, "alice")
-    records.acquire(job="alice-1", devices=2, pool_size=4)
+    records.acquire(job="alice-1", devices=2, pool_devices=range(4))
     be(monkeypatch, "bob")
     refused = onegpu("cancel", "alice-1")
     assert refused.exit_code == 1
@@ -156,9 +156,9 @@ def test_another_users_job_is_refused_unless_you_administer_the_pool(home, monke
 def test_cancelling_an_unknown_or_ended_job_says_what_runs(home, monkeypatch):
     records = ledger(home)
     be(monkeypatch, "alice")
-    records.acquire(job="alice-old", devices=1, pool_size=4)
+    records.acquire(job="alice-old", devices=1, pool_devices=range(4))
     records.release(job="alice-old")
-    records.acquire(job="alice-1", devices=1, pool_size=4)
+    records.acquire(job="alice-1", devices=1, pool_devices=range(4))
     ended = onegpu("cancel", "alice-old")
     assert ended.exit_code == 1 and ended.stderr == "onegpu: job alice-old already ended\n"
     unknown = onegpu("cancel", "alice-2")
@@ -264,12 +264,12 @@ def test_each_user_role_keeps_the_ledger_working_but_cannot_touch_others_rows(ro
 
     alice, bob = (open_ledger(url=roles_server(user), home=tmp_path, ttl_s=2) for user in ("alice", "bob"))
     be(monkeypatch, "alice")
-    alice.acquire(job="alice-1", devices=2, pool_size=4)
+    alice.acquire(job="alice-1", devices=2, pool_devices=range(4))
     alice.renew(job="alice-1")
     alice.release(job="alice-1")
-    alice.acquire(job="alice-2", devices=1, pool_size=4)
+    alice.acquire(job="alice-2", devices=1, pool_devices=range(4))
     be(monkeypatch, "bob")
-    assert bob.acquire(job="bob-1", devices=1, pool_size=4) == (1,)
+    assert bob.acquire(job="bob-1", devices=1, pool_devices=range(4)) == (1,)
     assert [h.user for h in bob.holdings()] == ["alice", "bob"]
 
     as_bob = roles_server("bob")
@@ -297,7 +297,7 @@ def test_each_user_role_keeps_the_ledger_working_but_cannot_touch_others_rows(ro
     assert sql(as_bob, mirror, *lease) == 1  # what the expiry records (alice's usage up to her last renewal) ...
     with pytest.raises(psycopg.errors.UniqueViolation):  # ... once
         sql(as_bob, mirror, *lease)
-    bob.acquire(job="bob-2", devices=4, pool_size=4, wait=False)
+    bob.acquire(job="bob-2", devices=4, pool_devices=range(4), wait=False)
     assert {(i.job, i.user) for i in bob.intervals() if i.job != "bob-2"} == {
         ("alice-1", "alice"), ("alice-1", "alice"), ("alice-2", "alice"), ("bob-1", "bob")
     }  # fmt: skip
@@ -306,4 +306,4 @@ def test_each_user_role_keeps_the_ledger_working_but_cannot_touch_others_rows(ro
 
     be(monkeypatch, "mallory")  # connecting as bob's role under another OS user: refused in one line
     with pytest.raises(LedgerError, match=r"connect as the database role named as your OS user \(mallory\)"):
-        bob.acquire(job="mallory-1", devices=1, pool_size=4)
+        bob.acquire(job="mallory-1", devices=1, pool_devices=range(4))
