@@ -48,7 +48,7 @@ def run_on_ray(script: str, args: list[str], *, lease: JobLease, status: Path, m
     """Run the job's workers until they end well; returns the lease as it is then (smaller after a lost
     node). Raises LaunchError with the cause once every restart is used."""
     restart, wanted = 0, len(lease.devices)
-    with _signals_raised():
+    with _ctrl_c_raised():
         while True:
             with pool_backend(lease.pool).hold(lease.pool, job=lease.job, devices=lease.devices) as group:
                 outcome = _attempt(
@@ -254,15 +254,15 @@ def _failure(end: WorkerEnd) -> Failure:
 
 
 @contextlib.contextmanager
-def _signals_raised() -> Iterator[None]:
-    """SIGTERM and SIGINT end the job as under torchelastic: a SignalException, the workers stopped on the way out."""
+def _ctrl_c_raised() -> Iterator[None]:
+    """Ctrl-C ends the job as under torchelastic (which converts it the same way): a SignalException, the workers
+    stopped on the way out (SIGTERM is converted by ``launch``)."""
 
     def raise_(signum: int, _frame: Any) -> None:
         raise SignalException(f"received {signal.Signals(signum).name}", sigval=signal.Signals(signum))
 
-    previous = {s: signal.signal(s, raise_) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = signal.signal(signal.SIGINT, raise_)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGINT, previous)
