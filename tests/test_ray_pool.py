@@ -3,6 +3,7 @@ its devices leased in the ledger and reserved as placement groups, one worker pe
 
 from __future__ import annotations
 
+import getpass
 import json
 import sqlite3
 import subprocess
@@ -116,7 +117,7 @@ def test_a_job_over_two_nodes_trains_as_one_process_and_the_planner_sees_both_no
     assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
 
 
-def test_two_jobs_never_share_a_device_and_a_third_is_told_the_pool_is_full(pool, tmp_path):
+def test_two_jobs_never_share_a_device_a_third_is_told_the_pool_is_full_and_onegpu_cancel_stops_one(pool, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         out.mkdir()
@@ -137,10 +138,17 @@ def test_two_jobs_never_share_a_device_and_a_third_is_told_the_pool_is_full(pool
         third = run_onegpu("run", "--workers", "1", "--no-wait", "tests/scripts/ray_hold.py", str(tmp_path), env=pool)
         assert third.returncode == 1 and third.stderr.startswith("onegpu: the pool cannot serve 1 device now")
         assert len(third.stderr.strip().splitlines()) == 1
-        for out in outs:
-            (out / "stop").write_text("")
-        for job in jobs:
-            assert job.wait(timeout=120) == 0, job.communicate()[1]
+        (outs[0] / "stop").write_text("")
+        assert jobs[0].wait(timeout=120) == 0, jobs[0].communicate()[1]
+        (second,) = {job for (job,) in ledger_rows(pool, "SELECT job FROM leases")}  # the job left running
+        cancelled = run_onegpu("cancel", second, env=pool)
+        assert cancelled.returncode == 0, cancelled.stderr
+        _, said = jobs[1].communicate(timeout=120)
+        assert (
+            jobs[1].returncode == 1
+            and said.strip().splitlines()[-1]
+            == f"onegpu: job {second} was cancelled by {getpass.getuser()} with onegpu cancel"
+        )
     finally:
         for job in jobs:
             job.kill()

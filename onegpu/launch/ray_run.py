@@ -48,7 +48,7 @@ def run_on_ray(script: str, args: list[str], *, lease: JobLease, status: Path, m
     """Run the job's workers until they end well; returns the lease as it is then (smaller after a lost
     node). Raises LaunchError with the cause once every restart is used."""
     restart, wanted = 0, len(lease.devices)
-    with _ctrl_c_raised():
+    with _signals_surfaced():
         while True:
             with pool_backend(lease.pool).hold(lease.pool, job=lease.job, devices=lease.devices) as group:
                 outcome = _attempt(
@@ -254,9 +254,10 @@ def _failure(end: WorkerEnd) -> Failure:
 
 
 @contextlib.contextmanager
-def _ctrl_c_raised() -> Iterator[None]:
+def _signals_surfaced() -> Iterator[None]:
     """Ctrl-C ends the job as under torchelastic (which converts it the same way): a SignalException, the workers
-    stopped on the way out (SIGTERM is converted by ``launch``)."""
+    stopped on the way out; SIGTERM is converted by ``launch``. Ray's calls wrap an exception a signal handler
+    raised inside them in a SystemError: it is unwrapped here."""
 
     def raise_(signum: int, _frame: Any) -> None:
         raise SignalException(f"received {signal.Signals(signum).name}", sigval=signal.Signals(signum))
@@ -264,5 +265,9 @@ def _ctrl_c_raised() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, raise_)
     try:
         yield
+    except SystemError as error:
+        if isinstance(error.__cause__, SignalException):
+            raise error.__cause__ from None
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)

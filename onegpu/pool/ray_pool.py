@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +41,7 @@ def connect(pool: PoolConfig) -> Any:
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers run in this Python environment as it is
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         _probe(pool.address)
         ray.init(
@@ -56,6 +59,10 @@ def connect(pool: PoolConfig) -> Any:
             f"cannot reach the Ray cluster at {where} ({first}): start it with `ray start --head`, or fix address "
             f"in {pool.path}"
         ) from None
+    if threading.current_thread() is threading.main_thread():  # Ray's core logs a SIGTERM and ends the process:
+        for signum, handler in handlers.items():  # the job's own handlers stop its workers and say why
+            if handler is not None:
+                signal.signal(signum, handler)
     return ray
 
 
