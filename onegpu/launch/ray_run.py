@@ -218,12 +218,14 @@ def _watch(ray: Any, hosts: list[Any]) -> tuple[dict[int, WorkerEnd], set[int], 
         if stopped_at is not None and time.monotonic() - stopped_at > LOST_NODE_WAIT_S:
             dead |= set(waits.values())  # hosts that never answered: their nodes are gone
             break
-    _forward(ray, hosts, lines, dead, last=True)
+    _forward(ray, hosts, lines, dead, last=True)  # the calls made while the workers still ran
+    _forward(ray, hosts, {hosts[r].output.remote(): r for r in range(len(hosts)) if r not in dead}, dead, last=True)
     return ends, dead, first
 
 
 def _forward(ray: Any, hosts: list[Any], lines: dict, dead: set[int], *, last: bool = False) -> None:
-    """Print what the workers printed since the last call (their stdout on ours, their stderr on ours)."""
+    """Print what the workers printed since the last call (their stdout on ours, their stderr on ours); ``last``:
+    wait a moment for the answers, and ask no more."""
     from ray.exceptions import RayError
 
     ready, _ = ray.wait(list(lines), num_returns=len(lines), timeout=1.0 if last else 0)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ class _WorkerHost:
         self._started = threading.Event()
         self._ended = threading.Event()
         self._scratch = Path(tempfile.mkdtemp(prefix="onegpu-worker-"))
+        self._refused: str | None = None
 
     def address(self) -> tuple[str, int]:
         """This node's address and a port free on it, for the job's rendezvous."""
@@ -100,10 +102,14 @@ class _WorkerHost:
         argv = (sys.executable, "-m", "onegpu.launch.worker", spec.script, *spec.args)
         threading.Thread(target=self._run, args=(argv, env, cwd), daemon=True).start()
         self._started.wait()
-        return None
+        return self._refused
 
     def _run(self, argv: tuple[str, ...], env: dict[str, str], cwd: str) -> None:
-        self._process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            self._process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            self._refused = f"the worker could not start on node {socket.gethostname()}: {exc}"
+            return self._started.set()
         self._started.set()
         readers = [
             threading.Thread(target=self._read, args=(self._process.stdout, self._out), daemon=True),
@@ -139,6 +145,7 @@ class _WorkerHost:
         files = {}
         if self._status.is_dir():
             files = {f.name: f.read_text() for f in self._status.iterdir() if not f.name.startswith(".")}
+        shutil.rmtree(self._scratch, ignore_errors=True)  # what the launcher needs travels back in this answer
         return WorkerEnd(
             rank=rank, code=self._process.returncode, error=error, status=files, time_us=time.time_ns() // 1000
         )
