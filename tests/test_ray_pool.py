@@ -111,6 +111,7 @@ def test_a_job_over_two_nodes_trains_as_one_process_and_the_planner_sees_both_no
     devices = [int(p["ONEGPU_DEVICES"].split(",")[int(p["LOCAL_RANK"])]) for p in places]
     assert len({node_of[d] for d in devices[:2]}) == 1 and len({node_of[d] for d in devices}) == 2
     assert results["cluster"] == {"nodes": 2, "devices_per_node": 2}
+    assert results["ray_in_worker"] is False
     intervals = ledger_rows(pool, "SELECT device FROM intervals")
     assert sorted(d for (d,) in intervals) == sorted(devices)  # one lease row per device, all released
     assert not ledger_rows(pool, "SELECT * FROM leases")

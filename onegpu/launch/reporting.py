@@ -52,11 +52,11 @@ def start_reporting() -> None:
 
 
 def _ledger():
-    from onegpu.pool.config import load_pool
+    from onegpu.pool.config import pool_settings
     from onegpu.pool.lease import pool_ledger
 
     try:
-        return pool_ledger(load_pool())
+        return pool_ledger(pool_settings())  # the ledger alone: a worker never connects to a Ray cluster
     except Exception:  # noqa: BLE001 - the launcher reports a broken ledger; a worker trains on
         return None
 

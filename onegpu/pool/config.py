@@ -109,6 +109,22 @@ class PoolConfig:
 
 def load_pool(home: Path | None = None) -> PoolConfig:
     """The pool: ``pool.toml``'s settings and the devices its backend has now (``pool/backend.py``)."""
+    pool = pool_settings(home)
+    from onegpu.pool.backend import pool_backend
+
+    devices = pool_backend(pool).devices(pool)
+    if pool.flavors and min(count for _, count in pool.flavors) > len(devices):
+        name, count = pool.flavors[0]
+        raise UsageError(
+            f"{pool.path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
+            f"add a flavor of at most {len(devices)} devices"
+        )
+    return replace(pool, devices=devices)
+
+
+def pool_settings(home: Path | None = None) -> PoolConfig:
+    """``pool.toml``'s settings alone, without asking the backend for devices (no Ray connection): enough for
+    the ledger and prices."""
     home = home or onegpu_home()
     path = home / "pool.toml"
     raw: dict = {}
@@ -145,7 +161,7 @@ def load_pool(home: Path | None = None) -> PoolConfig:
     ):
         raise UsageError(f"{path}: [flavors] maps names to device counts (whole numbers >= 1)")
     url = settings().database_url or raw.get("database_url")
-    pool = PoolConfig(
+    return PoolConfig(
         devices=(),
         price_per_device_hour=float(number("price_per_device_hour", 0.0, zero=True)),
         lease_ttl_s=float(number("lease_ttl_s", settings().lease_ttl_s or 30.0)),
@@ -159,16 +175,6 @@ def load_pool(home: Path | None = None) -> PoolConfig:
         cpu_slots=slots,
         admins=_admins(raw, path=path),
     )
-    from onegpu.pool.backend import pool_backend
-
-    devices = pool_backend(pool).devices(pool)
-    if flavors and min(flavors.values()) > len(devices):
-        name, count = min(flavors.items(), key=lambda item: item[1])
-        raise UsageError(
-            f"{path}: [flavors] {name} = {count}: this pool has {len(devices)} devices; "
-            f"add a flavor of at most {len(devices)} devices"
-        )
-    return replace(pool, devices=devices)
 
 
 def this_machine(pool: PoolConfig) -> tuple[Device, ...]:

@@ -30,4 +30,5 @@ cluster = measure_job_cluster(
 if onegpu.is_main_process():
     results["places"] = places
     results["cluster"] = {"nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node}
+    results["ray_in_worker"] = "ray" in sys.modules  # a worker reports to the ledger without joining Ray
     (out / "results.json").write_text(json.dumps(results))
