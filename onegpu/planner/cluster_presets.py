@@ -32,6 +32,17 @@ _NVLINK4 = Link(bandwidth_gbps=450.0, latency_us=3.0)
 # https://resources.nvidia.com/en-us-dgx-systems/dgx-h200-datasheet
 _NDR_PER_GPU = Link(bandwidth_gbps=50.0, latency_us=5.0)
 
+# The H100 of Meta's Grand Teton hosts that torchtitan's benchmarks ran on (pytorch/torchtitan
+# benchmarks/llama3_h100_202412_torchtitan.md @9dec370, "Hardware"): an SXM H100 with 96 GB HBM2e at
+# 2.4 TB/s, at its default 500 W power limit (700 W is the H100 SXM TDP); 8 per host "fully connected with
+# NVLink" (NVLink 4, as any SXM H100); "backend RDMA network with 400 Gb/s per GPU" = 50 GB/s.
+# Its dense BF16 peak is on no datasheet: torchtitan's docs/performance.md @3faaa1a0d (footnote 1) says "the
+# actual peak TFLOPs number is between SXM and NVL". Two estimates agree on 885 TFLOP/s: (1) linear in the
+# power limit between the H100 NVL (datasheet: 1,671 sparse = 835.5 dense BF16 TFLOPS at 350-400 W; 400 W)
+# and the H100 SXM (989.5 at 700 W): 835.5 + (989.5 - 835.5) * (500 - 400) / (700 - 400) = 886.8;
+# (2) a power-capped clock: dynamic power ~ f * V^2 with V ~ f, so f ~ P^(1/3): 989.5 * (500/700)^(1/3) = 884.9.
+_H100_500W_TFLOPS = {"fp32": 67.0 * 885 / 989.5, "tf32": 442.5, "bf16": 885.0, "fp16": 885.0}
+
 # NVIDIA H200 Tensor Core GPU datasheet (H200 SXM column): same Hopper compute as H100 SXM,
 # 141GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
 # https://nvdam.widen.net/s/nb5zzzsjdf/hpc-datasheet-sc23-h200-datasheet-3002446
@@ -90,6 +101,17 @@ PRESETS: dict[str, Cluster] = {
     "h100-80gb": _preset(
         "h100-80gb",
         DeviceSpec(name="H100 SXM5 80GB", memory_gb=80.0, peak_tflops=_HOPPER_TFLOPS, memory_bandwidth_gbps=3350.0),
+        _NVLINK4,
+        _NDR_PER_GPU,
+    ),
+    "h100-96gb-500w": _preset(
+        "h100-96gb-500w",
+        DeviceSpec(
+            name="H100 SXM 96GB HBM2e (500 W)",
+            memory_gb=96.0,
+            peak_tflops=_H100_500W_TFLOPS,
+            memory_bandwidth_gbps=2400.0,
+        ),
         _NVLINK4,
         _NDR_PER_GPU,
     ),

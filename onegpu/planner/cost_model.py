@@ -14,14 +14,23 @@ from dataclasses import dataclass
 
 from onegpu.plan import INTERLEAVED, Plan, Prediction
 from onegpu.planner.cluster import Cluster, Link
+from onegpu.planner.frameworks import ONEGPU, Framework
 from onegpu.planner.profile import ModelProfile
 from onegpu.planner.stages import worker_stage_blocks
 
 # Fraction of dense peak that GEMMs of transformer shapes reach in training (cuBLAS/rocBLAS reach
 # 70-80% on large square bf16 matrices, less on the thinner projections of real layers).
 GEMM_EFFICIENCY = 0.70
-# Flash attention reaches less: FlashAttention-2 reports 50-73% of A100 peak forward, less backward.
+# Flash attention reaches less: FlashAttention-2 reports 50-73% of A100 peak forward, less backward
+# (Dao 2023); on Hopper it reaches "only 35%" of H100 peak (Shah et al. 2024, FlashAttention-3, sec. 1),
+# whose warp-specialised asynchronous kernels (FA3, cuDNN's fused attention) reach 75% forward, less backward.
 ATTENTION_EFFICIENCY = 0.50
+HOPPER_ATTENTION_EFFICIENCY = {False: 0.35, True: 0.60}  # by whether the kernel is Hopper-specific (FA3, cuDNN)
+# Attention without a fused flash kernel materialises the (heads x seq x seq) scores: per element and pass, the
+# score GEMM's output written (2 bytes), read and written by softmax (4), dropout's mask and output (3) and the
+# context GEMM's read (2): 11 bytes in forward, as many in backward (Korthikanti et al. 2022, table 2: 5 bytes
+# per score element kept; Dao et al. 2022, FlashAttention, sec. 2: these are memory-bound).
+SCORE_BYTES_PER_PASS = 11
 # A CPU "device" is measured by the matmul it runs, so its peak is already attainable.
 CPU_GEMM_EFFICIENCY = 1.0
 # What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
@@ -44,6 +53,11 @@ CPU_OP_OVERHEAD_S = 20e-6
 OPS_WHEN_UNKNOWN = 120  # forward + backward operators of a transformer block, when not counted
 DDP_BUCKET_BYTES = 25 * 2**20
 MASTER_BYTES = 4  # parameters, gradients and optimizer states are kept in fp32
+# The bus bandwidth NCCL reaches for large messages, as a share of a datasheet link's bandwidth: 200-230 GB/s
+# all-reduce bus bandwidth over NVLink 3's 300 GB/s on 8 A100 (nccl-tests issues #149, #178, NVIDIA/nccl #583),
+# 85-96 GB/s over 4x HDR's 100 GB/s per node of A100 (nccl-tests issue #119).
+NVLINK_BUS_EFFICIENCY = 0.70
+NETWORK_BUS_EFFICIENCY = 0.90
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class Workload:
     # a compiled block's forward and backward time over the eager one's, measured on the job's devices
     # (planner/compile_measure.py); None: not measured, and a compiled plan is costed as eager
     compiled_block_time: float | None = None
+    framework: Framework = ONEGPU  # what the runtime overlaps (planner/frameworks.py)
 
 
 def is_cpu(cluster: Cluster) -> bool:
@@ -177,16 +192,14 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     }
 
 
-def _collective(volume_bytes: float, group: int, link: Link) -> float:
-    """A ring-bandwidth, tree-latency collective moving ``volume_bytes`` per device."""
+def _collective(volume_bytes: float, group: int, link: Link, *, ring: bool = False, efficiency: float = 1.0) -> float:
+    """A collective moving ``volume_bytes`` per device at ``efficiency`` of the link's bandwidth. Its latency:
+    an all-gather or reduce-scatter is a ring of ``group - 1`` hops; NCCL all-reduces with trees at scale,
+    2 log2(group) hops (NCCL 2.4 release notes, "double binary trees"; Sanders et al. 2009)."""
     if group <= 1:
         return 0.0
-    return volume_bytes / (link.bandwidth_gbps * 1e9) + 2 * math.log2(group) * link.latency_us * 1e-6
-
-
-def _dp_link(plan: Plan, cluster: Cluster) -> Link:
-    """Data-parallel peers sit outermost: they cross nodes as soon as the job spans nodes."""
-    return cluster.inter_node if plan.world_size > cluster.devices_per_node else cluster.intra_node
+    hops = group - 1 if ring else 2 * math.log2(group)
+    return volume_bytes / (link.bandwidth_gbps * 1e9 * efficiency) + hops * link.latency_us * 1e-6
 
 
 @dataclass(frozen=True)
@@ -211,8 +224,25 @@ class _Step:
         return self.peak * (CPU_GEMM_EFFICIENCY if self.cpu else GEMM_EFFICIENCY)
 
     @property
+    def attention_efficiency(self) -> float:
+        """Of dense peak, what attention kernels reach on this device with the framework's kernel."""
+        name = self.cluster.device.name
+        if name.startswith(("H100", "H200")):
+            return HOPPER_ATTENTION_EFFICIENCY[self.work.framework.hopper_attention]
+        return ATTENTION_EFFICIENCY
+
+    @property
     def bandwidth(self) -> float:
         return self.cluster.device.memory_bandwidth_gbps * 1e9
+
+    def collective(self, volume_bytes: float, group: int, *, inside_node: bool, ring: bool = False) -> float:
+        """A collective over the node's links or the network, at the bus bandwidth NCCL achieves on a datasheet
+        link (a measured link, ``local``, is already what is achieved)."""
+        cluster = self.cluster
+        link = cluster.intra_node if inside_node else cluster.inter_node
+        datasheet = not self.cpu and cluster.name != "local"
+        efficiency = (NVLINK_BUS_EFFICIENCY if inside_node else NETWORK_BUS_EFFICIENCY) if datasheet else 1.0
+        return _collective(volume_bytes, group, link, ring=ring, efficiency=efficiency)
 
     @property
     def fullest(self) -> tuple[int, ...]:
@@ -244,11 +274,15 @@ class _Step:
         attention = b * part.attention_flops * passes / tp
         flops = b * (part.fwd_flops * (2 if recompute else 1) + part.bwd_flops) / tp - attention
         weight_reads = (4 if recompute else 3) * part.params / tp * compute_bytes
-        attention_rate = self.peak * (CPU_GEMM_EFFICIENCY if self.cpu else ATTENTION_EFFICIENCY)
+        attention_rate = self.peak * (CPU_GEMM_EFFICIENCY if self.cpu else self.attention_efficiency)
         gemm = max(flops / self.attainable, weight_reads / self.bandwidth) + attention / attention_rate
         # elementwise work: activations written in forward, read in backward, their gradients written and read
         share = tp_activation_share(tp, sequence_parallel=self.work.sequence_parallel)
         elementwise = 4 * b * part.activation_bytes * share / self.bandwidth
+        if part.attention_flops and not self.work.framework.flash_attention:
+            prof = self.work.profile
+            scores = b * (prof.num_heads or 0) / tp * prof.seq_len**2
+            elementwise += (3 if recompute else 2) * SCORE_BYTES_PER_PASS * scores / self.bandwidth
         launches = (part.ops or OPS_WHEN_UNKNOWN) * (4 / 3 if recompute else 1)
         return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
@@ -274,7 +308,8 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
 
 def _stage_times(step: _Step) -> tuple[float, float, float]:
     """One micro-batch on the fullest stage: its compute, the part of it that recomputes, and the exposed
-    tensor-parallel communication (4 all-reduce-sized collectives of each block's boundary)."""
+    tensor-parallel communication (per block, 4 all-reduce-sized collectives of its boundary: all-reduces, or
+    all-gathers and reduce-scatters under sequence parallelism), none where the framework overlaps them."""
     plan, block, n = step.plan, step.block, sum(step.fullest)
     c = sum(plan.checkpointed_blocks(size) for size in step.fullest)  # a number of blocks is per stage
     block_time, recomputed = step.block_time(recompute=False), step.block_time(recompute=True)
@@ -284,7 +319,9 @@ def _stage_times(step: _Step) -> tuple[float, float, float]:
     tp_comm = 0.0
     if plan.tp > 1:
         volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes
-        tp_comm = 4 * n * _collective(volume, plan.tp, step.cluster.intra_node)
+        tp_comm = 4 * n * step.collective(volume, plan.tp, inside_node=True, ring=True)
+        if step.work.framework.overlap_tensor_parallel:  # hidden under the GEMMs that produce and consume them
+            tp_comm = max(tp_comm - compute, 0.0)
     return compute, recompute, tp_comm
 
 
@@ -298,43 +335,61 @@ def _pipeline_times(step: _Step, *, stage_micro: float) -> tuple[float, float]:
         bubble /= 3
     p2p = 0.0
     if plan.pp > 1:
-        link = cluster.inter_node if plan.tp * plan.pp > cluster.devices_per_node else cluster.intra_node
-        p2p = 2 * virtual * _collective(step.micro_batch * step.block.boundary_bytes / plan.tp, 2, link)
+        inside = plan.tp * plan.pp <= cluster.devices_per_node
+        p2p = 2 * virtual * step.collective(step.micro_batch * step.block.boundary_bytes / plan.tp, 2, inside_node=inside)
     return bubble * (stage_micro + p2p), p2p
 
 
 def _data_parallel_comm(step: _Step) -> float:
-    """Gradient reduction and parameter gathering across replicas, what of it backward does not hide."""
+    """Gradient reduction and parameter gathering across replicas, what of it compute does not hide: backward
+    hides gradient reductions where the framework overlaps them, a block's compute the prefetched gathers."""
     plan, cluster, block, m, n = step.plan, step.cluster, step.block, step.plan.microbatches, sum(step.fullest)
-    dp, link, compute_bytes = plan.dp, _dp_link(plan, cluster), step.work.profile.param_bytes
+    framework, compute_bytes = step.work.framework, step.work.profile.param_bytes
+    dp, inside = plan.dp, plan.world_size <= cluster.devices_per_node  # replicas sit outermost
     grad_bytes = step.stage_params * compute_bytes
     ring = 2 * (dp - 1) / dp if dp > 1 else 0.0
     # compute that communication can hide behind; on a CPU "device" gloo runs on the same cores: none
     overlap = 0.0 if step.cpu else 1.0
     backward = overlap * m * n * step.micro_batch * block.bwd_flops / plan.tp / step.attainable
+    backward *= framework.overlap_gradient_reduction
     if plan.sharding in ("none", "optimizer"):
-        exposed_after = _collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, link)
-        comm = max(_collective(ring * grad_bytes, dp, link) - backward, 0.0) + exposed_after
+        exposed_after = step.collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, inside_node=inside)
+        comm = max(step.collective(ring * grad_bytes, dp, inside_node=inside) - backward, 0.0) + exposed_after
         if plan.sharding == "optimizer":  # ZeRO-1: gradients all-reduced as above, updated pieces all-gathered
-            comm += _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
+            comm += step.collective(ring / 2 * grad_bytes, dp, inside_node=inside, ring=True)
     elif plan.sharding == "gradients":
-        reduce_scatter = _collective(ring / 2 * grad_bytes, dp, link)
-        all_gather = _collective(ring / 2 * step.stage_params * compute_bytes, dp, link)
+        reduce_scatter = step.collective(ring / 2 * grad_bytes, dp, inside_node=inside, ring=True)
+        all_gather = step.collective(ring / 2 * grad_bytes, dp, inside_node=inside, ring=True)
         comm = max(reduce_scatter - backward, 0.0) + all_gather
-    else:  # parameters / hybrid: per block all-gathers (forward, backward) and a reduce-scatter, prefetched
-        group = shard_factors(plan, cluster)[0]
-        shard_link = cluster.intra_node if plan.sharding == "hybrid" else link
-        half_ring = (group - 1) / group
-        gather = _collective(half_ring * block.params / plan.tp * compute_bytes, group, shard_link)
-        per_block = 2 * gather + _collective(half_ring * block.params / plan.tp * compute_bytes, group, shard_link) / m
-        comm = m * n * max(per_block - overlap * step.block_time(recompute=False), 0.0) + gather
-        if plan.sharding == "hybrid" and dp > group:
-            replicas = dp // group
-            comm += _collective(2 * (replicas - 1) / replicas * grad_bytes / group, replicas, cluster.inter_node)
+    else:  # parameters / hybrid: per block all-gathers (forward, backward) and a reduce-scatter
+        comm = _sharded_comm(step, inside=inside, overlap=overlap)
     # sharded gradients and parameters are copied into and out of flat communication buffers
     gathers = {"gradients": 1, "parameters": 2, "hybrid": 2}.get(plan.sharding, 0)
     if gathers:
         comm += m * (gathers + 1) * 2 * step.stage_params * compute_bytes / step.bandwidth
+    return comm
+
+
+def _sharded_comm(step: _Step, *, inside: bool, overlap: float) -> float:
+    """FSDP/ZeRO-3: every micro-batch gathers each block for forward and again for backward, its gradients are
+    reduce-scattered once per step; prefetched gathers hide under the previous block's compute."""
+    plan, cluster, block, m, n = step.plan, step.cluster, step.block, step.plan.microbatches, sum(step.fullest)
+    framework, compute_bytes = step.work.framework, step.work.profile.param_bytes
+    group = shard_factors(plan, cluster)[0]
+    shard_inside = inside or plan.sharding == "hybrid"
+    pieces = framework.gathers_per_block  # each pays its ring latency
+    volume = (group - 1) / group * block.params / plan.tp * compute_bytes
+    gather = pieces * step.collective(volume / pieces, group, inside_node=shard_inside, ring=True)
+    reduce = gather  # a reduce-scatter moves what an all-gather does
+    hideable = 2 * gather + (reduce / m if framework.overlap_gradient_reduction else 0.0)
+    hidden = overlap * step.block_time(recompute=False) if framework.prefetch_gathers else 0.0
+    comm = m * n * max(hideable - hidden, 0.0) + gather
+    if not framework.overlap_gradient_reduction:
+        comm += n * reduce
+    if plan.sharding == "hybrid" and plan.dp > group:
+        replicas = plan.dp // group
+        grads = step.stage_params * compute_bytes / group
+        comm += step.collective(2 * (replicas - 1) / replicas * grads, replicas, inside_node=False)
     return comm
 
 
