@@ -31,6 +31,13 @@ HOPPER_ATTENTION_EFFICIENCY = {False: 0.35, True: 0.60}  # by whether the kernel
 # context GEMM's read (2): 11 bytes in forward, as many in backward (Korthikanti et al. 2022, table 2: 5 bytes
 # per score element kept; Dao et al. 2022, FlashAttention, sec. 2: these are memory-bound).
 SCORE_BYTES_PER_PASS = 11
+# Elementwise work run op by op (eager PyTorch, no fused kernels) moves more than the activations a block keeps:
+# each op reads and writes whole tensors, norms and rotary embeddings in fp32. Counted op by op for a Llama block
+# (RMSNorm 36, RoPE 25, K/V repeat and layout copies 21, residual adds 12, RMSNorm 36, SwiGLU 35 bytes per token
+# and hidden unit in forward, about twice as much in backward): ~500 bytes, 2.4x the ~208 (4 passes over the
+# ~52 bytes it keeps) of fused kernels. torchtitan's own figures bound it: torch.compile, which fuses them, makes
+# Llama 3.1 8B 16% faster on 8 H100 (benchmarks/llama3_h100_202412_torchtitan.md, table 1).
+UNFUSED_ELEMENTWISE_TRAFFIC = 2.4
 # A CPU "device" is measured by the matmul it runs, so its peak is already attainable.
 CPU_GEMM_EFFICIENCY = 1.0
 # What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
@@ -278,7 +285,10 @@ class _Step:
         gemm = max(flops / self.attainable, weight_reads / self.bandwidth) + attention / attention_rate
         # elementwise work: activations written in forward, read in backward, their gradients written and read
         share = tp_activation_share(tp, sequence_parallel=self.work.sequence_parallel)
-        elementwise = 4 * b * part.activation_bytes * share / self.bandwidth
+        passes = 5 if recompute else 4  # recomputation writes the forward's activations again
+        if not (self.cpu or self.work.framework.fused_elementwise):
+            passes *= UNFUSED_ELEMENTWISE_TRAFFIC
+        elementwise = passes * b * part.activation_bytes * share / self.bandwidth
         if part.attention_flops and not self.work.framework.flash_attention:
             prof = self.work.profile
             scores = b * (prof.num_heads or 0) / tp * prof.seq_len**2
@@ -309,7 +319,8 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
 def _stage_times(step: _Step) -> tuple[float, float, float]:
     """One micro-batch on the fullest stage: its compute, the part of it that recomputes, and the exposed
     tensor-parallel communication (per block, 4 all-reduce-sized collectives of its boundary: all-reduces, or
-    all-gathers and reduce-scatters under sequence parallelism), none where the framework overlaps them."""
+    all-gathers and reduce-scatters under sequence parallelism; a recomputed forward repeats its 2), none where
+    the framework overlaps them."""
     plan, block, n = step.plan, step.block, sum(step.fullest)
     c = sum(plan.checkpointed_blocks(size) for size in step.fullest)  # a number of blocks is per stage
     block_time, recomputed = step.block_time(recompute=False), step.block_time(recompute=True)
@@ -319,7 +330,7 @@ def _stage_times(step: _Step) -> tuple[float, float, float]:
     tp_comm = 0.0
     if plan.tp > 1:
         volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes
-        tp_comm = 4 * n * step.collective(volume, plan.tp, inside_node=True, ring=True)
+        tp_comm = (4 * n + 2 * c) * step.collective(volume, plan.tp, inside_node=True, ring=True)
         if step.work.framework.overlap_tensor_parallel:  # hidden under the GEMMs that produce and consume them
             tp_comm = max(tp_comm - compute, 0.0)
     return compute, recompute, tp_comm
