@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -50,11 +50,21 @@ COMPARISONS = (
         "SC'21 175B, 1536 GPUs: PTD-P vs ZeRO-3",
         ("megatron21-gpt3-175b-ptd-1536gpu", "megatron21-gpt3-175b-zero3-1536gpu"),
     ),
-    ("SC'21 530B, 1120 GPUs: PTD-P vs ZeRO-3", ("megatron21-gpt-530b-ptd-1120gpu", "megatron21-gpt-530b-zero3-1120gpu")),
-    ("SC'21 530B, 2240 GPUs: PTD-P vs ZeRO-3", ("megatron21-gpt-530b-ptd-2240gpu", "megatron21-gpt-530b-zero3-2240gpu")),
+    (
+        "SC'21 530B, 1120 GPUs: PTD-P vs ZeRO-3",
+        ("megatron21-gpt-530b-ptd-1120gpu", "megatron21-gpt-530b-zero3-1120gpu"),
+    ),
+    (
+        "SC'21 530B, 2240 GPUs: PTD-P vs ZeRO-3",
+        ("megatron21-gpt-530b-ptd-2240gpu", "megatron21-gpt-530b-zero3-2240gpu"),
+    ),
     (
         "SC'21 175B ZeRO-3 per GPU, 384 / 768 / 1536 GPUs",
-        ("megatron21-gpt3-175b-zero3-384gpu", "megatron21-gpt3-175b-zero3-768gpu", "megatron21-gpt3-175b-zero3-1536gpu"),
+        (
+            "megatron21-gpt3-175b-zero3-384gpu",
+            "megatron21-gpt3-175b-zero3-768gpu",
+            "megatron21-gpt3-175b-zero3-1536gpu",
+        ),
     ),
     (
         "SC'21 175B PTD-P per GPU, 384 / 768 / 1536 GPUs",
@@ -113,7 +123,7 @@ def model_config(m: dict):
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _profile(model_items: tuple):
     m = dict(model_items)
     return analyze(model_config(m), seq_len=m["seq_len"], precision="bf16")
@@ -248,7 +258,9 @@ def main() -> None:
     print("\nRanking: published comparisons of plans, fastest (per GPU) first")
     ranked = rankings(rows)
     for title, measured, predicted_order in ranked:
-        verdict = "same order" if measured == predicted_order else "DIFFERENT order: predicted " + " > ".join(predicted_order)
+        verdict = (
+            "same order" if measured == predicted_order else "DIFFERENT order: predicted " + " > ".join(predicted_order)
+        )
         print(f"  {title}: measured {' > '.join(measured)}; {verdict}")
     print(f"{sum(m == p for _, m, p in ranked)}/{len(ranked)} comparisons ordered as measured")
 

@@ -95,7 +95,9 @@ def test_preset_names_are_case_insensitive():
 
 def test_an_unknown_preset_lists_the_presets_and_mentions_yaml_files():
     message = usage_error("b200")
-    assert message.startswith("'b200' is not a cluster preset (a100-40gb, a100-80gb, h100-80gb, h100-96gb-500w, h200, mi250x, mi300x")
+    assert message.startswith(
+        "'b200' is not a cluster preset (a100-40gb, a100-80gb, h100-80gb, h100-96gb-500w, h200, mi250x, mi300x"
+    )
     assert "local" in message and "YAML file" in message
 
 

@@ -23,7 +23,10 @@ def plan(
     global_batch_size: Annotated[int, typer.Option(help="Samples per optimizer step, over all devices.")],
     seq_len: Annotated[int, typer.Option(help="Tokens per sample.")],
     cluster: Annotated[
-        str, typer.Option(help="Preset (a100-40gb, a100-80gb, h100-80gb, h100-96gb-500w, h200, mi250x, mi300x, local) or a YAML file.")
+        str,
+        typer.Option(
+            help="Preset (a100-40gb, a100-80gb, h100-80gb, h100-96gb-500w, h200, mi250x, mi300x, local) or a YAML file."
+        ),
     ],
     nodes: Annotated[int | None, typer.Option(help="Override the cluster's node count.")] = None,
     devices_per_node: Annotated[int | None, typer.Option(help="Override the devices per node.")] = None,

@@ -9,35 +9,24 @@ with a latency-bandwidth model on the link they cross, pipeline bubbles per sche
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from onegpu.plan import INTERLEAVED, Plan, Prediction
 from onegpu.planner.cluster import Cluster, Link
+from onegpu.planner.data_parallel import data_parallel_comm
 from onegpu.planner.frameworks import ONEGPU, Framework
+from onegpu.planner.gpu_efficiency import (
+    GEMM_EFFICIENCY,
+    NETWORK_BUS_EFFICIENCY,
+    NVLINK_BUS_EFFICIENCY,
+    SCORE_BYTES_PER_PASS,
+    UNFUSED_ELEMENTWISE_TRAFFIC,
+    attention_efficiency,
+    collective_time,
+)
 from onegpu.planner.profile import ModelProfile
 from onegpu.planner.stages import worker_stage_blocks
 
-# Fraction of dense peak that GEMMs of transformer shapes reach in training (cuBLAS/rocBLAS reach
-# 70-80% on large square bf16 matrices, less on the thinner projections of real layers).
-GEMM_EFFICIENCY = 0.70
-# Flash attention reaches less: FlashAttention-2 reports 50-73% of A100 peak forward, less backward
-# (Dao 2023); on Hopper it reaches "only 35%" of H100 peak (Shah et al. 2024, FlashAttention-3, sec. 1),
-# whose warp-specialised asynchronous kernels (FA3, cuDNN's fused attention) reach 75% forward, less backward.
-ATTENTION_EFFICIENCY = 0.50
-HOPPER_ATTENTION_EFFICIENCY = {False: 0.35, True: 0.60}  # by whether the kernel is Hopper-specific (FA3, cuDNN)
-# Attention without a fused flash kernel materialises the (heads x seq x seq) scores: per element and pass, the
-# score GEMM's output written (2 bytes), read and written by softmax (4), dropout's mask and output (3) and the
-# context GEMM's read (2): 11 bytes in forward, as many in backward (Korthikanti et al. 2022, table 2: 5 bytes
-# per score element kept; Dao et al. 2022, FlashAttention, sec. 2: these are memory-bound).
-SCORE_BYTES_PER_PASS = 11
-# Elementwise work run op by op (eager PyTorch, no fused kernels) moves more than the activations a block keeps:
-# each op reads and writes whole tensors, norms and rotary embeddings in fp32. Counted op by op for a Llama block
-# (RMSNorm 36, RoPE 25, K/V repeat and layout copies 21, residual adds 12, RMSNorm 36, SwiGLU 35 bytes per token
-# and hidden unit in forward, about twice as much in backward): ~500 bytes, 2.4x the ~208 (4 passes over the
-# ~52 bytes it keeps) of fused kernels. torchtitan's own figures bound it: torch.compile, which fuses them, makes
-# Llama 3.1 8B 16% faster on 8 H100 (benchmarks/llama3_h100_202412_torchtitan.md, table 1).
-UNFUSED_ELEMENTWISE_TRAFFIC = 2.4
 # A CPU "device" is measured by the matmul it runs, so its peak is already attainable.
 CPU_GEMM_EFFICIENCY = 1.0
 # What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
@@ -60,11 +49,6 @@ CPU_OP_OVERHEAD_S = 20e-6
 OPS_WHEN_UNKNOWN = 120  # forward + backward operators of a transformer block, when not counted
 DDP_BUCKET_BYTES = 25 * 2**20
 MASTER_BYTES = 4  # parameters, gradients and optimizer states are kept in fp32
-# The bus bandwidth NCCL reaches for large messages, as a share of a datasheet link's bandwidth: 200-230 GB/s
-# all-reduce bus bandwidth over NVLink 3's 300 GB/s on 8 A100 (nccl-tests issues #149, #178, NVIDIA/nccl #583),
-# 85-96 GB/s over 4x HDR's 100 GB/s per node of A100 (nccl-tests issue #119).
-NVLINK_BUS_EFFICIENCY = 0.70
-NETWORK_BUS_EFFICIENCY = 0.90
 
 
 @dataclass(frozen=True)
@@ -199,16 +183,6 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     }
 
 
-def _collective(volume_bytes: float, group: int, link: Link, *, ring: bool = False, efficiency: float = 1.0) -> float:
-    """A collective moving ``volume_bytes`` per device at ``efficiency`` of the link's bandwidth. Its latency:
-    an all-gather or reduce-scatter is a ring of ``group - 1`` hops; NCCL all-reduces with trees at scale,
-    2 log2(group) hops (NCCL 2.4 release notes, "double binary trees"; Sanders et al. 2009)."""
-    if group <= 1:
-        return 0.0
-    hops = group - 1 if ring else 2 * math.log2(group)
-    return volume_bytes / (link.bandwidth_gbps * 1e9 * efficiency) + hops * link.latency_us * 1e-6
-
-
 @dataclass(frozen=True)
 class _Step:
     """What every part of a step's time depends on: the plan, the work, the cluster, and figures derived once."""
@@ -233,10 +207,7 @@ class _Step:
     @property
     def attention_efficiency(self) -> float:
         """Of dense peak, what attention kernels reach on this device with the framework's kernel."""
-        name = self.cluster.device.name
-        if name.startswith(("H100", "H200")):
-            return HOPPER_ATTENTION_EFFICIENCY[self.work.framework.hopper_attention]
-        return ATTENTION_EFFICIENCY
+        return attention_efficiency(self.cluster.device.name, hopper_kernel=self.work.framework.hopper_attention)
 
     @property
     def bandwidth(self) -> float:
@@ -249,7 +220,7 @@ class _Step:
         link = cluster.intra_node if inside_node else cluster.inter_node
         datasheet = not self.cpu and cluster.name != "local"
         efficiency = (NVLINK_BUS_EFFICIENCY if inside_node else NETWORK_BUS_EFFICIENCY) if datasheet else 1.0
-        return _collective(volume_bytes, group, link, ring=ring, efficiency=efficiency)
+        return collective_time(volume_bytes, group, link, ring=ring and not self.cpu, efficiency=efficiency)
 
     @property
     def fullest(self) -> tuple[int, ...]:
@@ -285,9 +256,10 @@ class _Step:
         gemm = max(flops / self.attainable, weight_reads / self.bandwidth) + attention / attention_rate
         # elementwise work: activations written in forward, read in backward, their gradients written and read
         share = tp_activation_share(tp, sequence_parallel=self.work.sequence_parallel)
-        passes = 5 if recompute else 4  # recomputation writes the forward's activations again
-        if not (self.cpu or self.work.framework.fused_elementwise):
-            passes *= UNFUSED_ELEMENTWISE_TRAFFIC
+        passes = 4.0  # (a CPU "device" is costed as measured: CPU_* figures)
+        if not self.cpu:  # recomputation writes the forward's activations again; eager ops move more
+            passes = 5.0 if recompute else 4.0
+            passes *= 1.0 if self.work.framework.fused_elementwise else UNFUSED_ELEMENTWISE_TRAFFIC
         elementwise = passes * b * part.activation_bytes * share / self.bandwidth
         if part.attention_flops and not self.work.framework.flash_attention:
             prof = self.work.profile
@@ -310,7 +282,9 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
         "pipeline_bubble": bubble,
         "tensor_parallel_comm": m * tp_comm,
         "pipeline_comm": m * p2p,
-        "data_parallel_comm": _data_parallel_comm(step),
+        "data_parallel_comm": data_parallel_comm(
+            step, shard_group=shard_factors(plan, cluster)[0], bucket_bytes=DDP_BUCKET_BYTES
+        ),
         "optimizer": optimizer,
         "offload": offload,
     }
@@ -330,7 +304,8 @@ def _stage_times(step: _Step) -> tuple[float, float, float]:
     tp_comm = 0.0
     if plan.tp > 1:
         volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes
-        tp_comm = (4 * n + 2 * c) * step.collective(volume, plan.tp, inside_node=True, ring=True)
+        repeated = 0 if step.cpu else 2 * c
+        tp_comm = (4 * n + repeated) * step.collective(volume, plan.tp, inside_node=True, ring=True)
         if step.work.framework.overlap_tensor_parallel:  # hidden under the GEMMs that produce and consume them
             tp_comm = max(tp_comm - compute, 0.0)
     return compute, recompute, tp_comm
@@ -347,61 +322,10 @@ def _pipeline_times(step: _Step, *, stage_micro: float) -> tuple[float, float]:
     p2p = 0.0
     if plan.pp > 1:
         inside = plan.tp * plan.pp <= cluster.devices_per_node
-        p2p = 2 * virtual * step.collective(step.micro_batch * step.block.boundary_bytes / plan.tp, 2, inside_node=inside)
+        p2p = (
+            2 * virtual * step.collective(step.micro_batch * step.block.boundary_bytes / plan.tp, 2, inside_node=inside)
+        )
     return bubble * (stage_micro + p2p), p2p
-
-
-def _data_parallel_comm(step: _Step) -> float:
-    """Gradient reduction and parameter gathering across replicas, what of it compute does not hide: backward
-    hides gradient reductions where the framework overlaps them, a block's compute the prefetched gathers."""
-    plan, cluster, block, m, n = step.plan, step.cluster, step.block, step.plan.microbatches, sum(step.fullest)
-    framework, compute_bytes = step.work.framework, step.work.profile.param_bytes
-    dp, inside = plan.dp, plan.world_size <= cluster.devices_per_node  # replicas sit outermost
-    grad_bytes = step.stage_params * compute_bytes
-    ring = 2 * (dp - 1) / dp if dp > 1 else 0.0
-    # compute that communication can hide behind; on a CPU "device" gloo runs on the same cores: none
-    overlap = 0.0 if step.cpu else 1.0
-    backward = overlap * m * n * step.micro_batch * block.bwd_flops / plan.tp / step.attainable
-    backward *= framework.overlap_gradient_reduction
-    if plan.sharding in ("none", "optimizer"):
-        exposed_after = step.collective(ring * min(grad_bytes, DDP_BUCKET_BYTES), dp, inside_node=inside)
-        comm = max(step.collective(ring * grad_bytes, dp, inside_node=inside) - backward, 0.0) + exposed_after
-        if plan.sharding == "optimizer":  # ZeRO-1: gradients all-reduced as above, updated pieces all-gathered
-            comm += step.collective(ring / 2 * grad_bytes, dp, inside_node=inside, ring=True)
-    elif plan.sharding == "gradients":
-        reduce_scatter = step.collective(ring / 2 * grad_bytes, dp, inside_node=inside, ring=True)
-        all_gather = step.collective(ring / 2 * grad_bytes, dp, inside_node=inside, ring=True)
-        comm = max(reduce_scatter - backward, 0.0) + all_gather
-    else:  # parameters / hybrid: per block all-gathers (forward, backward) and a reduce-scatter
-        comm = _sharded_comm(step, inside=inside, overlap=overlap)
-    # sharded gradients and parameters are copied into and out of flat communication buffers
-    gathers = {"gradients": 1, "parameters": 2, "hybrid": 2}.get(plan.sharding, 0)
-    if gathers:
-        comm += m * (gathers + 1) * 2 * step.stage_params * compute_bytes / step.bandwidth
-    return comm
-
-
-def _sharded_comm(step: _Step, *, inside: bool, overlap: float) -> float:
-    """FSDP/ZeRO-3: every micro-batch gathers each block for forward and again for backward, its gradients are
-    reduce-scattered once per step; prefetched gathers hide under the previous block's compute."""
-    plan, cluster, block, m, n = step.plan, step.cluster, step.block, step.plan.microbatches, sum(step.fullest)
-    framework, compute_bytes = step.work.framework, step.work.profile.param_bytes
-    group = shard_factors(plan, cluster)[0]
-    shard_inside = inside or plan.sharding == "hybrid"
-    pieces = framework.gathers_per_block  # each pays its ring latency
-    volume = (group - 1) / group * block.params / plan.tp * compute_bytes
-    gather = pieces * step.collective(volume / pieces, group, inside_node=shard_inside, ring=True)
-    reduce = gather  # a reduce-scatter moves what an all-gather does
-    hideable = 2 * gather + (reduce / m if framework.overlap_gradient_reduction else 0.0)
-    hidden = overlap * step.block_time(recompute=False) if framework.prefetch_gathers else 0.0
-    comm = m * n * max(hideable - hidden, 0.0) + gather
-    if not framework.overlap_gradient_reduction:
-        comm += n * reduce
-    if plan.sharding == "hybrid" and plan.dp > group:
-        replicas = plan.dp // group
-        grads = step.stage_params * compute_bytes / group
-        comm += step.collective(2 * (replicas - 1) / replicas * grads, replicas, inside_node=False)
-    return comm
 
 
 def _optimizer_times(step: _Step) -> tuple[float, float]:

@@ -80,7 +80,7 @@ DEEPSPEED_ZERO3_2021 = Framework(
 TORCHTITAN = Framework(name="torchtitan")
 # torchtitan with torch.compile (--training.compile): each block's elementwise ops fused by Inductor.
 TORCHTITAN_COMPILED = Framework(name="torchtitan-compiled", fused_elementwise=True)
-LLM_FOUNDRY = Framework(name="llm-foundry")
+LLM_FOUNDRY = Framework(name="llm-foundry", fused_elementwise=True)
 
 # Meta's Llama 3 training stack (Llama 3 paper, sec. 3.3.2): FSDP with parameters kept after forward, TP
 # collectives not stated to be overlapped; assumed: fused elementwise kernels, as any production stack at that
