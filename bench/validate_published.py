@@ -219,11 +219,11 @@ def validate(runs: list[dict]) -> tuple[list[Row], list[tuple[str, str]]]:
     return rows, skipped
 
 
-def rankings(rows: list[Row]) -> list[tuple[str, list[str], list[str]]]:
+def rankings(rows: list[Row], comparisons=COMPARISONS) -> list[tuple[str, list[str], list[str]]]:
     """Each comparison: its title, the ids in measured order and in predicted order (fastest per GPU first)."""
     by_id = {r.id: r for r in rows}
     out = []
-    for title, ids in COMPARISONS:
+    for title, ids in comparisons:
         group = [by_id[i] for i in ids if i in by_id]
         measured = sorted(group, key=lambda r: -r.measured / r.gpus)
         predicted_order = sorted(group, key=lambda r: -r.predicted.predicted.tokens_per_s / r.gpus)
