@@ -118,12 +118,15 @@ def vocabulary_padding(prof: ModelProfile, *, tp: int) -> float:
     return 2 * (-(-prof.vocab_size // tp) - prof.vocab_size / tp) * prof.hidden_size
 
 
-def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
-    """Peak bytes per device, by kind."""
+def memory(plan: Plan, work: Workload, cluster: Cluster | None = None, *, cpu: bool = False) -> dict[str, int]:
+    """Peak bytes per device, by kind, on ``cluster``'s devices. The simple rule, which knows the job's devices
+    but not their speed, passes no cluster: CPU workers when ``cpu``, else accelerators. A profile whose
+    activations were not measured (``ModelProfile.of_parameters``) has no ``activations`` entry."""
     prof, tp = work.profile, plan.tp
+    cpu = is_cpu(cluster) if cluster is not None else cpu
     workers = worker_stage_blocks(prof, pp=plan.pp, schedule=plan.schedule)
     n = max(sum(stages) for stages in workers)
-    block = prof.blocks[0] if prof.blocks else prof.rest
+    block = prof.typical_block
     stage_params = (n * block.params + prof.rest.params) / tp + vocabulary_padding(prof, tp=tp)
     compute_bytes = prof.param_bytes
     sp, sg, so = shard_factors(plan, cluster)
@@ -142,7 +145,7 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     else:
         framework += 2 * DDP_BUCKET_BYTES
     workspace = stage_params * MASTER_BYTES * OPTIMIZER_WORKSPACE_SLOTS / so
-    if is_cpu(cluster):
+    if cpu:
         pass  # a CPU device's host memory is its own memory: offloading frees nothing
     elif plan.offload == "optimizer":
         optimizer = workspace = 0.0
@@ -150,31 +153,44 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
         params = grads = optimizer = workspace = 0.0
     if plan.pp == 1 and plan.microbatches > 1 and sg > 1:  # accumulated whole on the device, reduced once per call
         grads = stage_params * MASTER_BYTES
-
-    b = micro_batch_size(plan, work.global_batch)
-    block_activation = block.activation_bytes * tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
-    head = prof.rest.activation_bytes  # the logits are gathered whole
-
-    def held(worker: int) -> float:
-        """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
-        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
-        per_micro = sum(c * block.boundary_bytes + (size - c) * block_activation
-                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
-        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
-
-    recompute_peak = block_activation if plan.checkpointed_blocks(n) else 0.0
-    activations = b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
-    runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
-    fragmentation = CPU_FRAGMENTATION if is_cpu(cluster) else FRAGMENTATION
-    return {
+    fragmentation = CPU_FRAGMENTATION if cpu else FRAGMENTATION
+    out = {
         "parameters": int(params),
         "gradients": int(grads),
         "optimizer": int(optimizer),
         "optimizer_workspace": int(workspace),
         "framework_buffers": int(framework * fragmentation),
-        "activations": int(activations * fragmentation),
-        "runtime": int(runtime),
     }
+    if prof.activations_measured:
+        out["activations"] = int(_activations(plan, work, workers) * fragmentation)
+    out["runtime"] = int(CPU_RUNTIME_BYTES if cpu else GPU_RUNTIME_BYTES)
+    return out
+
+
+def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> float:
+    """Activation bytes at the peak of the fullest pipeline worker: those its micro-batches in flight keep
+    (a fully checkpointed block its input, a selectively recomputed one its input and its matmul and attention
+    outputs), plus one block's backward working set and what recomputing one block brings back."""
+    prof, block = work.profile, work.profile.typical_block
+    share = tp_activation_share(plan.tp, sequence_parallel=work.sequence_parallel)
+    block_activation = block.activation_bytes * share
+    kept = block_activation
+    if plan.selective:
+        kept = (block.activation_bytes if block.selective_activation_bytes is None else
+                block.selective_activation_bytes) * share  # fmt: skip
+    head = prof.rest.activation_bytes  # the logits are gathered whole
+
+    def held(worker: int) -> float:
+        """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
+        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
+        per_micro = sum(c * block.boundary_bytes + (size - c) * kept
+                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
+        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
+
+    n = max(sum(stages) for stages in workers)
+    recompute_peak = block_activation if plan.checkpointed_blocks(n) else block_activation - kept
+    b = micro_batch_size(plan, work.global_batch)
+    return b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
 
 
 def _collective(volume_bytes: float, group: int, link: Link) -> float:
@@ -253,6 +269,19 @@ class _Step:
         return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
 
+    def selective_recompute_time(self) -> float:
+        """What selective recomputation adds to one micro-batch through one block: its cheap operators run again
+        (their inputs read, the tensors the block did not keep written: memory-bound elementwise work, no GEMM,
+        no attention; a few percent of a GPT's step, Korthikanti et al. 2022, table 4), each a launch."""
+        block, b = self.block, self.micro_batch
+        kept = block.selective_activation_bytes or 0
+        share = tp_activation_share(self.plan.tp, sequence_parallel=self.work.sequence_parallel)
+        elementwise = 2 * b * max(block.activation_bytes - kept, 0) * share / self.bandwidth
+        launches = (block.ops or OPS_WHEN_UNKNOWN) / 3  # the forward's operators, about all of them cheap
+        speed = self.work.compiled_block_time if self.plan.compile else None
+        return (elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)) * (speed or 1.0)
+
+
 def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     """Seconds per optimizer step, by kind."""
     step = _Step(plan, work, cluster)
@@ -281,6 +310,9 @@ def _stage_times(step: _Step) -> tuple[float, float, float]:
     rest = step.part_time(step.work.profile.rest, recompute=False)
     compute = c * recomputed + (n - c) * block_time + rest
     recompute = c * (recomputed - block_time)
+    if plan.selective:
+        recompute = n * step.selective_recompute_time()
+        compute += recompute
     tp_comm = 0.0
     if plan.tp > 1:
         volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes
