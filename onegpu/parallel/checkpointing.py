@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 from torch import nn
@@ -67,10 +68,22 @@ def _without_cache(module: nn.Module, args: tuple, kwargs: dict):
     it too): its recomputation would attend to the keys twice and run other operators than its forward did."""
     if not (module.training and torch.is_grad_enabled()):
         return None
+    positions = _positions(type(module))
+    args = tuple(None if positions.get(i) in CACHE_ARGUMENTS else a for i, a in enumerate(args))
     dropped = {k: None for k in CACHE_ARGUMENTS if kwargs.get(k) is not None}
     if kwargs.get("use_cache"):
         dropped["use_cache"] = False
-    return (args, {**kwargs, **dropped}) if dropped else None
+    return args, {**kwargs, **dropped}
+
+
+@functools.cache
+def _positions(block_type: type) -> dict[int, str]:
+    """The names of a block's positional parameters, by position."""
+    try:
+        parameters = list(inspect.signature(block_type.forward).parameters)[1:]  # without self
+    except (TypeError, ValueError):
+        return {}
+    return dict(enumerate(parameters))
 
 
 def _keep_expensive(ctx, func, *args, **kwargs) -> CheckpointPolicy:

@@ -163,21 +163,18 @@ def memory(plan: Plan, work: Workload, cluster: Cluster | None = None, *, cpu: b
     }
     if prof.activations_measured:
         out["activations"] = int(_activations(plan, work, workers) * fragmentation)
-    out["runtime"] = int(CPU_RUNTIME_BYTES if cpu else GPU_RUNTIME_BYTES)
-    return out
+    return {**out, "runtime": int(CPU_RUNTIME_BYTES if cpu else GPU_RUNTIME_BYTES)}
 
 
 def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> float:
-    """Activation bytes at the peak of the fullest pipeline worker: those its micro-batches in flight keep
-    (a fully checkpointed block its input, a selectively recomputed one its input and its matmul and attention
-    outputs), plus one block's backward working set and what recomputing one block brings back."""
+    """Activation bytes at the peak of the fullest pipeline worker: what its micro-batches in flight keep (a fully
+    checkpointed block its input, a selective one also its matmul and attention outputs), plus one block's
+    backward working set and what recomputing one block brings back."""
     prof, block = work.profile, work.profile.typical_block
     share = tp_activation_share(plan.tp, sequence_parallel=work.sequence_parallel)
     block_activation = block.activation_bytes * share
-    kept = block_activation
-    if plan.selective:
-        kept = (block.activation_bytes if block.selective_activation_bytes is None else
-                block.selective_activation_bytes) * share  # fmt: skip
+    kept = block.selective_activation_bytes if plan.selective else None  # None: not measured, or not selective
+    kept = (block.activation_bytes if kept is None else kept) * share
     head = prof.rest.activation_bytes  # the logits are gathered whole
 
     def held(worker: int) -> float:
@@ -187,8 +184,7 @@ def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> 
                         for size, c in zip(workers[worker], checkpointed))  # fmt: skip
         return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
 
-    n = max(sum(stages) for stages in workers)
-    recompute_peak = block_activation if plan.checkpointed_blocks(n) else block_activation - kept
+    recompute_peak = block_activation if plan.checkpointed_blocks(max(map(sum, workers))) else block_activation - kept
     b = micro_batch_size(plan, work.global_batch)
     return b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
 
@@ -268,7 +264,6 @@ class _Step:
         launches = (part.ops or OPS_WHEN_UNKNOWN) * (4 / 3 if recompute else 1)
         return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
-
     def selective_recompute_time(self) -> float:
         """What selective recomputation adds to one micro-batch through one block: its cheap operators run again
         (their inputs read, the tensors the block did not keep written: memory-bound elementwise work, no GEMM,
@@ -277,7 +272,7 @@ class _Step:
         kept = block.selective_activation_bytes or 0
         share = tp_activation_share(self.plan.tp, sequence_parallel=self.work.sequence_parallel)
         elementwise = 2 * b * max(block.activation_bytes - kept, 0) * share / self.bandwidth
-        launches = (block.ops or OPS_WHEN_UNKNOWN) / 3  # the forward's operators, about all of them cheap
+        launches = max((block.ops or OPS_WHEN_UNKNOWN) / 3 - block.kept_ops, 0)  # the forward's, less those kept
         speed = self.work.compiled_block_time if self.plan.compile else None
         return (elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)) * (speed or 1.0)
 

@@ -225,6 +225,7 @@ class _CostRecorder:
         self.boundary: dict[int, int] = {}
         self.ops: dict[int | None, int] = {}
         self.selective: dict[int, dict[int, int]] = {}  # per block, the outputs selective recomputation keeps
+        self.kept_ops: dict[int, int] = {}  # and how many operators made them
         self.parameter_storages = {t.untyped_storage()._cdata for t in state.values()}
         self.kept: list[Any] = []  # saved storages stay alive while measuring: a freed one's id is not reused
 
@@ -237,6 +238,7 @@ class _CostRecorder:
 
     def _keep(self, output: Any) -> None:
         """The outputs of an operator selective recomputation keeps, in the running block."""
+        self.kept_ops[self.current] = self.kept_ops.get(self.current, 0) + 1
         for tensor in (t for t in tensors_in(output) if torch.is_tensor(t)):
             storage = tensor.untyped_storage()
             self.selective.setdefault(self.current, {})[storage._cdata] = storage.nbytes()
@@ -297,6 +299,7 @@ class _CostRecorder:
                 selective_activation_bytes=None
                 if index is None
                 else self.boundary.get(index, 0) + sum(self.selective.get(index, {}).values()),
+                kept_ops=self.kept_ops.get(index, 0),
                 attention_flops=attention.get(index, 0.0),
                 ops=3 * self.ops.get(index, 0),  # backward runs about two operators for each forward one
             )

@@ -32,6 +32,7 @@ class PartProfile:
     # kept under selective recomputation: the input and the matmul, attention and reduction outputs
     # (parallel/checkpointing.py:KEPT_OPERATORS); None: not measured, and selective recomputation not planned
     selective_activation_bytes: int | None = None
+    kept_ops: int = 0  # operators of the forward whose outputs selective recomputation keeps (not run again)
 
     def scaled(self, factor: float) -> PartProfile:
         selective = self.selective_activation_bytes
@@ -91,6 +92,7 @@ class ModelProfile:
             boundary_bytes=sum(b.boundary_bytes for b in self.blocks) / n,
             attention_flops=sum(b.attention_flops for b in self.blocks) / n,
             ops=sum(b.ops for b in self.blocks) // n,
+            kept_ops=sum(b.kept_ops for b in self.blocks) // n,
             selective_activation_bytes=None if None in selective else sum(selective) / n,
         )
 

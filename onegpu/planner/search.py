@@ -289,7 +289,8 @@ def _sensible(plan: Plan, *, blocks: int, cluster: Cluster) -> bool:
 
 
 def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
-    """The plan with the fewest checkpointed blocks that fits (more only costs recomputation)."""
+    """The plan with the fewest checkpointed blocks that fits (more only costs recomputation), or, when that
+    recomputes blocks, selective recomputation if it fits and is faster."""
     blocks = max(max(stages) for stages in worker_stage_blocks(work.profile, pp=base.pp, schedule=base.schedule))
 
     def with_blocks(count: int) -> Plan:
@@ -322,9 +323,24 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
                 low = middle + 1
         chosen = with_blocks(high)
     scored = replace(chosen, predicted=predict(chosen, work, cluster))
+    selective = replace(base, activation_checkpointing="selective")
+    unpinned = pins.activation_checkpointing is None
+    if unpinned and chosen.checkpointed_blocks(blocks) and _selective_measured(work) and size(selective) <= budget:
+        scored = _faster(scored, replace(selective, predicted=predict(selective, work, cluster)), budget)
     if scored.predicted.memory_per_device_bytes <= budget:
         tally.feasible += 1
     return scored
+
+
+def _selective_measured(work: Workload) -> bool:
+    return bool(work.profile.blocks) and work.profile.typical_block.selective_activation_bytes is not None
+
+
+def _faster(recomputing: Plan, selective: Plan, budget: int) -> Plan:
+    """Selective recomputation (which fits) unless recomputing whole blocks fits and is faster."""
+    if recomputing.predicted.memory_per_device_bytes > budget:
+        return selective
+    return min(recomputing, selective, key=lambda p: p.predicted.step_time_s)
 
 
 def _family(p: Plan) -> tuple:
