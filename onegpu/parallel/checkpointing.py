@@ -69,11 +69,13 @@ def _without_cache(module: nn.Module, args: tuple, kwargs: dict):
     if not (module.training and torch.is_grad_enabled()):
         return None
     positions = _positions(type(module))
-    args = tuple(None if positions.get(i) in CACHE_ARGUMENTS else a for i, a in enumerate(args))
+    kept = tuple(None if positions.get(i) in CACHE_ARGUMENTS else a for i, a in enumerate(args))
     dropped = {k: None for k in CACHE_ARGUMENTS if kwargs.get(k) is not None}
     if kwargs.get("use_cache"):
         dropped["use_cache"] = False
-    return args, {**kwargs, **dropped}
+    if not dropped and all(a is b for a, b in zip(kept, args)):
+        return None
+    return kept, {**kwargs, **dropped}
 
 
 @functools.cache
@@ -97,7 +99,7 @@ def _contexts(block: nn.Module, *, selective: bool):
         if selective
         else (contextlib.nullcontext(), contextlib.nullcontext())
     )
-    return forward, _both(recompute, _running_statistics_kept(block))
+    return forward, _both(_running_statistics_kept(block), recompute)  # statistics saved outside the recomputation
 
 
 @contextlib.contextmanager
