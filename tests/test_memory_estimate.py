@@ -1,6 +1,8 @@
 """The one memory estimate (cost_model.memory): states counted exactly, activations from the model's inspection
 (or said to be uncounted), the simple rule's DDP/FSDP decision, selective recomputation between none and full."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from scenarios import build
@@ -97,7 +99,7 @@ def test_rule_forced_strategies_and_unknown_ones():
 @pytest.mark.parametrize("scenario", ["hf", "custom"])
 def test_selective_recomputation_keeps_what_it_measured(scenario):
     """Selective recomputation keeps each block's measured input and matmul/attention outputs: less than
-    without checkpointing, more than full recomputation; it costs recomputed elementwise work, less than full."""
+    without checkpointing, more than full recomputation."""
     _, work = described(scenario, batch=4)
     block = work.profile.blocks[0]
     assert block.boundary_bytes < block.selective_activation_bytes < block.activation_bytes
@@ -108,9 +110,22 @@ def test_selective_recomputation_keeps_what_it_measured(scenario):
     saved = (acts["none"] - acts["selective"]) / 1.25 / work.global_batch  # CPU fragmentation
     held, peak = n * (block.activation_bytes - block.selective_activation_bytes), block.activation_bytes
     assert saved == pytest.approx(held - (peak - block.selective_activation_bytes), rel=1e-3)
-    recompute = {ckpt: step_time(Plan(dp=1, activation_checkpointing=ckpt), work, _cpu())["recompute"]
-                 for ckpt in ("none", "selective", "full")}  # fmt: skip
-    assert recompute["none"] == 0 < recompute["selective"] < recompute["full"]
+    assert step_time(Plan(dp=1, activation_checkpointing="selective"), work, _cpu())["recompute"] > 0
+
+
+def test_selective_recomputation_costs_a_few_percent_where_gemms_dominate():
+    """On a GPU, a 4096-wide block recomputes no GEMM under selective recomputation: a few percent of the
+    step (Korthikanti et al. 2022), far less than recomputing whole blocks (a third of the forward and
+    backward)."""
+    from test_planner_search import cluster, transformer
+
+    profile = transformer(layers=32, hidden=4096, seq=4096)
+    block = replace(profile.blocks[0], selective_activation_bytes=profile.blocks[0].activation_bytes // 2, ops=240)
+    work = Workload(profile=replace(profile, blocks=(block,) * 32), global_batch=8)
+    times = {c: step_time(Plan(dp=8, sharding="parameters", precision="bf16", activation_checkpointing=c), work,
+                          cluster(nodes=1, per_node=8, memory_gb=80)) for c in ("selective", "full")}  # fmt: skip
+    share = times["selective"]["recompute"] / sum(times["selective"].values())
+    assert 0.005 < share < 0.05 and times["selective"]["recompute"] < times["full"]["recompute"] / 5
 
 
 def test_selective_is_a_plan_value_that_round_trips():

@@ -55,8 +55,15 @@ def apply_activation_checkpointing(blocks: list[nn.Module], *, selective: bool =
     """Checkpoint each of ``blocks`` in place, wholly or (``selective``) keeping the outputs of
     ``KEPT_OPERATORS``; returns how many were checkpointed."""
     for block in blocks:
-        block.register_forward_pre_hook(_without_cache, with_kwargs=True, prepend=True)
+        earlier_pre, earlier_post = list(block._forward_pre_hooks), list(block._forward_hooks)
         checkpoint(block, context_fn=functools.partial(_contexts, block, selective=selective))
+        # the checkpointed region encloses the hooks set before (tensor parallelism's input and output layouts):
+        # its recomputation runs them once, as its forward did
+        for key in [k for k in block._forward_pre_hooks if k not in earlier_pre]:
+            block._forward_pre_hooks.move_to_end(key, last=False)
+        for key in [k for k in block._forward_hooks if k not in earlier_post]:
+            block._forward_hooks.move_to_end(key)
+        block.register_forward_pre_hook(_without_cache, with_kwargs=True, prepend=True)
     return len(blocks)
 
 

@@ -265,14 +265,14 @@ class _Step:
         return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
     def selective_recompute_time(self) -> float:
-        """What selective recomputation adds to one micro-batch through one block: its cheap operators run again
-        (their inputs read, the tensors the block did not keep written: memory-bound elementwise work, no GEMM,
-        no attention; a few percent of a GPT's step, Korthikanti et al. 2022, table 4), each a launch."""
-        block, b = self.block, self.micro_batch
-        kept = block.selective_activation_bytes or 0
+        """Selective recomputation's cost per micro-batch and block: cheap operators run again (inputs read, what was
+        not kept written: elementwise, no GEMM; a few % of a GPT's step, Korthikanti et al. 2022, table 4), the
+        forward and recomputation under a Python dispatch mode that sees every operator: one more dispatch each
+        (bench/selective_recompute.py: 1.6x full recomputation's per-operator cost on a CPU)."""
+        block, b, kept = self.block, self.micro_batch, self.block.selective_activation_bytes or 0
         share = tp_activation_share(self.plan.tp, sequence_parallel=self.work.sequence_parallel)
         elementwise = 2 * b * max(block.activation_bytes - kept, 0) * share / self.bandwidth
-        launches = max((block.ops or OPS_WHEN_UNKNOWN) / 3 - block.kept_ops, 0)  # the forward's, less those kept
+        launches = max(2 * (block.ops or OPS_WHEN_UNKNOWN) / 3 - block.kept_ops, 0)  # the forward's, seen twice
         speed = self.work.compiled_block_time if self.plan.compile else None
         return (elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)) * (speed or 1.0)
 
