@@ -27,11 +27,11 @@ def choose_plan(
     replicated = Plan(dp=world_size)
     need = memory(replicated, work, cpu=cpu)
     total = sum(need.values())
-    counted = " + ".join(f"{kind.replace('_', ' ')} {size / GIB:.2f}" for kind, size in need.items() if size)
+    counted = " + ".join(f"{kind.replace('_', ' ')} {_size(size)}" for kind, size in need.items() if size)
     if "activations" not in need:
-        counted += f" GiB; activations not counted: {unmeasured or 'the forward was not inspected'}"
-    needs = f"{total / GIB:.2f} GiB ({counted}{'' if 'activations' not in need else ' GiB'})"
-    budget = f"{budget_bytes / GIB:.2f} GiB budget"
+        counted += f"; activations not counted: {unmeasured or 'the forward was not inspected'}"
+    needs = f"{_size(total)} ({counted})"
+    budget = f"{_size(budget_bytes)} budget"
     if world_size == 1:
         return Plan(dp=1, reason=f"one worker: {needs} {'fits' if total <= budget_bytes else 'exceeds'} its {budget}")
     if total <= budget_bytes:
@@ -40,5 +40,9 @@ def choose_plan(
     return Plan(
         dp=world_size,
         sharding="parameters",
-        reason=f"{needs} exceeds the {budget} per worker; sharded: {sharded / GIB:.2f} GiB",
+        reason=f"{needs} exceeds the {budget} per worker; sharded: {_size(sharded)}",
     )
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
