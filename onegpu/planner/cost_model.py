@@ -119,9 +119,8 @@ def vocabulary_padding(prof: ModelProfile, *, tp: int) -> float:
 
 
 def memory(plan: Plan, work: Workload, cluster: Cluster | None = None, *, cpu: bool = False) -> dict[str, int]:
-    """Peak bytes per device, by kind, on ``cluster``'s devices. The simple rule, which knows the job's devices
-    but not their speed, passes no cluster: CPU workers when ``cpu``, else accelerators. A profile whose
-    activations were not measured (``ModelProfile.of_parameters``) has no ``activations`` entry."""
+    """Peak bytes per device, by kind, on ``cluster``'s devices (none: the simple rule's, CPUs when ``cpu``, else
+    accelerators). A profile of parameters alone (``ModelProfile.of_parameters``) has no ``activations``."""
     prof, tp = work.profile, plan.tp
     cpu = is_cpu(cluster) if cluster is not None else cpu
     workers = worker_stage_blocks(prof, pp=plan.pp, schedule=plan.schedule)
@@ -167,15 +166,12 @@ def memory(plan: Plan, work: Workload, cluster: Cluster | None = None, *, cpu: b
 
 
 def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> float:
-    """Activation bytes at the peak of the fullest pipeline worker: what its micro-batches in flight keep (a fully
-    checkpointed block its input, a selective one also its matmul and attention outputs), plus one block's
-    backward working set and what recomputing one block brings back."""
-    prof, block = work.profile, work.profile.typical_block
+    """Activation bytes at the fullest worker's peak: what its micro-batches in flight keep (a checkpointed block its
+    input, a selective one also its matmul outputs), one block's backward working set and its recomputation."""
+    block, head = work.profile.typical_block, work.profile.rest.activation_bytes  # the logits are gathered whole
     share = tp_activation_share(plan.tp, sequence_parallel=work.sequence_parallel)
     block_activation = block.activation_bytes * share
-    kept = block.selective_activation_bytes if plan.selective else None  # None: not measured, or not selective
-    kept = (block.activation_bytes if kept is None else kept) * share
-    head = prof.rest.activation_bytes  # the logits are gathered whole
+    kept = (plan.selective and block.selective_activation_bytes or block.activation_bytes) * share
 
     def held(worker: int) -> float:
         """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
@@ -265,16 +261,15 @@ class _Step:
         return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
     def selective_recompute_time(self) -> float:
-        """Selective recomputation's cost per micro-batch and block: cheap operators run again (inputs read, what was
-        not kept written: elementwise, no GEMM; a few % of a GPT's step, Korthikanti et al. 2022, table 4), the
-        forward and recomputation under a Python dispatch mode that sees every operator: one more dispatch each
-        (bench/selective_recompute.py: 1.6x full recomputation's per-operator cost on a CPU)."""
+        """Selective recomputation per micro-batch and block: cheap operators again (elementwise, no GEMM; a few % of
+        a GPT's step, Korthikanti et al. 2022, table 4), forward and recomputation under a Python dispatch mode:
+        one more dispatch per operator in each (bench/selective_recompute.py: 1.6x full's per operator on a CPU)."""
         block, b, kept = self.block, self.micro_batch, self.block.selective_activation_bytes or 0
         share = tp_activation_share(self.plan.tp, sequence_parallel=self.work.sequence_parallel)
         elementwise = 2 * b * max(block.activation_bytes - kept, 0) * share / self.bandwidth
         launches = max(2 * (block.ops or OPS_WHEN_UNKNOWN) / 3 - block.kept_ops, 0)  # the forward's, seen twice
-        speed = self.work.compiled_block_time if self.plan.compile else None
-        return (elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)) * (speed or 1.0)
+        speed = (self.work.compiled_block_time if self.plan.compile else None) or 1.0
+        return (elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)) * speed
 
 
 def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
@@ -294,6 +289,11 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
         "optimizer": optimizer,
         "offload": offload,
     }
+
+
+def recompute_time(plan: Plan, work: Workload, cluster: Cluster) -> float:
+    """Seconds a micro-batch of the fullest stage recomputes: what checkpointing changes (and the bubble with it)."""
+    return _stage_times(_Step(plan, work, cluster))[1]
 
 
 def _stage_times(step: _Step) -> tuple[float, float, float]:

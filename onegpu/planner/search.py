@@ -13,7 +13,7 @@ from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
-from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict
+from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict, recompute_time
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
 from onegpu.planner.pins import Pins, parse_pins
@@ -326,7 +326,9 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
     selective = replace(base, activation_checkpointing="selective")
     unpinned = pins.activation_checkpointing is None
     if unpinned and chosen.checkpointed_blocks(blocks) and _selective_measured(work) and size(selective) <= budget:
-        scored = _faster(scored, replace(selective, predicted=predict(selective, work, cluster)), budget)
+        faster = recompute_time(selective, work, cluster) < recompute_time(chosen, work, cluster)
+        if faster or scored.predicted.memory_per_device_bytes > budget:  # else recomputing a few blocks is faster
+            scored = replace(selective, predicted=predict(selective, work, cluster))
     if scored.predicted.memory_per_device_bytes <= budget:
         tally.feasible += 1
     return scored
@@ -334,13 +336,6 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
 
 def _selective_measured(work: Workload) -> bool:
     return bool(work.profile.blocks) and work.profile.typical_block.selective_activation_bytes is not None
-
-
-def _faster(recomputing: Plan, selective: Plan, budget: int) -> Plan:
-    """Selective recomputation (which fits) unless recomputing whole blocks fits and is faster."""
-    if recomputing.predicted.memory_per_device_bytes > budget:
-        return selective
-    return min(recomputing, selective, key=lambda p: p.predicted.step_time_s)
 
 
 def _family(p: Plan) -> tuple:
