@@ -24,7 +24,7 @@ def main() -> None:
     )
     for workers in (2, 4):
         for sharding in ("none", "parameters"):
-            for checkpointing in ("none", "full"):
+            for checkpointing in ("none", "selective", "full"):
                 command = [
                     sys.executable,
                     "-m",

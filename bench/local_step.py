@@ -1,6 +1,6 @@
 """One measured configuration for bench/local_accuracy.py (launch with onegpu run).
 
-    onegpu run --workers N bench/local_step.py --sharding none|gradients|parameters --checkpointing none|full
+    onegpu run --workers N bench/local_step.py --sharding none|gradients|parameters --checkpointing none|selective|full
         [--offload none|parameters] [--tp T] [--budget-gb G] [--steps 12] [--warmup 4] [--advanced]
 
 Trains the demo model (or a larger one with --large) through onegpu with the given Plan (or the

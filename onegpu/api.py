@@ -192,7 +192,9 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
         described = _at_precisions(model, slice_, description, cluster=cluster)
         chosen = _searched(given, described, unavailable, cluster=cluster, worker=worker, budget=budget, slice_=slice_)
     else:
-        chosen = _simple(given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_)
+        chosen = _simple(
+            given, description, worker=worker, strategy=strategy, budget=budget, slice_=slice_, unavailable=unavailable
+        )
     if slice_ is None and not chosen.fitted and description is None:
         return chosen  # fitted at the model's first call, whose inputs are the sample it needs
     keywords = None if slice_ is None else as_keywords(model.forward, *as_call(slice_))
@@ -224,16 +226,19 @@ def _trains(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.parameters())
 
 
-def _simple(given: TrainingObjects, description, *, worker: Worker, strategy, budget: int, slice_) -> Plan:
-    from onegpu.planner.memory import estimate_memory
+def _simple(given: TrainingObjects, description, *, worker: Worker, strategy, budget: int, slice_, unavailable) -> Plan:
+    from onegpu.planner.cost_model import Workload
+    from onegpu.planner.profile import ModelProfile, optimizer_state_slots
     from onegpu.planner.simple_rule import choose_plan
 
-    activations = None
-    if description is not None:
-        activations = description.profile.activation_bytes_per_sample * leading_size(slice_)
-    optimizer = given.optimizers[0] if given.optimizers else None
-    estimate = estimate_memory(given.model, optimizer=optimizer, activations=activations)
-    return choose_plan(estimate=estimate, budget_bytes=budget, world_size=worker.world_size, strategy=strategy)
+    profile = ModelProfile.of_parameters(given.model) if description is None else description.profile
+    work = Workload(
+        profile=profile,
+        global_batch=(1 if slice_ is None else leading_size(slice_)) * worker.world_size,
+        optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
+    )
+    return choose_plan(work=work, budget_bytes=budget, world_size=worker.world_size, cpu=worker.device.type == "cpu",
+                       strategy=strategy, unmeasured=unavailable)  # fmt: skip
 
 
 def _at_precisions(model: nn.Module, slice_: Any | None, description, *, cluster) -> dict[str, Any] | None:
@@ -253,8 +258,8 @@ def _searched(
 ) -> Plan:
     """Advanced Parallelization's choice among the plans the runtime executes, for the job's own devices;
     ``described``: the model's descriptions by precision."""
-    from onegpu.planner.memory import optimizer_state_slots
     from onegpu.planner.pins import parse_pins
+    from onegpu.planner.profile import optimizer_state_slots
     from onegpu.planner.search import find_plan
 
     loader = given.loaders[0] if given.loaders else None

@@ -22,6 +22,7 @@ INTERLEAVED = ("interleaved", "zero-bubble")  # schedules that run two stages on
 SHARDINGS = ("none", "optimizer", "gradients", "parameters", "hybrid")
 OFFLOADS = ("none", "optimizer", "parameters")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINTING = ("none", "selective", "full")  # or a number of blocks per stage, fully recomputed
 GB = 1e9
 
 
@@ -123,8 +124,9 @@ class Plan:
     micro-batches, or gradient accumulation when ``pp == 1``); ``sharding`` is the ZeRO level: ``none``
     (DDP), ``optimizer`` (ZeRO-1), ``gradients`` (ZeRO-2), ``parameters`` (ZeRO-3 / FSDP) or ``hybrid``
     (FSDP inside groups of ``shard_group`` neighbouring replicas, those of one node; the groups replicate
-    one another, HSDP); ``activation_checkpointing`` is ``none``, ``full`` or a
-    number of blocks per stage; ``offload`` moves ``optimizer`` state or ``parameters`` (with gradients
+    one another, HSDP); ``activation_checkpointing`` is ``none``, ``full``, a number of blocks per stage
+    (those recompute their whole forward in backward), or ``selective`` (every block recomputes its cheap
+    operators and keeps its matmul and attention outputs); ``offload`` moves ``optimizer`` state or ``parameters`` (with gradients
     and optimizer state) to host memory; ``compile`` runs each repeated block's forward through
     ``torch.compile`` (the planner chooses it only where it measured it faster).
 
@@ -171,9 +173,9 @@ class Plan:
         if not isinstance(self.compile, bool):
             raise UsageError(f"Plan.compile must be True or False, got {self.compile!r}")
         ckpt = self.activation_checkpointing
-        if not (ckpt in ("none", "full") or (isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt >= 0)):
+        if not (ckpt in CHECKPOINTING or (isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt >= 0)):
             raise UsageError(
-                f"Plan.activation_checkpointing must be 'none', 'full' or a number of blocks, got {ckpt!r}"
+                f"Plan.activation_checkpointing must be 'none', 'full', 'selective' or a number of blocks, got {ckpt!r}"
             )
         if self.pp > 1 and self.schedule == "none":
             raise UsageError("a pipeline plan (pp > 1) needs a schedule: gpipe, 1f1b, interleaved or zero-bubble")
@@ -233,9 +235,14 @@ class Plan:
         return [pipeline_rank, pipeline_rank + self.pp] if self.schedule in INTERLEAVED else [pipeline_rank]
 
     def checkpointed_blocks(self, blocks: int) -> int:
-        """How many of ``blocks`` blocks (of one stage) recompute their activations."""
+        """How many of ``blocks`` blocks (of one stage) recompute their whole forward."""
         ckpt = self.activation_checkpointing
-        return 0 if ckpt == "none" else blocks if ckpt == "full" else min(int(ckpt), blocks)
+        return 0 if ckpt in ("none", "selective") else blocks if ckpt == "full" else min(int(ckpt), blocks)
+
+    @property
+    def selective(self) -> bool:
+        """Whether every block recomputes only its cheap operators (selective activation recomputation)."""
+        return self.activation_checkpointing == "selective"
 
     def config_dict(self) -> dict[str, Any]:
         """Every field the runtime reads, as plain JSON data."""

@@ -229,7 +229,7 @@ ROWS: list[Row] = [
             (
                 "checkpointing",
                 "activation_checkpointing=some",
-                "onegpu: activation_checkpointing='some': use none, full, or a number of blocks",
+                "onegpu: activation_checkpointing='some': use none, selective, full, or a number of blocks",
             ),
         )
     ),

@@ -66,14 +66,15 @@ def test_plain_batch_norm_is_untouched_on_one_replica():
     assert batch_norm_layers(model) == ["stem.1", "blocks.0.norm", "blocks.1.norm", "spread", "norm"]
 
 
-def test_recomputing_a_checkpointed_block_counts_its_batch_once():
-    """Activation checkpointing runs a block's BatchNorm again in backward: its running statistics and
-    num_batches_tracked stay those of one forward, and the gradients those without checkpointing."""
+@pytest.mark.parametrize("selective", [False, True])
+def test_recomputing_a_checkpointed_block_counts_its_batch_once(selective):
+    """Activation checkpointing, whole or selective, runs a block's BatchNorm again in backward: its running
+    statistics and num_batches_tracked stay those of one forward, and the gradients those without checkpointing."""
     from onegpu.parallel.checkpointing import apply_activation_checkpointing
 
     plain = BatchNormCNN()
     checkpointed = copy.deepcopy(plain)
-    apply_activation_checkpointing(list(checkpointed.blocks))
+    apply_activation_checkpointing(list(checkpointed.blocks), selective=selective)
     x, y = images()[:7]
     for model in (plain, checkpointed):
         for _ in range(2):

@@ -186,7 +186,7 @@ def test_pins_are_honoured_by_any_name():
         ({"schedule": "zigzag"}, "schedule='zigzag' is not known"),
         ({"sharding": "zero3"}, "sharding='zero3' is not known: use one of none, optimizer"),
         ({"warp_speed": 9}, "unknown pin 'warp_speed'"),
-        ({"activation_checkpointing": "most"}, "use none, full, or a number of blocks"),
+        ({"activation_checkpointing": "most"}, "use none, selective, full, or a number of blocks"),
     ],
 )
 def test_impossible_pins_say_why(pins, message):
@@ -283,3 +283,31 @@ def test_interleaved_schedules_are_not_proposed_with_fsdp_sharding():
         schedule="interleaved",
     )
     assert {p.sharding for p in (chosen, *chosen.alternatives)} <= {"none", "optimizer"}
+
+
+def test_selective_recomputation_sits_between_none_and_full():
+    """Where nothing fits without recomputation, the search weighs selective recomputation (measured: half a
+    block's activations kept) against recomputing whole blocks, and takes it when it fits and is faster;
+    a profile without the measurement never gets it, and a pin asks for it."""
+    unmeasured = transformer(layers=24, hidden=2048)
+    block = replace(unmeasured.blocks[0], selective_activation_bytes=unmeasured.blocks[0].activation_bytes // 2)
+    measured = replace(unmeasured, blocks=(block,) * 24)
+    pins = dict(dp=8, tp=1, pp=1, microbatches=1, sharding="parameters", mixed_precision="bf16")
+    devices = cluster(nodes=1, per_node=8, memory_gb=80)
+    work = Workload(profile=measured, global_batch=64)
+    need = {c: sum(memory(Plan(dp=8, sharding="parameters", precision="bf16", activation_checkpointing=c), work,
+                          devices).values()) for c in ("none", "selective")}  # fmt: skip
+    assert need["selective"] < need["none"]
+    tight = cluster(nodes=1, per_node=8, memory_gb=(need["none"] + need["selective"]) / 2 / 1e9)
+
+    def chosen(profile, **more):
+        plan = find_plan(
+            profile, global_batch_size=64, seq_len=2048, cluster=tight, budget_fraction=1.0, **pins, **more
+        )
+        return plan.activation_checkpointing
+
+    assert chosen(measured) == "selective"
+    assert chosen(unmeasured) not in ("none", "selective")  # some blocks recompute wholly
+    assert chosen(measured, activation_checkpointing="full") == "full"
+    assert find_plan(measured, global_batch_size=64, seq_len=2048, cluster=devices, activation_checkpointing="selective",
+                     **pins).activation_checkpointing == "selective"  # fmt: skip

@@ -44,6 +44,13 @@ def test_tensor_parallel_trains_like_one_device(tp_run, reference, scenario):
     check(tp_run, reference[scenario], scenario, "tp2")
 
 
+def test_selective_recomputation_under_tensor_parallelism_trains_like_one_device(tp_run, reference):
+    """Every block recomputes its cheap operators, keeping its matmul outputs and the sequence-parallel
+    reductions' (not run again), with the layouts' input and output hooks inside the recomputed region."""
+    check(tp_run, reference["hf"], "hf", "tp2-selective")
+    assert tp_run[1]["hf-tp2-selective"]["checkpointed_blocks"] == 2
+
+
 @pytest.mark.parametrize("scenario", ["hf-odd", "gpt2-odd"])
 def test_a_vocabulary_tp_does_not_divide_trains_like_one_device(tp_run, reference, scenario):
     """257 tokens over 2 workers: the embedding and head padded to 258 rows, split; the logits, the loss and

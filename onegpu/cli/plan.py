@@ -42,7 +42,11 @@ def plan(
         str | None, typer.Option(help="Pin sharding: none, optimizer, gradients, parameters, hybrid.")
     ] = None,
     activation_checkpointing: Annotated[
-        str | None, typer.Option(help="Pin checkpointing: none, full, or a number of blocks.")
+        str | None,
+        typer.Option(
+            help="Pin checkpointing: none, selective (recompute cheap operators, keep matmul and attention "
+            "outputs), full, or a number of blocks."
+        ),
     ] = None,
     offload: Annotated[str | None, typer.Option(help="Pin offload: none, optimizer, parameters.")] = None,
     mixed_precision: Annotated[str | None, typer.Option(help="Pin precision: bf16, fp16 or off.")] = None,

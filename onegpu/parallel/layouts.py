@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from onegpu.parallel.batch_norm import apply_global_batch_norm
 from onegpu.parallel.blocks import blocks_at
-from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.checkpointing import checkpoint_blocks
 from onegpu.parallel.compile import apply_compile
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.materialize import materialize
@@ -76,10 +76,11 @@ def parallelize_tensor_parallel(model: nn.Module, plan: Plan, *, mesh: DeviceMes
 
 
 def _prepared_blocks(model: nn.Module, plan: Plan) -> list[nn.Module]:
-    """The model's blocks, the first ``plan.checkpointed_blocks`` of them checkpointed, then all compiled if the
-    plan compiles (torchtitan's order: tensor parallelism, checkpointing, compile, then data parallelism)."""
+    """The model's blocks, the first ``plan.checkpointed_blocks`` of them checkpointed (all, selectively, under
+    selective recomputation), then all compiled if the plan compiles (torchtitan's order: tensor parallelism,
+    checkpointing, compile, then data parallelism)."""
     blocks = blocks_at(model, plan.blocks) if plan.blocks else []
-    apply_activation_checkpointing(blocks[: plan.checkpointed_blocks(len(blocks))])
+    checkpoint_blocks(blocks, plan)
     if plan.compile:
         apply_compile(blocks)
     return blocks

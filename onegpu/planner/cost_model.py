@@ -124,12 +124,14 @@ def vocabulary_padding(prof: ModelProfile, *, tp: int) -> float:
     return 2 * (-(-prof.vocab_size // tp) - prof.vocab_size / tp) * prof.hidden_size
 
 
-def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
-    """Peak bytes per device, by kind."""
+def memory(plan: Plan, work: Workload, cluster: Cluster | None = None, *, cpu: bool = False) -> dict[str, int]:
+    """Peak bytes per device, by kind, on ``cluster``'s devices (none: the simple rule's, CPUs when ``cpu``, else
+    accelerators). A profile of parameters alone (``ModelProfile.of_parameters``) has no ``activations``."""
     prof, tp = work.profile, plan.tp
+    cpu = is_cpu(cluster) if cluster is not None else cpu
     workers = worker_stage_blocks(prof, pp=plan.pp, schedule=plan.schedule)
     n = max(sum(stages) for stages in workers)
-    block = prof.blocks[0] if prof.blocks else prof.rest
+    block = prof.typical_block
     stage_params = (n * block.params + prof.rest.params) / tp + vocabulary_padding(prof, tp=tp)
     compute_bytes = prof.param_bytes
     sp, sg, so = shard_factors(plan, cluster)
@@ -148,7 +150,7 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     else:
         framework += 2 * DDP_BUCKET_BYTES
     workspace = stage_params * MASTER_BYTES * OPTIMIZER_WORKSPACE_SLOTS / so
-    if is_cpu(cluster):
+    if cpu:
         pass  # a CPU device's host memory is its own memory: offloading frees nothing
     elif plan.offload == "optimizer":
         optimizer = workspace = 0.0
@@ -156,31 +158,37 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
         params = grads = optimizer = workspace = 0.0
     if plan.pp == 1 and plan.microbatches > 1 and sg > 1:  # accumulated whole on the device, reduced once per call
         grads = stage_params * MASTER_BYTES
-
-    b = micro_batch_size(plan, work.global_batch)
-    block_activation = block.activation_bytes * tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
-    head = prof.rest.activation_bytes  # the logits are gathered whole
-
-    def held(worker: int) -> float:
-        """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
-        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
-        per_micro = sum(c * block.boundary_bytes + (size - c) * block_activation
-                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
-        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
-
-    recompute_peak = block_activation if plan.checkpointed_blocks(n) else 0.0
-    activations = b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
-    runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
-    fragmentation = CPU_FRAGMENTATION if is_cpu(cluster) else FRAGMENTATION
-    return {
+    fragmentation = CPU_FRAGMENTATION if cpu else FRAGMENTATION
+    out = {
         "parameters": int(params),
         "gradients": int(grads),
         "optimizer": int(optimizer),
         "optimizer_workspace": int(workspace),
         "framework_buffers": int(framework * fragmentation),
-        "activations": int(activations * fragmentation),
-        "runtime": int(runtime),
     }
+    if prof.activations_measured:
+        out["activations"] = int(_activations(plan, work, workers) * fragmentation)
+    return {**out, "runtime": int(CPU_RUNTIME_BYTES if cpu else GPU_RUNTIME_BYTES)}
+
+
+def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> float:
+    """Activation bytes at the fullest worker's peak: what its micro-batches in flight keep (a checkpointed block its
+    input, a selective one also its matmul outputs), one block's backward working set and its recomputation."""
+    block, head = work.profile.typical_block, work.profile.rest.activation_bytes  # the logits are gathered whole
+    share = tp_activation_share(plan.tp, sequence_parallel=work.sequence_parallel)
+    block_activation = block.activation_bytes * share
+    kept = (plan.selective and block.selective_activation_bytes or block.activation_bytes) * share
+
+    def held(worker: int) -> float:
+        """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
+        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
+        per_micro = sum(c * block.boundary_bytes + (size - c) * kept
+                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
+        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
+
+    recompute_peak = block_activation if plan.checkpointed_blocks(max(map(sum, workers))) else block_activation - kept
+    b = micro_batch_size(plan, work.global_batch)
+    return b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
 
 
 @dataclass(frozen=True)
@@ -268,6 +276,17 @@ class _Step:
         launches = (part.ops or OPS_WHEN_UNKNOWN) * (4 / 3 if recompute else 1)
         return gemm + elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)
 
+    def selective_recompute_time(self) -> float:
+        """Selective recomputation per micro-batch and block: cheap operators again (elementwise, no GEMM; a few % of
+        a GPT's step, Korthikanti et al. 2022, table 4), forward and recomputation under a Python dispatch mode:
+        one more dispatch per operator in each (bench/selective_recompute.py: 1.6x full's per operator on a CPU)."""
+        block, b, kept = self.block, self.micro_batch, self.block.selective_activation_bytes or 0
+        share = tp_activation_share(self.plan.tp, sequence_parallel=self.work.sequence_parallel)
+        elementwise = 2 * b * max(block.activation_bytes - kept, 0) * share / self.bandwidth
+        launches = max(2 * (block.ops or OPS_WHEN_UNKNOWN) / 3 - block.kept_ops, 0)  # the forward's, seen twice
+        speed = (self.work.compiled_block_time if self.plan.compile else None) or 1.0
+        return (elementwise + launches * (CPU_OP_OVERHEAD_S if self.cpu else GPU_OP_OVERHEAD_S)) * speed
+
 
 def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     """Seconds per optimizer step, by kind."""
@@ -290,6 +309,11 @@ def step_time(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, float]:
     }
 
 
+def recompute_time(plan: Plan, work: Workload, cluster: Cluster) -> float:
+    """Seconds a micro-batch of the fullest stage recomputes: what checkpointing changes (and the bubble with it)."""
+    return _stage_times(_Step(plan, work, cluster))[1]
+
+
 def _stage_times(step: _Step) -> tuple[float, float, float]:
     """One micro-batch on the fullest stage: its compute, the part of it that recomputes, and the exposed
     tensor-parallel communication (per block, 4 all-reduce-sized collectives of its boundary: all-reduces, or
@@ -301,6 +325,9 @@ def _stage_times(step: _Step) -> tuple[float, float, float]:
     rest = step.part_time(step.work.profile.rest, recompute=False)
     compute = c * recomputed + (n - c) * block_time + rest
     recompute = c * (recomputed - block_time)
+    if plan.selective:
+        recompute = n * step.selective_recompute_time()
+        compute += recompute
     tp_comm = 0.0
     if plan.tp > 1:
         volume = 2 * (plan.tp - 1) / plan.tp * step.micro_batch * block.boundary_bytes

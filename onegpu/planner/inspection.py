@@ -3,7 +3,7 @@ pass on the meta device (nothing is allocated).
 
 The pass records, at once:
 - per repeated block, its parameters, forward and backward FLOPs, the bytes autograd keeps for backward
-  and its operator count (:class:`ModelProfile`, the cost model's input);
+  (and those selective recomputation keeps: its input and its matmul and attention outputs) and its operator count (:class:`ModelProfile`, the cost model's input);
 - the tensor-parallel structure of the blocks (:mod:`tensor_parallel_discovery`);
 - which block, or the end of the model, uses each parameter (:mod:`parameter_usage`): what each pipeline
   stage must hold.
@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from onegpu.batches import as_call, to_meta
+from onegpu.batches import as_call, tensors_in, to_meta
 from onegpu.errors import UsageError
 from onegpu.parallel.batch_norm import batch_norm_layers
 from onegpu.parallel.blocks import block_container, repeated_blocks
+from onegpu.parallel.checkpointing import KEPT_OPERATORS
 from onegpu.plan import StageLayout, TensorParallelLayout
 from onegpu.planner.meta_kernels import FLOP_FORMULAS, GroupedMatmulsInBF16, has_attention_choice, meta_attention
 from onegpu.planner.parameter_usage import END, START, ParameterUsage
@@ -223,6 +224,8 @@ class _CostRecorder:
         self.saved: dict[int | None, dict[int, int]] = {}
         self.boundary: dict[int, int] = {}
         self.ops: dict[int | None, int] = {}
+        self.selective: dict[int, dict[int, int]] = {}  # per block, the outputs selective recomputation keeps
+        self.kept_ops: dict[int, int] = {}  # and how many operators made them
         self.parameter_storages = {t.untyped_storage()._cdata for t in state.values()}
         self.kept: list[Any] = []  # saved storages stay alive while measuring: a freed one's id is not reused
 
@@ -232,6 +235,14 @@ class _CostRecorder:
             self.saved.setdefault(self.current, {})[storage._cdata] = storage.nbytes()
             self.kept.append(storage)
         return tensor
+
+    def _keep(self, output: Any) -> None:
+        """The outputs of an operator selective recomputation keeps, in the running block."""
+        self.kept_ops[self.current] = self.kept_ops.get(self.current, 0) + 1
+        for tensor in (t for t in tensors_in(output) if torch.is_tensor(t)):
+            storage = tensor.untyped_storage()
+            self.selective.setdefault(self.current, {})[storage._cdata] = storage.nbytes()
+            self.kept.append(storage)
 
     def _enter(self, index: int):
         def hook(module, args, kwargs):
@@ -251,7 +262,10 @@ class _CostRecorder:
         class CountOps(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 recorder.ops[recorder.current] = recorder.ops.get(recorder.current, 0) + 1
-                return func(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                if recorder.current is not None and func in KEPT_OPERATORS:
+                    recorder._keep(out)
+                return out
 
         handles = []
         for index, block in enumerate(self.blocks):
@@ -282,6 +296,10 @@ class _CostRecorder:
                 bwd_flops=total.get(index, 0.0) - f,
                 activation_bytes=sum(self.saved.get(index, {}).values()),
                 boundary_bytes=self.boundary.get(index, 0),
+                selective_activation_bytes=None
+                if index is None
+                else self.boundary.get(index, 0) + sum(self.selective.get(index, {}).values()),
+                kept_ops=self.kept_ops.get(index, 0),
                 attention_flops=attention.get(index, 0.0),
                 ops=3 * self.ops.get(index, 0),  # backward runs about two operators for each forward one
             )

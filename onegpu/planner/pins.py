@@ -108,8 +108,8 @@ def _checkpointing(value: Any) -> str | int:
     if isinstance(value, int) and value >= 0:
         return value
     text = str(value).lower()
-    if text in ("none", "full"):
+    if text in ("none", "selective", "full"):
         return text
     if text.isdigit():
         return int(text)
-    raise UsageError(f"activation_checkpointing={value!r}: use none, full, or a number of blocks")
+    raise UsageError(f"activation_checkpointing={value!r}: use none, selective, full, or a number of blocks")

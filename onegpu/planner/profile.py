@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,8 +29,13 @@ class PartProfile:
     boundary_bytes: int  # the block's input: all a checkpointed block keeps
     attention_flops: float = 0.0  # of fwd + bwd, in attention kernels (slower than plain GEMMs)
     ops: int = 0  # operators run in forward + backward (each costs a launch or an eager dispatch)
+    # kept under selective recomputation: the input and the matmul, attention and reduction outputs
+    # (parallel/checkpointing.py:KEPT_OPERATORS); None: not measured, and selective recomputation not planned
+    selective_activation_bytes: int | None = None
+    kept_ops: int = 0  # operators of the forward whose outputs selective recomputation keeps (not run again)
 
     def scaled(self, factor: float) -> PartProfile:
+        selective = self.selective_activation_bytes
         return replace(
             self,
             fwd_flops=self.fwd_flops * factor,
@@ -37,6 +43,7 @@ class PartProfile:
             activation_bytes=int(self.activation_bytes * factor),
             boundary_bytes=int(self.boundary_bytes * factor),
             attention_flops=self.attention_flops * factor,
+            selective_activation_bytes=None if selective is None else int(selective * factor),
         )
 
 
@@ -55,6 +62,39 @@ class ModelProfile:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     vocab_size: int | None = None
+    # False for a profile of parameter counts alone (the forward could not be inspected): no activation is
+    # counted, and the memory model says so rather than counting none
+    activations_measured: bool = True
+
+    @classmethod
+    def of_parameters(cls, model: nn.Module, *, name: str | None = None) -> ModelProfile:
+        """What is known of a model whose forward could not be inspected: its parameters, as one part."""
+        count = sum(p.numel() for p in model.parameters())
+        rest = PartProfile(params=count, fwd_flops=0.0, bwd_flops=0.0, activation_bytes=0, boundary_bytes=0)
+        return cls(name=name or type(model).__name__, seq_len=1, precision="fp32", blocks=(), rest=rest,
+                   param_bytes=4, activations_measured=False)  # fmt: skip
+
+    @functools.cached_property
+    def typical_block(self) -> PartProfile:
+        """The blocks' mean (the rest when there are none): the one the cost model repeats, so that a stage of
+        every block holds exactly their parameters and activations."""
+        if not self.blocks:
+            return self.rest
+        n, first = len(self.blocks), self.blocks[0]
+        if all(b == first for b in self.blocks):
+            return first
+        selective = [b.selective_activation_bytes for b in self.blocks]
+        return PartProfile(
+            params=sum(b.params for b in self.blocks) / n,
+            fwd_flops=sum(b.fwd_flops for b in self.blocks) / n,
+            bwd_flops=sum(b.bwd_flops for b in self.blocks) / n,
+            activation_bytes=sum(b.activation_bytes for b in self.blocks) / n,
+            boundary_bytes=sum(b.boundary_bytes for b in self.blocks) / n,
+            attention_flops=sum(b.attention_flops for b in self.blocks) / n,
+            ops=sum(b.ops for b in self.blocks) // n,
+            kept_ops=sum(b.kept_ops for b in self.blocks) // n,
+            selective_activation_bytes=None if None in selective else sum(selective) / n,
+        )
 
     @property
     def params(self) -> int:
@@ -77,6 +117,23 @@ class ModelProfile:
             return [1]
         kv = self.num_kv_heads or self.num_heads
         return [t for t in candidates if self.num_heads % t == 0 and kv % t == 0 and self.hidden_size % t == 0]
+
+
+def optimizer_state_slots(optimizer: torch.optim.Optimizer | None) -> int:
+    """How many parameter-sized tensors ``optimizer`` keeps per parameter (the cost model's
+    ``Workload.optimizer_slots``)."""
+    if optimizer is None:
+        return 0
+    name, defaults = type(optimizer).__name__, optimizer.defaults
+    if name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam"):
+        return 2 + int(bool(defaults.get("amsgrad")))
+    if name == "SGD":
+        return int(bool(defaults.get("momentum")))
+    if name == "RMSprop":
+        return 1 + int(bool(defaults.get("momentum"))) + int(bool(defaults.get("centered")))
+    if name == "Adagrad":
+        return 1
+    return 2  # unknown optimizers: assume Adam-like
 
 
 def per_block(counter: FlopCounterMode, names: dict[int, str], blocks: list[nn.Module], ops: tuple[str, ...] = ()):

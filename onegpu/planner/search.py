@@ -13,7 +13,7 @@ from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
-from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict
+from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict, recompute_time
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
 from onegpu.planner.pins import Pins, parse_pins
@@ -289,7 +289,8 @@ def _sensible(plan: Plan, *, blocks: int, cluster: Cluster) -> bool:
 
 
 def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
-    """The plan with the fewest checkpointed blocks that fits (more only costs recomputation)."""
+    """The plan with the fewest checkpointed blocks that fits (more only costs recomputation), or, when that
+    recomputes blocks, selective recomputation if it fits and is faster."""
     blocks = max(max(stages) for stages in worker_stage_blocks(work.profile, pp=base.pp, schedule=base.schedule))
 
     def with_blocks(count: int) -> Plan:
@@ -322,9 +323,19 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
                 low = middle + 1
         chosen = with_blocks(high)
     scored = replace(chosen, predicted=predict(chosen, work, cluster))
+    selective = replace(base, activation_checkpointing="selective")
+    unpinned = pins.activation_checkpointing is None
+    if unpinned and chosen.checkpointed_blocks(blocks) and _selective_measured(work) and size(selective) <= budget:
+        faster = recompute_time(selective, work, cluster) < recompute_time(chosen, work, cluster)
+        if faster or scored.predicted.memory_per_device_bytes > budget:  # else recomputing a few blocks is faster
+            scored = replace(selective, predicted=predict(selective, work, cluster))
     if scored.predicted.memory_per_device_bytes <= budget:
         tally.feasible += 1
     return scored
+
+
+def _selective_measured(work: Workload) -> bool:
+    return bool(work.profile.blocks) and work.profile.typical_block.selective_activation_bytes is not None
 
 
 def _family(p: Plan) -> tuple:

@@ -30,7 +30,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
 from onegpu.outputs import find_loss, replace_loss
 from onegpu.parallel import pipeline as pp
-from onegpu.parallel.checkpointing import apply_activation_checkpointing
+from onegpu.parallel.checkpointing import checkpoint_blocks
 from onegpu.parallel.compile import apply_compile
 from onegpu.parallel.data_parallel import apply_data_parallel
 from onegpu.parallel.graph_stages import GraphStage, computing_nodes, trace
@@ -232,7 +232,7 @@ class Pipeline:
         """Checkpointing, compile and data parallelism per stage (a module two of its stages share: the first's)."""
         managed: set[nn.Parameter] = set()
         for index, stage in self.stages.items():  # under mixed precision, at degree 1 the units carry the policy
-            apply_activation_checkpointing(stage.blocks[: self.plan.checkpointed_blocks(len(stage.blocks))])
+            checkpoint_blocks(stage.blocks, self.plan)
             if self.plan.compile:
                 apply_compile(stage.blocks)
             if self.plan.dp > 1 or is_mixed(self.plan.precision):  # the last stage hands its loss on in fp32

@@ -21,6 +21,7 @@ MEMORY_PLANS = {
     "fsdp-checkpoint-offload": Plan(dp=2, sharding="parameters", activation_checkpointing="full", offload="parameters"),
     "zero2-checkpoint-1": Plan(dp=2, sharding="gradients", activation_checkpointing=1),
     "ddp-checkpoint-full": Plan(dp=2, sharding="none", activation_checkpointing="full"),
+    "fsdp-selective": Plan(dp=2, sharding="parameters", activation_checkpointing="selective"),
 }
 results = {}
 for scenario in ("hf", "gpt2", "custom", "external"):

@@ -2,8 +2,8 @@
 
 2 workers: tp=2 on Llama (grouped-query attention), Qwen2 (q/k/v biases), GPT-2 (fused qkv, tied
 embeddings) and BERT (an encoder), and Llama and GPT-2 with a vocabulary of 257 that 2 does not
-divide; the hand-written model, which has no tensor-parallel structure, must be refused with the
-reason. 4 workers: tp=2 x dp=2 (replicas read slices of 3 and 2), and tp=2 x pp=2 (1F1B, 5
+divide; Llama with selective recomputation; the hand-written model, which has no tensor-parallel structure,
+must be refused with the reason. 4 workers: tp=2 x dp=2 (replicas read slices of 3 and 2), and tp=2 x pp=2 (1F1B, 5
 micro-batches), GPT-2 with both vocabularies. 8 workers: tp=2 x pp=2 x dp=2 on Llama.
 """
 
@@ -34,7 +34,10 @@ scenarios = {2: ("hf", "qwen2", "gpt2", "bert", "hf-odd", "gpt2-odd"), 4: ("hf",
 scenarios = scenarios.get(world, ("hf",))
 results = {}
 for scenario in scenarios:
-    for name, plan in plans.items():
+    runs = dict(plans)
+    if world == 2 and scenario == "hf":  # selective recomputation keeps the tensor-parallel reductions' outputs
+        runs["tp2-selective"] = Plan(dp=1, tp=2, activation_checkpointing="selective")
+    for name, plan in runs.items():
         run = train(scenario, prepare=onegpu.prepare, plan=plan)
         model, loader = run.pop("model"), run.pop("loader")
         # the share of the model's parameters this worker holds
