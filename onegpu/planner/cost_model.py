@@ -9,6 +9,7 @@ with a latency-bandwidth model on the link they cross, pipeline bubbles per sche
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -155,12 +156,16 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
     block_activation = block.activation_bytes * tp_activation_share(tp, sequence_parallel=work.sequence_parallel)
     head = prof.rest.activation_bytes  # the logits are gathered whole
 
+    per_micro: dict[tuple[int, ...], float] = {}  # workers of equal stages hold equal activations
+
     def held(worker: int) -> float:
         """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
-        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
-        per_micro = sum(c * block.boundary_bytes + (size - c) * block_activation
-                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
-        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
+        sizes = workers[worker]
+        if sizes not in per_micro:
+            checkpointed = [plan.checkpointed_blocks(size) for size in sizes]
+            per_micro[sizes] = sum(c * block.boundary_bytes + (size - c) * block_activation
+                                   for size, c in zip(sizes, checkpointed))  # fmt: skip
+        return in_flight(plan, worker=worker) * (per_micro[sizes] + (head if worker == plan.pp - 1 else 0.0))
 
     recompute_peak = block_activation if plan.checkpointed_blocks(n) else 0.0
     activations = b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
@@ -214,7 +219,7 @@ class _Step:
     def bandwidth(self) -> float:
         return self.cluster.device.memory_bandwidth_gbps * 1e9
 
-    @property
+    @functools.cached_property
     def fullest(self) -> tuple[int, ...]:
         """The block counts of the stages of the worker that holds the most blocks."""
         return max(worker_stage_blocks(self.work.profile, pp=self.plan.pp, schedule=self.plan.schedule), key=sum)
@@ -353,8 +358,9 @@ def _optimizer_times(step: _Step) -> tuple[float, float]:
     return optimizer, offload
 
 
-def predict(plan: Plan, work: Workload, cluster: Cluster) -> Prediction:
-    mem = memory(plan, work, cluster)
+def predict(plan: Plan, work: Workload, cluster: Cluster, *, memory_breakdown: dict[str, int] | None = None) -> Prediction:
+    """The plan's step time and memory; ``memory_breakdown``: its ``memory()``, when already computed."""
+    mem = memory(plan, work, cluster) if memory_breakdown is None else memory_breakdown
     times = step_time(plan, work, cluster)
     step = sum(times.values())
     prof = work.profile

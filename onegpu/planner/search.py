@@ -291,14 +291,15 @@ def _sensible(plan: Plan, *, blocks: int, cluster: Cluster) -> bool:
 def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins, budget: int, tally: _Tally) -> Plan:
     """The plan with the fewest checkpointed blocks that fits (more only costs recomputation)."""
     blocks = max(max(stages) for stages in worker_stage_blocks(work.profile, pp=base.pp, schedule=base.schedule))
+    sizes: dict[Plan, dict[str, int]] = {}
 
     def with_blocks(count: int) -> Plan:
-        value: str | int = "none" if count == 0 else "full" if count >= blocks else count
-        return replace(base, activation_checkpointing=value)
+        return _copy(base, activation_checkpointing="none" if count == 0 else "full" if count >= blocks else count)
 
     def size(candidate: Plan) -> int:
         tally.candidates += 1
-        return sum(memory(candidate, work, cluster).values())
+        sizes[candidate] = memory(candidate, work, cluster)
+        return sum(sizes[candidate].values())
 
     if pins.activation_checkpointing is not None:
         chosen = replace(base, activation_checkpointing=pins.activation_checkpointing)
@@ -321,10 +322,18 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
             else:
                 low = middle + 1
         chosen = with_blocks(high)
-    scored = replace(chosen, predicted=predict(chosen, work, cluster))
+    scored = _copy(chosen, predicted=predict(chosen, work, cluster, memory_breakdown=sizes[chosen]))
     if scored.predicted.memory_per_device_bytes <= budget:
         tally.feasible += 1
     return scored
+
+
+def _copy(plan: Plan, **changes: Any) -> Plan:
+    """``replace(plan, **changes)`` without validating again: for changes the search knows valid, in its
+    hot loop (a checkpointed block count, a prediction)."""
+    copied = object.__new__(Plan)
+    copied.__dict__.update(plan.__dict__, **changes)
+    return copied
 
 
 def _family(p: Plan) -> tuple:
