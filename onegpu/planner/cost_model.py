@@ -358,7 +358,9 @@ def _optimizer_times(step: _Step) -> tuple[float, float]:
     return optimizer, offload
 
 
-def predict(plan: Plan, work: Workload, cluster: Cluster, *, memory_breakdown: dict[str, int] | None = None) -> Prediction:
+def predict(
+    plan: Plan, work: Workload, cluster: Cluster, *, memory_breakdown: dict[str, int] | None = None
+) -> Prediction:
     """The plan's step time and memory; ``memory_breakdown``: its ``memory()``, when already computed."""
     mem = memory(plan, work, cluster) if memory_breakdown is None else memory_breakdown
     times = step_time(plan, work, cluster)

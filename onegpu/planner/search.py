@@ -13,6 +13,7 @@ from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
+from onegpu.planner.confidence import confidence_notes
 from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
@@ -86,6 +87,7 @@ def find_plan(
         rejected=tuple(rejected),
         search=stats,
         reason=f"fastest of {tally.feasible} plans that fit ({tally.candidates} considered)",
+        confidence=confidence_notes(best, cluster=cluster, description=described[best.precision]),
     )
 
 
