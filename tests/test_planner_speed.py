@@ -38,13 +38,13 @@ def exhaustive_best(described: dict, *, batch: int, cluster) -> float:
 
 
 CASES = {
-    "gpt2 on 2 nodes of A100": ("gpt2", 1024, 64, load_cluster("a100-80gb", nodes=2)),
+    "gpt2 on a node of A100": ("gpt2", 1024, 64, load_cluster("a100-80gb", nodes=1)),
     "llama3-8b on one node, checkpointing needed": ("llama3-8b", 8192, 16, load_cluster("a100-40gb", nodes=1)),
-    "a 40-block profile on 64 small devices": (
-        transformer(layers=40, hidden=5120),
+    "a 16-block profile on 32 small devices": (
+        transformer(layers=16, hidden=5120),
         2048,
-        256,
-        cluster(nodes=8, per_node=8, memory_gb=24),
+        128,
+        cluster(nodes=4, per_node=8, memory_gb=16),
     ),
 }
 
