@@ -200,15 +200,15 @@ class _Search:
         cluster, blocks = self.cluster, len(self.described[precision].profile.blocks)
         for dp, tp, pp in self.layouts():
             for m in self.microbatches(self.global_batch // dp, pp):
-                for schedule, sharding, offload in itertools.product(
-                    self.schedules(pp), self.pins.shardings, self.pins.offloads
-                ):
-                    plan = Plan(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, sharding="none",
-                                offload=offload, precision=precision, compile=self.compile)  # fmt: skip
-                    group = hybrid_shard_group(plan, cluster) if sharding == "hybrid" else None
-                    plan = replace(plan, sharding=sharding, shard_group=group)
-                    if _sensible(plan, blocks=blocks, cluster=cluster):
-                        yield plan
+                for schedule in self.schedules(pp):
+                    layout = dict(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, precision=precision)
+                    unsharded = {o: Plan(**layout, offload=o, compile=self.compile) for o in self.pins.offloads}
+                    for sharding, offload in itertools.product(self.pins.shardings, self.pins.offloads):
+                        base = unsharded[offload]  # a hybrid group divides dp: the copy needs no validation
+                        group = hybrid_shard_group(base, cluster) if sharding == "hybrid" else None
+                        plan = _copy(base, sharding=sharding, shard_group=group)
+                        if _sensible(plan, blocks=blocks, cluster=cluster):
+                            yield plan
 
     def scored(self, tally: _Tally) -> Iterator[Plan]:
         """Each candidate with the fewest checkpointed blocks that fit, and its prediction; once one fits,
