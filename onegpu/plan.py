@@ -155,6 +155,8 @@ class Plan:
     rejected: tuple[Rejection, ...] = field(default=(), compare=False)
     search: SearchStats | None = field(default=None, compare=False)
     reason: str = field(default="", compare=False)
+    # the unmeasured assumptions the prediction rests on (datasheet figures, unseen links, an uninspected model)
+    confidence: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "microbatches"):
@@ -301,7 +303,7 @@ class Plan:
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"plan", "predicted", "alternatives", "search"}``: the structure ``onegpu plan --json`` prints."""
+        """``{"plan", "predicted", "alternatives", "search", "confidence"}``: what ``onegpu plan --json`` prints."""
         return {
             "plan": self.config_dict(),
             "predicted": self.predicted.to_dict() if self.predicted else None,
@@ -310,6 +312,7 @@ class Plan:
                 for a in self.alternatives
             ],
             "search": self.search.to_dict() if self.search else None,
+            "confidence": list(self.confidence),
         }
 
     def without_layout(self) -> Plan:

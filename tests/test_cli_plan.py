@@ -20,7 +20,8 @@ def test_json_has_the_documented_shape():
     result = run(*BASE, "--cluster", "a100-80gb", "--nodes", "2", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"plan", "predicted", "alternatives", "search"}
+    assert set(data) == {"plan", "predicted", "alternatives", "search", "confidence"}
+    assert any("across nodes" in note and "datasheet" in note for note in data["confidence"])
     assert data["plan"]["dp"] * data["plan"]["tp"] * data["plan"]["pp"] == 16
 
 
@@ -29,6 +30,7 @@ def test_the_table_explains_the_choice():
     assert result.exit_code == 0, result.output
     assert "Plan: dp=4, tp=2" in result.stdout
     assert "candidates considered" in result.stdout and "slower" in result.stdout
+    assert "unmeasured: H100 SXM5 80GB: peak 989.5 TFLOP/s (bf16)" in result.stdout
 
 
 def test_a_yaml_cluster_with_overrides(tmp_path):

@@ -217,7 +217,7 @@ def test_a_model_too_big_for_the_cluster_says_what_would_fit():
 def test_plan_json_shape_is_stable():
     chosen = find_plan("gpt2", global_batch_size=32, seq_len=1024, cluster=load_cluster("a100-80gb", nodes=1))
     data = chosen.to_dict()
-    assert list(data) == ["plan", "predicted", "alternatives", "search"]
+    assert list(data) == ["plan", "predicted", "alternatives", "search", "confidence"]
     assert list(data["plan"]) == [
         "dp",
         "tp",

@@ -99,6 +99,8 @@ def show(chosen: Plan, *, model: str, cluster: str) -> None:
     )
     console.print("  memory: " + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in p.memory_breakdown.items() if v))
     console.print("  time:   " + ", ".join(f"{k} {v:.3f} s" for k, v in p.time_breakdown.items() if v > 0))
+    for note in chosen.confidence:
+        console.print(f"  [yellow]unmeasured:[/] {note}", highlight=False)
     table = Table(title="Next best, and why the others lost")
     for column in ("plan", "step (s)", "tokens/s", "GB/device", "verdict"):
         table.add_column(column)

@@ -31,22 +31,8 @@ from torch.distributed.tensor.parallel import (
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
+from onegpu.parallel.linear_layers import output_features
 from onegpu.plan import TensorParallelLayout
-
-
-def is_linear(module: nn.Module) -> bool:
-    """A layer computing ``x @ W (+ b)``: ``nn.Linear``, or a transposed one like GPT-2's ``Conv1D``."""
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(module, nn.Linear)
-        or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-    )
-
-
-def output_features(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.nf
 
 
 class _TransposedColumn(ParallelStyle):

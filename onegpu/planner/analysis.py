@@ -31,6 +31,7 @@ from onegpu.planner.layer_kinds import (
 )
 from onegpu.planner.meta_kernels import META_FLASH, register_meta_flash
 from onegpu.planner.model_presets import PRESETS
+from onegpu.planner.preset_profiles import preset_description
 from onegpu.planner.profile import DTYPES, ModelProfile
 
 
@@ -64,9 +65,15 @@ def describe_model(model: Any, *, seq_len: int, precision: str = "fp32", sample:
         if sample is None:
             raise UsageError("analyzing an nn.Module needs a sample batch: pass sample=... (one sample's inputs)")
         return describe(model, sample=sample, seq_len=seq_len, precision=precision)
-    if isinstance(model, str):
-        return _describe_config(load_config(model), name=model, seq_len=seq_len, precision=precision)
+    if isinstance(model, str):  # a preset is read from the inspection's stored output, when it has one
+        stored = preset_description(model, seq_len=seq_len, precision=precision)
+        return stored or describe_live(model, seq_len=seq_len, precision=precision)
     return _describe_config(model, name=getattr(model, "model_type", "model"), seq_len=seq_len, precision=precision)
+
+
+def describe_live(model: str, *, seq_len: int, precision: str) -> ModelDescription:
+    """A preset or config.json path inspected now, never read from the presets' stored descriptions."""
+    return _describe_config(load_config(model), name=model, seq_len=seq_len, precision=precision)
 
 
 def analyze(model: Any, *, seq_len: int, precision: str = "fp32", sample: Any | None = None) -> ModelProfile:

@@ -9,6 +9,7 @@ with a latency-bandwidth model on the link they cross, pipeline bubbles per sche
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from onegpu.plan import INTERLEAVED, Plan, Prediction
@@ -179,12 +180,16 @@ def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> 
     block_activation = block.activation_bytes * share
     kept = (plan.selective and block.selective_activation_bytes or block.activation_bytes) * share
 
+    per_micro: dict[tuple[int, ...], float] = {}  # workers of equal stages hold equal activations
+
     def held(worker: int) -> float:
         """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
-        checkpointed = [plan.checkpointed_blocks(size) for size in workers[worker]]
-        per_micro = sum(c * block.boundary_bytes + (size - c) * kept
-                        for size, c in zip(workers[worker], checkpointed))  # fmt: skip
-        return in_flight(plan, worker=worker) * (per_micro + (head if worker == plan.pp - 1 else 0.0))
+        sizes = workers[worker]
+        if sizes not in per_micro:
+            checkpointed = [plan.checkpointed_blocks(size) for size in sizes]
+            per_micro[sizes] = sum(c * block.boundary_bytes + (size - c) * kept
+                                   for size, c in zip(sizes, checkpointed))  # fmt: skip
+        return in_flight(plan, worker=worker) * (per_micro[sizes] + (head if worker == plan.pp - 1 else 0.0))
 
     recompute_peak = block_activation if plan.checkpointed_blocks(max(map(sum, workers))) else block_activation - kept
     b = micro_batch_size(plan, work.global_batch)
@@ -230,7 +235,7 @@ class _Step:
         efficiency = (NVLINK_BUS_EFFICIENCY if inside_node else NETWORK_BUS_EFFICIENCY) if datasheet else 1.0
         return collective_time(volume_bytes, group, link, ring=ring and not self.cpu, efficiency=efficiency)
 
-    @property
+    @functools.cached_property
     def fullest(self) -> tuple[int, ...]:
         """The block counts of the stages of the worker that holds the most blocks."""
         return max(worker_stage_blocks(self.work.profile, pp=self.plan.pp, schedule=self.plan.schedule), key=sum)
@@ -370,8 +375,11 @@ def _optimizer_times(step: _Step) -> tuple[float, float]:
     return optimizer, offload
 
 
-def predict(plan: Plan, work: Workload, cluster: Cluster) -> Prediction:
-    mem = memory(plan, work, cluster)
+def predict(
+    plan: Plan, work: Workload, cluster: Cluster, *, memory_breakdown: dict[str, int] | None = None
+) -> Prediction:
+    """The plan's step time and memory; ``memory_breakdown``: its ``memory()``, when already computed."""
+    mem = memory(plan, work, cluster) if memory_breakdown is None else memory_breakdown
     times = step_time(plan, work, cluster)
     step = sum(times.values())
     prof = work.profile

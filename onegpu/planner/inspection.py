@@ -137,7 +137,8 @@ def _inspect(model, sample, *, seq_len, precision, name, blocks, flash: bool) ->
     state = _meta_state(model, dtype=DTYPES[precision])
     args, kwargs = _inputs_taken(model, as_call(to_meta(sample)))
     costs = _CostRecorder(model, blocks, state)
-    usage = ParameterUsage(blocks, {n: t for n, t in state.items() if n in dict(model.named_parameters())})
+    parameters = dict(model.named_parameters())  # once: the model's parameters are walked per call
+    usage = ParameterUsage(blocks, {n: t for n, t in state.items() if n in parameters})
     tensor_parallel = TensorParallelRecorder(model, blocks) if blocks else None
     modes = [m for m in (usage, tensor_parallel) if m is not None]
     for mode in modes:

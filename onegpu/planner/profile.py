@@ -100,7 +100,13 @@ class ModelProfile:
     def params(self) -> int:
         return self.rest.params + sum(b.params for b in self.blocks)
 
-    @property
+    @functools.cached_property
+    def memo(self) -> dict:
+        """Figures derived from this (frozen) profile, kept for its lifetime: the search asks for the same
+        stage cuts of thousands of candidate plans."""
+        return {}
+
+    @functools.cached_property
     def flops_per_sample(self) -> float:
         """Forward + backward FLOPs of one sample, without recomputation."""
         return sum(p.fwd_flops + p.bwd_flops for p in (*self.blocks, self.rest))

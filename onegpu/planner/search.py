@@ -13,6 +13,7 @@ from onegpu.parallel.batch_norm import no_micro_batches_for
 from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
+from onegpu.planner.confidence import confidence_notes
 from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict, recompute_time
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
@@ -86,6 +87,7 @@ def find_plan(
         rejected=tuple(rejected),
         search=stats,
         reason=f"fastest of {tally.feasible} plans that fit ({tally.candidates} considered)",
+        confidence=confidence_notes(best, cluster=cluster, description=described[best.precision]),
     )
 
 
@@ -198,15 +200,15 @@ class _Search:
         cluster, blocks = self.cluster, len(self.described[precision].profile.blocks)
         for dp, tp, pp in self.layouts():
             for m in self.microbatches(self.global_batch // dp, pp):
-                for schedule, sharding, offload in itertools.product(
-                    self.schedules(pp), self.pins.shardings, self.pins.offloads
-                ):
-                    plan = Plan(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, sharding="none",
-                                offload=offload, precision=precision, compile=self.compile)  # fmt: skip
-                    group = hybrid_shard_group(plan, cluster) if sharding == "hybrid" else None
-                    plan = replace(plan, sharding=sharding, shard_group=group)
-                    if _sensible(plan, blocks=blocks, cluster=cluster):
-                        yield plan
+                for schedule in self.schedules(pp):
+                    layout = dict(dp=dp, tp=tp, pp=pp, microbatches=m, schedule=schedule, precision=precision)
+                    unsharded = {o: Plan(**layout, offload=o, compile=self.compile) for o in self.pins.offloads}
+                    for sharding, offload in itertools.product(self.pins.shardings, self.pins.offloads):
+                        base = unsharded[offload]  # a hybrid group divides dp: the copy needs no validation
+                        group = hybrid_shard_group(base, cluster) if sharding == "hybrid" else None
+                        plan = _copy(base, sharding=sharding, shard_group=group)
+                        if _sensible(plan, blocks=blocks, cluster=cluster):
+                            yield plan
 
     def scored(self, tally: _Tally) -> Iterator[Plan]:
         """Each candidate with the fewest checkpointed blocks that fit, and its prediction; once one fits,
@@ -292,14 +294,15 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
     """The plan with the fewest checkpointed blocks that fits (more only costs recomputation), or, when that
     recomputes blocks, selective recomputation if it fits and is faster."""
     blocks = max(max(stages) for stages in worker_stage_blocks(work.profile, pp=base.pp, schedule=base.schedule))
+    sizes: dict[Plan, dict[str, int]] = {}
 
     def with_blocks(count: int) -> Plan:
-        value: str | int = "none" if count == 0 else "full" if count >= blocks else count
-        return replace(base, activation_checkpointing=value)
+        return _copy(base, activation_checkpointing="none" if count == 0 else "full" if count >= blocks else count)
 
     def size(candidate: Plan) -> int:
         tally.candidates += 1
-        return sum(memory(candidate, work, cluster).values())
+        sizes[candidate] = memory(candidate, work, cluster)
+        return sum(sizes[candidate].values())
 
     if pins.activation_checkpointing is not None:
         chosen = replace(base, activation_checkpointing=pins.activation_checkpointing)
@@ -322,13 +325,13 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
             else:
                 low = middle + 1
         chosen = with_blocks(high)
-    scored = replace(chosen, predicted=predict(chosen, work, cluster))
-    selective = replace(base, activation_checkpointing="selective")
+    scored = _copy(chosen, predicted=predict(chosen, work, cluster, memory_breakdown=sizes[chosen]))
+    selective = _copy(base, activation_checkpointing="selective")
     unpinned = pins.activation_checkpointing is None
     if unpinned and chosen.checkpointed_blocks(blocks) and _selective_measured(work) and size(selective) <= budget:
         faster = recompute_time(selective, work, cluster) < recompute_time(chosen, work, cluster)
         if faster or scored.predicted.memory_per_device_bytes > budget:  # else recomputing a few blocks is faster
-            scored = replace(selective, predicted=predict(selective, work, cluster))
+            scored = _copy(selective, predicted=predict(selective, work, cluster, memory_breakdown=sizes[selective]))
     if scored.predicted.memory_per_device_bytes <= budget:
         tally.feasible += 1
     return scored
@@ -336,6 +339,14 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
 
 def _selective_measured(work: Workload) -> bool:
     return bool(work.profile.blocks) and work.profile.typical_block.selective_activation_bytes is not None
+
+
+def _copy(plan: Plan, **changes: Any) -> Plan:
+    """``replace(plan, **changes)`` without validating again: for changes the search knows valid, in its
+    hot loop (a checkpointed block count, a prediction)."""
+    copied = object.__new__(Plan)
+    copied.__dict__.update(plan.__dict__, **changes)
+    return copied
 
 
 def _family(p: Plan) -> tuple:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from onegpu.parallel.tensor_parallel import is_linear, output_features
+from onegpu.parallel.linear_layers import is_linear, output_features
 from onegpu.plan import TensorParallelGroup, TensorParallelLayout
 from onegpu.planner.taint import Taint
 
