@@ -38,7 +38,7 @@ SHARDING = {
 }
 # selective recomputation recomputes attention's cheap parts only (Korthikanti et al. 2022): costed as none
 # until the planner has a "selective" checkpointing value
-CHECKPOINTING = {"full": "full", "none": "none", "selective": "none", "selective-op": "none"}
+CHECKPOINTING = {"full": "full", "none": "none", "selective": "none", "selective-op": "selective"}
 TARGET_MEDIAN, TARGET_WITHIN, TARGET_SHARE = 0.10, 0.20, 0.90
 
 # Published comparisons of plans: (what, ids). Same model on the same cluster, ordered by measured tokens/s;
