@@ -22,7 +22,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
 from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
-from onegpu.runtime.call_slicing import share_random_state
+from onegpu.runtime.call_slicing import random_state, set_random_state, share_random_state
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
@@ -31,20 +31,27 @@ from onegpu.runtime.user_loss import check_loss_fn
 from onegpu.settings import settings
 
 _pins: dict[str, Any] | None = None
+_trials: int | None = None
 
 
-def enable_advanced_parallelization(**pins: Any) -> None:
-    """Let the planner choose how ``prepare`` splits the work; pins (e.g. ``sharding="parameters"``) constrain it."""
+def enable_advanced_parallelization(*, trials: int | None = None, **pins: Any) -> None:
+    """Let the planner choose how ``prepare`` splits the work; pins (e.g. ``sharding="parameters"``) constrain it.
+
+    ``trials=k``: ``prepare`` times a few training steps of the planner's ``k`` best plans that fit on the job's
+    own workers (on copies of the model and optimizers) and keeps the measured fastest; training itself is
+    exactly what it is with that plan given to ``prepare``."""
     from onegpu.planner.pins import parse_pins
 
-    global _pins
+    global _pins, _trials
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise UsageError(f"trials={trials!r}: give how many of the best plans to time, a whole number >= 1, e.g. 3")
     parse_pins(**pins)  # a wrong pin fails here, at the line that gave it
-    _pins = dict(pins)
+    _pins, _trials = dict(pins), trials
 
 
 def disable_advanced_parallelization() -> None:
-    global _pins
-    _pins = None
+    global _pins, _trials
+    _pins = _trials = None
 
 
 def prepare(
@@ -73,6 +80,12 @@ def prepare(
     the slice's items over the global batch's. Hugging Face token losses are counted without it.
     """
     given = TrainingObjects.sort(objects)
+    if _pins is not None and _trials is not None and (plan is not None or strategy is not None):
+        given_as = "plan=" if plan is not None else "strategy="
+        raise UsageError(
+            f"trials={_trials} times the planner's plans, but prepare() was given {given_as}: drop it, or call "
+            "enable_advanced_parallelization() without trials"
+        )
     if loss_fn is not None:
         check_loss_fn(given.model, loss_fn)
     check_count_items(count_items)
@@ -88,6 +101,8 @@ def prepare(
         worker=worker,
         measure=plan is None and strategy is None,  # only a search uses the measured devices
     )
+    if _trials is not None and chosen.search is not None:
+        chosen = _tried(chosen, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
     if worker.is_main:
         backend = dist.get_backend() if dist.is_initialized() else "single process"
         print(
@@ -142,7 +157,16 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
 
 def _shared(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool = True) -> Plan:
     """The plan rank 0 chooses, on every worker; an error there reaches the others as text. Under
-    Advanced Parallelization every worker first takes part in measuring the job's devices."""
+    Advanced Parallelization every worker first takes part in measuring the job's devices. Neither draws a
+    number from the streams the training loop draws from (the measurement's random matrices included)."""
+    state = random_state(worker.device)
+    try:
+        return _chosen_on_rank0(choose, worker=worker, measure=measure)
+    finally:
+        set_random_state(state, worker.device)
+
+
+def _chosen_on_rank0(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool) -> Plan:
     cluster = _measured_cluster(worker) if measure and _pins is not None else None
     message: list[Any] = [None]
     chosen = failure = None
@@ -302,3 +326,23 @@ def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:
         f"{plan.describe()} | predicted {p.step_time_s:.3f} s/step, {p.tokens_per_s:,.0f} tokens/s, "
         f"{p.memory_per_device_bytes / 1e9:.2f} of {budget_bytes / 1e9:.2f} GB per worker"
     )
+
+
+def _tried(chosen: Plan, given: TrainingObjects, *, worker: Worker, loss_fn, count_items) -> Plan:
+    """The measured fastest of the planner's ``trials`` best plans (timed on every worker), with one log line."""
+    from onegpu.runtime.trials import TIMED_STEPS, time_plans
+
+    candidates = [chosen, *chosen.alternatives][:_trials]
+    trials = time_plans(candidates, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
+    fastest = min(trials, key=lambda t: t.seconds)
+    if worker.is_main:
+        measured = " | ".join(
+            f"{t.plan.describe()}: predicted {t.plan.predicted.step_time_s:.3f} s, measured {t.seconds:.3f} s"
+            for t in trials
+        )
+        print(f"onegpu: trials ({TIMED_STEPS} steps each): {measured}", file=sys.stderr, flush=True)
+    reason = (
+        f"measured fastest of {len(trials)} trials: {fastest.plan.describe()}, {fastest.seconds:.3f} s/step "
+        f"(predicted {fastest.plan.predicted.step_time_s:.3f} s)"
+    )
+    return replace(fastest.plan, alternatives=tuple(t.plan for t in trials if t is not fastest), reason=reason)
