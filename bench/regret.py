@@ -1,6 +1,7 @@
 """Regret of Advanced Parallelization on this machine: does the plan it picks run fastest?
 
     python bench/regret.py [--models demo,llama17m,llama60m] [--rounds 2] [--steps 6] [--warmup 3] [--out FILE]
+    python bench/regret.py --repredict FILE
 
 For each model, on 2 workers, without a memory budget and with a tight one (the chosen plan's predicted memory
 beyond the runtime's, halved: it forces sharding or checkpointing), the planner's chosen plan and its alternatives
@@ -9,7 +10,8 @@ beyond the runtime's, halved: it forces sharding or checkpointing), the planner'
 step time is the median of all its timed steps, its memory the largest worker's peak resident set. Prints, per
 plan, predicted vs measured step time and memory, the measured fastest, and the regret of the chosen plan
 (its measured time over the fastest's, minus 1), with the load average while it ran. ``--out`` keeps the raw
-figures as JSON.
+figures as JSON. ``--repredict FILE`` prints those measurements again beside today's cost model's predictions for the
+same plans (before/after a change of the model).
 """
 
 from __future__ import annotations
@@ -80,6 +82,28 @@ def report(model: str, budget_gb: float | None, plans: list[dict], runs: list[di
             "fastest": fastest, "load": load}  # fmt: skip
 
 
+def repredict(path: str) -> None:
+    """The measurements kept in ``path`` beside the predictions the cost model makes now for the same plans."""
+    import tempfile
+
+    for result in json.load(open(path)):
+        plans = result["plans"]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as listed:
+            json.dump([p["plan"] for p in plans], listed)
+        now = json_result([*LAUNCH, "--model", result["model"], "--predict", listed.name])["predicted"]
+        print(f"\n{result['model']}, budget {result['budget_gb']}: measured | predicted before -> now")
+        for plan, run, after in zip(plans, result["runs"], now):
+            if not run["steps"]:
+                continue
+            measured, peak = statistics.median(run["steps"]), max(run["peaks"])
+            before = plan["predicted"]
+            print(
+                f"  {run['describe'][:50]:50} {measured:7.3f} s | {before['step_time_s'] / measured:5.2f} -> "
+                f"{after['step_time_s'] / measured:5.2f} | {peak / 1e9:5.2f} GB | "
+                f"{before['memory_per_device_bytes'] / peak:5.2f} -> {after['memory_per_device_bytes'] / peak:5.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="demo,llama17m,llama60m")
@@ -87,7 +111,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--repredict", default=None)
     args = parser.parse_args()
+    if args.repredict:
+        repredict(args.repredict)
+        return
     results = []
     for model in args.models.split(","):
         unbudgeted = plans_for(model, None)

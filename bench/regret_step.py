@@ -2,11 +2,13 @@
 
     onegpu run --workers 2 bench/regret_step.py --model demo|llama17m|llama60m [--budget-gb G] --list
     onegpu run --workers 2 bench/regret_step.py --model M --plan '<Plan JSON>' [--steps 8] [--warmup 3]
+    onegpu run --workers 2 bench/regret_step.py --model M --predict PLANS.json
 
 ``--list``: Advanced Parallelization plans the job (as ``prepare`` does, with ``memory_budget_gb``) and rank 0
 prints one JSON line: the chosen plan and its alternatives, each with its prediction. ``--plan``: the job runs that
 plan for ``warmup`` untimed steps, then ``steps`` steps each timed alone (a barrier on both sides) and prints their
-times, this job's CPU seconds per step and every worker's peak resident memory (the largest).
+times, this job's CPU seconds per step and every worker's peak resident memory (the largest). ``--predict``: the
+planner's prediction today for each plan of a JSON list (every choice pinned, planned as ``prepare`` plans).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ parser.add_argument("--model", choices=sorted(MODELS), default="demo")
 parser.add_argument("--budget-gb", type=float, default=None)
 parser.add_argument("--list", action="store_true")
 parser.add_argument("--plan", default=None, help="a Plan as JSON (Plan.to_json)")
+parser.add_argument("--predict", default=None, help="a file holding a JSON list of Plan JSON texts")
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--warmup", type=int, default=3)
 args = parser.parse_args()
@@ -47,6 +50,25 @@ def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
+
+def pins(plan: Plan) -> dict:
+    """Every choice of ``plan`` pinned: the search has exactly this plan left."""
+    chosen = dict(dp=plan.dp, tp=plan.tp, pp=plan.pp, microbatches=plan.microbatches, sharding=plan.sharding,
+                  activation_checkpointing=plan.activation_checkpointing, offload=plan.offload,
+                  mixed_precision=plan.precision, compile=plan.compile)  # fmt: skip
+    return chosen if plan.pp == 1 else {**chosen, "schedule": plan.schedule}
+
+
+if args.predict:
+    predictions = []
+    for text in json.loads(Path(args.predict).read_text()):
+        fresh = bench.build()
+        onegpu.enable_advanced_parallelization(**pins(Plan.from_json(text)))
+        fresh, _ = onegpu.prepare(fresh, torch.optim.AdamW(fresh.parameters(), lr=LR), bench.loader())[:2]
+        predictions.append(fresh.onegpu_plan.predicted.to_dict())
+    if onegpu.is_main_process():
+        print(json.dumps({"predicted": predictions}))
+    sys.exit(0)
 
 if args.list:
     onegpu.enable_advanced_parallelization()
