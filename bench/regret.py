@@ -33,10 +33,10 @@ def plans_for(model: str, budget_gb: float | None) -> list[dict]:
 
 
 def tight_budget(chosen: dict) -> float:
-    """Half of what the unbudgeted choice needs beyond the runtime itself, in GB."""
+    """Half of what the unbudgeted choice needs beyond the runtime itself, in GiB (memory_budget_gb's unit)."""
     predicted = chosen["predicted"]
     runtime = predicted["memory_breakdown"]["runtime"]
-    return (runtime + (predicted["memory_per_device_bytes"] - runtime) / 2) / 1e9
+    return (runtime + (predicted["memory_per_device_bytes"] - runtime) / 2) / 2**30
 
 
 def measure(model: str, plans: list[dict], *, rounds: int, steps: int, warmup: int) -> list[dict]:
@@ -58,7 +58,7 @@ def measure(model: str, plans: list[dict], *, rounds: int, steps: int, warmup: i
 
 
 def report(model: str, budget_gb: float | None, plans: list[dict], runs: list[dict], load: tuple) -> dict:
-    print(f"\n{model}, {'no budget' if budget_gb is None else f'budget {budget_gb:.2f} GB'} | load {load}")
+    print(f"\n{model}, {'no budget' if budget_gb is None else f'budget {budget_gb:.2f} GiB'} | load {load}")
     print(f"  {'plan':58} {'pred s':>7} {'meas s':>7} {'ratio':>6} {'pred GB':>7} {'meas GB':>7} {'ratio':>6}")
     rows = []
     for k, (plan, run) in enumerate(zip(plans, runs)):

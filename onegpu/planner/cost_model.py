@@ -26,7 +26,10 @@ ATTENTION_EFFICIENCY = 0.50
 CPU_GEMM_EFFICIENCY = 1.0
 # What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
 GPU_RUNTIME_BYTES = 1.5e9
-CPU_RUNTIME_BYTES = 0.6e9  # a Python process with torch and transformers imported
+# A CPU worker: Python with torch, transformers and onegpu imported and a gloo process group joined (0.35 GB
+# resident), and what inductor adds once it has compiled a block (0.11 GB): bench/local_runtime_bytes.py.
+CPU_RUNTIME_BYTES = 0.35e9
+CPU_COMPILE_BYTES = 0.11e9
 # Allocator fragmentation on dynamic memory (activations, gathered parameters). On a CPU "device"
 # the peak resident set also keeps what glibc's per-thread arenas freed but did not return.
 FRAGMENTATION = 1.10
@@ -139,8 +142,8 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
         framework += 2 * block.params / tp * (compute_bytes + MASTER_BYTES) + prof.rest.params / tp * compute_bytes
     elif plan.sharding == "none" and plan.dp > 1:
         framework += stage_params * MASTER_BYTES  # DDP's gradient buckets
-    else:
-        framework += 2 * DDP_BUCKET_BYTES
+    else:  # two flat buckets, never larger than the gradients they hold
+        framework += 2 * min(DDP_BUCKET_BYTES, stage_params * MASTER_BYTES)
     workspace = stage_params * MASTER_BYTES * OPTIMIZER_WORKSPACE_SLOTS / so
     if is_cpu(cluster):
         pass  # a CPU device's host memory is its own memory: offloading frees nothing
@@ -164,7 +167,7 @@ def memory(plan: Plan, work: Workload, cluster: Cluster) -> dict[str, int]:
 
     recompute_peak = block_activation if plan.checkpointed_blocks(n) else 0.0
     activations = b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
-    runtime = CPU_RUNTIME_BYTES if is_cpu(cluster) else GPU_RUNTIME_BYTES
+    runtime = CPU_RUNTIME_BYTES + CPU_COMPILE_BYTES * plan.compile if is_cpu(cluster) else GPU_RUNTIME_BYTES
     fragmentation = CPU_FRAGMENTATION if is_cpu(cluster) else FRAGMENTATION
     return {
         "parameters": int(params),
