@@ -329,7 +329,8 @@ def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:
 
 
 def _tried(chosen: Plan, given: TrainingObjects, *, worker: Worker, loss_fn, count_items) -> Plan:
-    """The measured fastest of the planner's ``trials`` best plans (timed on every worker), with one log line."""
+    """The measured fastest of the planner's ``trials`` best plans (timed on every worker), with one log line; a
+    plan that fails in its trial (one the runtime cannot run here) is skipped."""
     from onegpu.runtime.trials import TIMED_STEPS, time_plans
 
     candidates = [chosen, *chosen.alternatives][:_trials]
@@ -337,12 +338,16 @@ def _tried(chosen: Plan, given: TrainingObjects, *, worker: Worker, loss_fn, cou
     fastest = min(trials, key=lambda t: t.seconds)
     if worker.is_main:
         measured = " | ".join(
-            f"{t.plan.describe()}: predicted {t.plan.predicted.step_time_s:.3f} s, measured {t.seconds:.3f} s"
+            f"{t.plan.describe()}: predicted {t.plan.predicted.step_time_s:.3f} s, "
+            + (f"failed ({t.failure})" if t.failure else f"measured {t.seconds:.3f} s")
             for t in trials
         )
         print(f"onegpu: trials ({TIMED_STEPS} steps each): {measured}", file=sys.stderr, flush=True)
+    if fastest.failure:
+        raise RuntimeError(f"every plan failed in its trial; the planner's choice: {fastest.failure}")
     reason = (
         f"measured fastest of {len(trials)} trials: {fastest.plan.describe()}, {fastest.seconds:.3f} s/step "
         f"(predicted {fastest.plan.predicted.step_time_s:.3f} s)"
     )
-    return replace(fastest.plan, alternatives=tuple(t.plan for t in trials if t is not fastest), reason=reason)
+    others = tuple(t.plan for t in trials if t is not fastest)
+    return replace(fastest.plan, alternatives=others, search=chosen.search, reason=reason)

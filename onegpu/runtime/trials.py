@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -37,10 +38,11 @@ TIMED_STEPS = 3
 
 @dataclass(frozen=True)
 class Trial:
-    """A plan and the median seconds of its timed steps (the slowest worker's)."""
+    """A plan and the median seconds of its timed steps (the slowest worker's); inf, and why, when it failed."""
 
     plan: Plan
     seconds: float
+    failure: str = ""
 
 
 def time_plans(
@@ -53,19 +55,33 @@ def time_plans(
         raise UsageError("trials time the first batch of a DataLoader with a batch_size over a map-style dataset")
     state = random_state(worker.device)
     try:
-        return [
-            Trial(
-                plan=plan, seconds=_timed(plan, given, batch, worker=worker, loss_fn=loss_fn, count_items=count_items)
-            )
-            for plan in plans
-        ]
+        return [_trial(plan, given, batch, worker=worker, loss_fn=loss_fn, count_items=count_items) for plan in plans]
     finally:
         set_random_state(state, worker.device)
+
+
+def _trial(plan: Plan, given: TrainingObjects, batch: Any, *, worker: Worker, loss_fn, count_items) -> Trial:
+    """``plan`` timed; a plan that fails (one the runtime cannot run here) fails on every worker alike: the same
+    plan on the same batch, so each raises at the same point; the workers then agree it failed."""
+    failure = ""
+    try:
+        seconds = _timed(plan, given, batch, worker=worker, loss_fn=loss_fn, count_items=count_items)
+    except Exception as error:
+        seconds = math.inf
+        failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    finally:
+        torch._dynamo.reset()  # a compiled plan's graphs go with its copy: the next compiles within dynamo's limits
         gc.collect()
+    slowest = torch.tensor([seconds], dtype=torch.float64, device=worker.device)
+    if worker.world_size > 1:
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # every worker decides on the same figures
+    if math.isinf(float(slowest)):
+        return Trial(plan=plan, seconds=math.inf, failure=failure or "failed on another worker")
+    return Trial(plan=plan, seconds=float(slowest))
 
 
 def _timed(plan: Plan, given: TrainingObjects, batch: Any, *, worker: Worker, loss_fn, count_items) -> float:
-    """Median seconds of ``plan``'s timed steps on a copy of the model and optimizers; the copy is then dropped."""
+    """Median seconds of ``plan``'s timed steps on a copy of the model and optimizers."""
     model, optimizers = copy.deepcopy((given.model, given.optimizers))
     copies = replace(given, objects=(model, *optimizers), model=model, optimizers=optimizers, loaders=())
     prepared = execute(plan, copies, worker=worker, loss_fn=loss_fn, count_items=count_items)[0]
@@ -85,12 +101,7 @@ def _timed(plan: Plan, given: TrainingObjects, batch: Any, *, worker: Worker, lo
         _barrier(worker)
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
-    del prepared, model, optimizers, copies, loss
-    torch._dynamo.reset()  # a compiled plan's graphs go with its copy: the next plan compiles within dynamo's limits
-    median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=worker.device)
-    if worker.world_size > 1:
-        dist.all_reduce(median, op=dist.ReduceOp.MAX)  # every worker decides on the same figures
-    return float(median)
+    return statistics.median(times)
 
 
 def _barrier(worker: Worker) -> None:
