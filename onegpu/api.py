@@ -293,9 +293,10 @@ def _searched(
     if worker.world_size > 1 and description.tensor_parallel_degrees([2]) == [1] and _pins.get("tp") is None:
         print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
-    compiled = None
+    compiled = measured = None
     if parse_pins(**_pins).compile is not False and settings().measure_compile:
-        compiled = _compiled_block_time(given.model, description, slice_, worker=worker)
+        compiled, eager_s = _block_times(given.model, description, slice_, worker=worker)
+        measured = None if eager_s is None else (eager_s, leading_size(slice_))
     chosen = find_plan(
         described,
         global_batch_size=loader.batch_size,
@@ -304,18 +305,20 @@ def _searched(
         budget_fraction=1.0,
         optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
         compiled_block_time=compiled,
+        measured_block=measured if worker.device.type == "cpu" else None,
         **_pins,
     )
     return replace(chosen, reason=_advanced_reason(chosen, budget_bytes=budget))
 
 
-def _compiled_block_time(model: nn.Module, description, slice_, *, worker: Worker) -> float | None:
-    """What compiling the model's blocks gains on this worker's device (cached after the first job), or None."""
-    from onegpu.planner.compile_measure import compiled_block_time
+def _block_times(model: nn.Module, description, slice_, *, worker: Worker) -> tuple[float | None, float | None]:
+    """What compiling the model's blocks gains on this worker's device, and an eager block's seconds on the slice
+    (cached after the first job), or None."""
+    from onegpu.planner.compile_measure import block_times
 
     if description.blocks is None or slice_ is None:
-        return None
-    return compiled_block_time(model, slice_, blocks=description.blocks, device=worker.device)
+        return None, None
+    return block_times(model, slice_, blocks=description.blocks, device=worker.device)
 
 
 def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:

@@ -60,6 +60,9 @@ class Workload:
     # a compiled block's forward and backward time over the eager one's, measured on the job's devices
     # (planner/compile_measure.py); None: not measured, and a compiled plan is costed as eager
     compiled_block_time: float | None = None
+    # (seconds, samples): one eager block's forward and backward as measured on the job's CPU device for that
+    # many samples (planner/compile_measure.py); None: not measured, CPU time is costed from the datasheet alone
+    measured_block: tuple[float, int] | None = None
 
 
 def is_cpu(cluster: Cluster) -> bool:
@@ -240,8 +243,24 @@ class _Step:
         speed = self.work.compiled_block_time if self.plan.compile else None
         return self.part_time(self.block, recompute=recompute) * (speed or 1.0)
 
+    @property
+    def measured_scale(self) -> float:
+        """On a CPU device whose block was timed: the measured block's time over the modelled one. GEMMs of the
+        model's real (thin) shapes, the eager dispatch of its operators and its elementwise kernels on one core
+        run far from a square matmul's rate; the head and embedding run the same kernels, so every part of the
+        model is scaled alike."""
+        if not self.cpu or self.work.measured_block is None:
+            return 1.0
+        seconds, samples = self.work.measured_block
+        modelled = self.modelled_time(self.block, recompute=False) / self.micro_batch * samples * self.plan.tp
+        return seconds / modelled if modelled > 0 else 1.0
+
     def part_time(self, part, *, recompute: bool) -> float:
         """One micro-batch's forward and backward through ``part`` (recomputing its forward, or not)."""
+        return self.modelled_time(part, recompute=recompute) * self.measured_scale
+
+    def modelled_time(self, part, *, recompute: bool) -> float:
+        """``part_time`` from the device's peak, bandwidth and operator overhead alone."""
         b, tp, compute_bytes = self.micro_batch, self.plan.tp, self.work.profile.param_bytes
         passes = 4 / 3 if recompute else 1.0  # recomputation repeats the forward: a third of the work
         attention = b * part.attention_flops * passes / tp

@@ -45,13 +45,16 @@ def find_plan(
     budget_fraction: float = DEFAULT_BUDGET_FRACTION,
     optimizer_slots: int = 2,
     compiled_block_time: float | None = None,
+    measured_block: tuple[float, int] | None = None,
     **pins: Any,
 ) -> Plan:
     """The fastest plan that fits ``cluster`` for ``model`` (a preset, config path or object, a
     :class:`ModelDescription` or a :class:`ModelProfile`), fitted to the model: with its stage cuts and
     tensor-parallel groups.
     ``compiled_block_time``: a compiled block's time over an eager one's, measured on the job's devices;
-    without it, blocks are compiled only when the ``compile`` pin asks for it."""
+    without it, blocks are compiled only when the ``compile`` pin asks for it. ``measured_block``: (seconds,
+    samples) of one eager block's forward and backward on the job's CPU device (the cost model's CPU times
+    are scaled to it)."""
     started = time.perf_counter()
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise UsageError(f"global batch size {global_batch_size!r}: give a whole number >= 1")
@@ -62,7 +65,9 @@ def find_plan(
     described = _descriptions(model, seq_len=seq_len, precisions=_precisions(parsed, cluster))
     budget = int(cluster.memory_bytes * budget_fraction)
     tally = _Tally()
-    search = _Search(described, global_batch_size, optimizer_slots, cluster, parsed, budget, compiled_block_time)
+    search = _Search(
+        described, global_batch_size, optimizer_slots, cluster, parsed, budget, compiled_block_time, measured_block
+    )
     scored = list(search.scored(tally))
     feasible = sorted(
         (p for p in scored if p.predicted.memory_per_device_bytes <= budget), key=lambda p: p.predicted.step_time_s
@@ -129,6 +134,7 @@ class _Search:
     pins: Pins
     budget: int
     compiled_block_time: float | None = None
+    measured_block: tuple[float, int] | None = None
 
     @property
     def compile(self) -> bool:
@@ -225,6 +231,7 @@ class _Search:
                 optimizer_slots=self.optimizer_slots,
                 sequence_parallel=described.sequence_parallel,
                 compiled_block_time=self.compiled_block_time,
+                measured_block=self.measured_block,
             )
             for base in self.candidates(precision):
                 any_plan = True
