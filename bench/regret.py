@@ -1,6 +1,7 @@
 """Regret of Advanced Parallelization on this machine: does the plan it picks run fastest?
 
-    python bench/regret.py [--models demo,llama17m,llama60m] [--rounds 2] [--steps 6] [--warmup 3] [--out FILE]
+    python bench/regret.py [--models demo,llama17m,llama60m] [--budgets none,tight] [--rounds 2] [--steps 6]
+        [--warmup 3] [--out FILE]
     python bench/regret.py --repredict FILE
 
 For each model, on 2 workers, without a memory budget and with a tight one (the chosen plan's predicted memory
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budgets", default="none,tight", help="which of the two budgets to run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--repredict", default=None)
     args = parser.parse_args()
@@ -119,7 +121,8 @@ def main() -> None:
     results = []
     for model in args.models.split(","):
         unbudgeted = plans_for(model, None)
-        for budget in (None, tight_budget(unbudgeted[0])):
+        budgets = {"none": None, "tight": tight_budget(unbudgeted[0])}
+        for budget in [budgets[name] for name in args.budgets.split(",")]:
             plans = unbudgeted if budget is None else plans_for(model, budget)
             before = os.getloadavg()
             runs = measure(model, plans[:5], rounds=args.rounds, steps=args.steps, warmup=args.warmup)
