@@ -10,7 +10,8 @@ beyond the runtime's, halved: it forces sharding or checkpointing), the planner'
 ``rounds`` interleaved rounds (the order rotates) so that load from other processes falls on all of them; a plan's
 step time is the median of all its timed steps, its memory the largest worker's peak resident set. Prints, per
 plan, predicted vs measured step time and memory, the measured fastest, and the regret of the chosen plan
-(its measured time over the fastest's, minus 1), with the load average while it ran. ``--out`` keeps the raw
+(its measured time over the fastest's, minus 1), with the load average while it ran. "cpu s" is rank 0's CPU
+seconds per step: on a machine busy with other work, a steadier figure than the wall's. ``--out`` keeps the raw
 figures as JSON. ``--repredict FILE`` prints those measurements again beside today's cost model's predictions for the
 same plans (before/after a change of the model).
 """
@@ -60,7 +61,9 @@ def measure(model: str, plans: list[dict], *, rounds: int, steps: int, warmup: i
 
 def report(model: str, budget_gb: float | None, plans: list[dict], runs: list[dict], load: tuple) -> dict:
     print(f"\n{model}, {'no budget' if budget_gb is None else f'budget {budget_gb:.2f} GiB'} | load {load}")
-    print(f"  {'plan':58} {'pred s':>7} {'meas s':>7} {'ratio':>6} {'pred GB':>7} {'meas GB':>7} {'ratio':>6}")
+    print(
+        f"  {'plan':58} {'pred s':>7} {'meas s':>7} {'ratio':>6} {'cpu s':>6} {'pred GB':>7} {'meas GB':>7} {'ratio':>6}"
+    )
     rows = []
     for k, (plan, run) in enumerate(zip(plans, runs)):
         p = plan["predicted"]
@@ -72,7 +75,8 @@ def report(model: str, budget_gb: float | None, plans: list[dict], runs: list[di
         rows.append({"measured_s": measured, "peak_bytes": peak, "cpu_share": sum(run["cpu"]) / sum(run["steps"])})
         print(
             f"  {'*' if k == 0 else ' '}{run['describe'][:57]:57} {p['step_time_s']:7.3f} {measured:7.3f} "
-            f"{p['step_time_s'] / measured:6.2f} {p['memory_per_device_bytes'] / 1e9:7.2f} {peak / 1e9:7.2f} "
+            f"{p['step_time_s'] / measured:6.2f} {statistics.median(run['cpu']):6.2f} "
+            f"{p['memory_per_device_bytes'] / 1e9:7.2f} {peak / 1e9:7.2f} "
             f"{p['memory_per_device_bytes'] / peak:6.2f}"
         )
     measured = [r["measured_s"] if r else float("inf") for r in rows]
