@@ -5,7 +5,7 @@
     python bench/regret.py --repredict FILE
 
 For each model, on 2 workers, without a memory budget and with a tight one (the chosen plan's predicted memory
-beyond the runtime's, halved: it forces sharding or checkpointing), the planner's chosen plan and its alternatives
+beyond the runtime's, times ``--tight``, 0.5: it forces sharding or checkpointing), the planner's chosen plan and its alternatives
 (up to 5 plans of distinct families) each run as their own job (bench/regret_step.py). The plans run in
 ``rounds`` interleaved rounds (the order rotates) so that load from other processes falls on all of them; a plan's
 step time is the median of all its timed steps, its memory the largest worker's peak resident set. Prints, per
@@ -34,11 +34,11 @@ def plans_for(model: str, budget_gb: float | None) -> list[dict]:
     return json_result([*LAUNCH, "--model", model, *budget, "--list"])["plans"]
 
 
-def tight_budget(chosen: dict) -> float:
-    """Half of what the unbudgeted choice needs beyond the runtime itself, in GiB (memory_budget_gb's unit)."""
+def tight_budget(chosen: dict, fraction: float) -> float:
+    """``fraction`` of what the unbudgeted choice needs beyond the runtime itself, in GiB (memory_budget_gb's unit)."""
     predicted = chosen["predicted"]
     runtime = predicted["memory_breakdown"]["runtime"]
-    return (runtime + (predicted["memory_per_device_bytes"] - runtime) / 2) / 2**30
+    return (runtime + (predicted["memory_per_device_bytes"] - runtime) * fraction) / 2**30
 
 
 def measure(model: str, plans: list[dict], *, rounds: int, steps: int, warmup: int) -> list[dict]:
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budgets", default="none,tight", help="which of the two budgets to run")
+    parser.add_argument("--tight", type=float, default=0.5, help="the tight budget's share of the dynamic memory")
     parser.add_argument("--out", default=None)
     parser.add_argument("--repredict", default=None)
     args = parser.parse_args()
@@ -125,7 +126,7 @@ def main() -> None:
     results = []
     for model in args.models.split(","):
         unbudgeted = plans_for(model, None)
-        budgets = {"none": None, "tight": tight_budget(unbudgeted[0])}
+        budgets = {"none": None, "tight": tight_budget(unbudgeted[0], args.tight)}
         for budget in [budgets[name] for name in args.budgets.split(",")]:
             plans = unbudgeted if budget is None else plans_for(model, budget)
             before = os.getloadavg()
