@@ -1,8 +1,10 @@
 """The models the throughput benchmarks train, each with its batch: the demo model, and a 17M-parameter Llama
-whose step shows the runtime's overhead (issue 14).
+whose step shows the runtime's overhead (issue 14), and a 60M-parameter Llama (issue 17's regret workloads).
 
     llama17m: hidden 384, 6 layers, 6 heads of 64 (no grouped KV), MLP 1024, vocabulary 8192, untied
               head: 16.9M parameters; global batch 16 x 256 tokens.
+    llama60m: hidden 640, 10 layers, 10 heads of 64 (no grouped KV), MLP 1792, vocabulary 8192, untied head:
+              61.3M parameters; global batch 8 x 128 tokens (a step of a few seconds on 2 CPU workers).
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ MODELS = {
             num_attention_heads=6,
             num_key_value_heads=6,
             intermediate_size=1024,
+        ),
+    ),
+    "llama60m": BenchModel(
+        name="llama60m",
+        seq_len=128,
+        global_batch=8,
+        size=dict(
+            vocab_size=8192,
+            hidden_size=640,
+            num_hidden_layers=10,
+            num_attention_heads=10,
+            num_key_value_heads=10,
+            intermediate_size=1792,
         ),
     ),
 }

@@ -22,7 +22,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
 from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
-from onegpu.runtime.call_slicing import share_random_state
+from onegpu.runtime.call_slicing import random_state, set_random_state, share_random_state
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.loss_weighting import check_count_items
@@ -31,20 +31,27 @@ from onegpu.runtime.user_loss import check_loss_fn
 from onegpu.settings import settings
 
 _pins: dict[str, Any] | None = None
+_trials: int | None = None
 
 
-def enable_advanced_parallelization(**pins: Any) -> None:
-    """Let the planner choose how ``prepare`` splits the work; pins (e.g. ``sharding="parameters"``) constrain it."""
+def enable_advanced_parallelization(*, trials: int | None = None, **pins: Any) -> None:
+    """Let the planner choose how ``prepare`` splits the work; pins (e.g. ``sharding="parameters"``) constrain it.
+
+    ``trials=k``: ``prepare`` times a few training steps of the planner's ``k`` best plans that fit on the job's
+    own workers (on copies of the model and optimizers) and keeps the measured fastest; training itself is
+    exactly what it is with that plan given to ``prepare``."""
     from onegpu.planner.pins import parse_pins
 
-    global _pins
+    global _pins, _trials
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise UsageError(f"trials={trials!r}: give how many of the best plans to time, a whole number >= 1, e.g. 3")
     parse_pins(**pins)  # a wrong pin fails here, at the line that gave it
-    _pins = dict(pins)
+    _pins, _trials = dict(pins), trials
 
 
 def disable_advanced_parallelization() -> None:
-    global _pins
-    _pins = None
+    global _pins, _trials
+    _pins = _trials = None
 
 
 def prepare(
@@ -73,6 +80,12 @@ def prepare(
     the slice's items over the global batch's. Hugging Face token losses are counted without it.
     """
     given = TrainingObjects.sort(objects)
+    if _pins is not None and _trials is not None and (plan is not None or strategy is not None):
+        given_as = "plan=" if plan is not None else "strategy="
+        raise UsageError(
+            f"trials={_trials} times the planner's plans, but prepare() was given {given_as}: drop it, or call "
+            "enable_advanced_parallelization() without trials"
+        )
     if loss_fn is not None:
         check_loss_fn(given.model, loss_fn)
     check_count_items(count_items)
@@ -88,6 +101,8 @@ def prepare(
         worker=worker,
         measure=plan is None and strategy is None,  # only a search uses the measured devices
     )
+    if _trials is not None and chosen.search is not None:
+        chosen = _tried(chosen, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
     if worker.is_main:
         backend = dist.get_backend() if dist.is_initialized() else "single process"
         print(
@@ -142,7 +157,16 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
 
 def _shared(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool = True) -> Plan:
     """The plan rank 0 chooses, on every worker; an error there reaches the others as text. Under
-    Advanced Parallelization every worker first takes part in measuring the job's devices."""
+    Advanced Parallelization every worker first takes part in measuring the job's devices. Neither draws a
+    number from the streams the training loop draws from (the measurement's random matrices included)."""
+    state = random_state(worker.device)
+    try:
+        return _chosen_on_rank0(choose, worker=worker, measure=measure)
+    finally:
+        set_random_state(state, worker.device)
+
+
+def _chosen_on_rank0(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool) -> Plan:
     cluster = _measured_cluster(worker) if measure and _pins is not None else None
     message: list[Any] = [None]
     chosen = failure = None
@@ -274,9 +298,10 @@ def _searched(
     if worker.world_size > 1 and description.tensor_parallel_degrees([2]) == [1] and _pins.get("tp") is None:
         print(f"onegpu: no tensor parallelism: {description.why_not_tp(2)}", file=sys.stderr, flush=True)
     cluster = replace(cluster, device=replace(cluster.device, memory_gb=budget / 1e9))
-    compiled = None
+    compiled = measured = None
     if parse_pins(**_pins).compile is not False and settings().measure_compile:
-        compiled = _compiled_block_time(given.model, description, slice_, worker=worker)
+        compiled, eager_s = _block_times(given.model, description, slice_, worker=worker)
+        measured = None if eager_s is None else (eager_s, leading_size(slice_))
     chosen = find_plan(
         described,
         global_batch_size=loader.batch_size,
@@ -285,18 +310,20 @@ def _searched(
         budget_fraction=1.0,
         optimizer_slots=optimizer_state_slots(given.optimizers[0] if given.optimizers else None),
         compiled_block_time=compiled,
+        measured_block=measured if worker.device.type == "cpu" else None,
         **_pins,
     )
     return replace(chosen, reason=_advanced_reason(chosen, budget_bytes=budget))
 
 
-def _compiled_block_time(model: nn.Module, description, slice_, *, worker: Worker) -> float | None:
-    """What compiling the model's blocks gains on this worker's device (cached after the first job), or None."""
-    from onegpu.planner.compile_measure import compiled_block_time
+def _block_times(model: nn.Module, description, slice_, *, worker: Worker) -> tuple[float | None, float | None]:
+    """What compiling the model's blocks gains on this worker's device, and an eager block's seconds on the slice
+    (cached after the first job), or None."""
+    from onegpu.planner.compile_measure import block_times
 
     if description.blocks is None or slice_ is None:
-        return None
-    return compiled_block_time(model, slice_, blocks=description.blocks, device=worker.device)
+        return None, None
+    return block_times(model, slice_, blocks=description.blocks, device=worker.device)
 
 
 def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:
@@ -307,3 +334,28 @@ def _advanced_reason(plan: Plan, *, budget_bytes: int) -> str:
         f"{plan.describe()} | predicted {p.step_time_s:.3f} s/step, {p.tokens_per_s:,.0f} tokens/s, "
         f"{p.memory_per_device_bytes / 1e9:.2f} of {budget_bytes / 1e9:.2f} GB per worker"
     )
+
+
+def _tried(chosen: Plan, given: TrainingObjects, *, worker: Worker, loss_fn, count_items) -> Plan:
+    """The measured fastest of the planner's ``trials`` best plans (timed on every worker), with one log line; a
+    plan that fails in its trial (one the runtime cannot run here) is skipped."""
+    from onegpu.runtime.trials import TIMED_STEPS, time_plans
+
+    candidates = [chosen, *chosen.alternatives][:_trials]
+    trials = time_plans(candidates, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
+    fastest = min(trials, key=lambda t: t.seconds)
+    if worker.is_main:
+        measured = " | ".join(
+            f"{t.plan.describe()}: predicted {t.plan.predicted.step_time_s:.3f} s, "
+            + (f"failed ({t.failure})" if t.failure else f"measured {t.seconds:.3f} s")
+            for t in trials
+        )
+        print(f"onegpu: trials ({TIMED_STEPS} steps each): {measured}", file=sys.stderr, flush=True)
+    if fastest.failure:
+        raise RuntimeError(f"every plan failed in its trial; the planner's choice: {fastest.failure}")
+    reason = (
+        f"measured fastest of {len(trials)} trials: {fastest.plan.describe()}, {fastest.seconds:.3f} s/step "
+        f"(predicted {fastest.plan.predicted.step_time_s:.3f} s)"
+    )
+    others = tuple(t.plan for t in trials if t is not fastest)
+    return replace(fastest.plan, alternatives=others, search=chosen.search, reason=reason)

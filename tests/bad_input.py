@@ -231,7 +231,20 @@ ROWS: list[Row] = [
                 "activation_checkpointing=some",
                 "onegpu: activation_checkpointing='some': use none, selective, full, or a number of blocks",
             ),
+            (  # other values than 0 (2.5, "three", True): tests/test_trials.py, in-process
+                "trials-zero",
+                "trials=0",
+                "onegpu: trials=0: give how many of the best plans to time, a whole number >= 1, e.g. 3",
+            ),
         )
+    ),
+    Row(
+        id="advanced-trials-with-a-plan",
+        args=("run", "--workers", "2", "{scripts}/faults_prepare.py", "trials-with-plan", "{tag}"),
+        message=re.escape(
+            "onegpu: trials=2 times the planner's plans, but prepare() was given plan=: drop it, or call "
+            "enable_advanced_parallelization() without trials"
+        ),
     ),
     Row(  # decided by the planner on rank 0, raised on every worker
         id="advanced-pins-tp-the-model-cannot-take",

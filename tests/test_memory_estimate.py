@@ -1,4 +1,4 @@
-"""The one memory estimate (cost_model.memory): states counted exactly, activations from the model's inspection
+"""The one memory estimate (memory_model.memory): states counted exactly, activations from the model's inspection
 (or said to be uncounted), the simple rule's DDP/FSDP decision, selective recomputation between none and full."""
 
 from dataclasses import replace

@@ -40,14 +40,23 @@ def compiled_block_time(
     """A compiled block's forward and backward time over the eager one's on ``device`` (below 1: compile is
     faster), for ``model``'s first block under ``batch`` (one worker's slice). None when it cannot be measured:
     a model on the meta device, or a block that does not compile here."""
+    return block_times(model, batch, blocks=blocks, device=device, cache=cache)[0]
+
+
+def block_times(
+    model: nn.Module, batch: Any, *, blocks: str, device: torch.device, cache: bool = True
+) -> tuple[float | None, float | None]:
+    """The compiled block's time over the eager one's (as ``compiled_block_time``), and the eager block's forward
+    and backward in seconds on ``batch`` (the fastest of several); None where not measured."""
     first = blocks_at(model, blocks)[0]
     if any(p.is_meta for p in model.parameters()):
-        return None
+        return None, None
     args, kwargs = _block_inputs(model, first, batch)
     path = cache_root() / f"compile-{_signature(first, args, kwargs, device)}.json"
     if cache:
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["compiled_block_time"]
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            return kept["compiled_block_time"], kept.get("eager_s")
         except (OSError, ValueError, KeyError, TypeError):
             pass
     args, kwargs = _to(args, device), _to(kwargs, device)
@@ -61,7 +70,7 @@ def compiled_block_time(
         print(f"onegpu: torch.compile does not run here ({type(error).__name__}); blocks stay eager", file=sys.stderr)
         eager_s, ratio = None, None
     write_json(path, {"compiled_block_time": ratio, "eager_s": eager_s})
-    return ratio
+    return ratio, eager_s
 
 
 def _block_inputs(model: nn.Module, block: nn.Module, batch: Any) -> tuple[tuple, dict[str, Any]]:

@@ -1,8 +1,7 @@
-"""Memory and time of one training step under a Plan, from the model's profile and the cluster's datasheet.
+"""Time of one training step under a Plan, from the model's profile and the cluster's datasheet, and the
+prediction that puts it beside the memory (planner/memory_model.py).
 
-Memory is conservative: every byte a worker holds at its peak (states, the framework's own
-buffers, activations of all micro-batches in flight, the recomputation peak), plus a fixed
-runtime overhead. Time is physics: GEMMs at the device's peak (times an attainable fraction,
+Time is physics: GEMMs at the device's peak (times an attainable fraction,
 or bound by reading the weights from memory), elementwise work at memory bandwidth, collectives
 with a latency-bandwidth model on the link they cross, pipeline bubbles per schedule.
 """
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from onegpu.plan import INTERLEAVED, Plan, Prediction
 from onegpu.planner.cluster import Cluster, Link
 from onegpu.planner.data_parallel import data_parallel_comm
-from onegpu.planner.frameworks import ONEGPU, Framework
 from onegpu.planner.gpu_efficiency import (
     GEMM_EFFICIENCY,
     NETWORK_BUS_EFFICIENCY,
@@ -25,21 +23,22 @@ from onegpu.planner.gpu_efficiency import (
     attention_efficiency,
     collective_time,
 )
-from onegpu.planner.profile import ModelProfile
+from onegpu.planner.memory_model import memory
 from onegpu.planner.stages import worker_stage_blocks
+from onegpu.planner.workload import (
+    DDP_BUCKET_BYTES,
+    MASTER_BYTES,
+    Workload,
+    is_cpu,
+    micro_batch_size,
+    shard_factors,
+    tp_activation_share,
+)
+
+__all__ = ["Workload", "is_cpu", "memory", "predict", "recompute_time", "step_time"]
 
 # A CPU "device" is measured by the matmul it runs, so its peak is already attainable.
 CPU_GEMM_EFFICIENCY = 1.0
-# What the runtime holds besides tensors: CUDA/ROCm context, NCCL and cuBLAS workspaces.
-GPU_RUNTIME_BYTES = 1.5e9
-CPU_RUNTIME_BYTES = 0.6e9  # a Python process with torch and transformers imported
-# Allocator fragmentation on dynamic memory (activations, gathered parameters). On a CPU "device"
-# the peak resident set also keeps what glibc's per-thread arenas freed but did not return.
-FRAGMENTATION = 1.10
-CPU_FRAGMENTATION = 1.25
-# PyTorch's multi-tensor (foreach) optimizers allocate temporaries of about two parameter-sized
-# tensors per step (e.g. Adam's denominator and update).
-OPTIMIZER_WORKSPACE_SLOTS = 2
 # Host link for offload: PCIe 4.0 x16 (32 GB/s per direction, about 25 usable), and the
 # host's share of memory bandwidth for a CPU optimizer step, per device.
 HOST_LINK = Link(bandwidth_gbps=25.0, latency_us=10.0)
@@ -48,152 +47,6 @@ HOST_OPTIMIZER_BYTES_PER_S = 10e9
 GPU_OP_OVERHEAD_S = 5e-6
 CPU_OP_OVERHEAD_S = 20e-6
 OPS_WHEN_UNKNOWN = 120  # forward + backward operators of a transformer block, when not counted
-DDP_BUCKET_BYTES = 25 * 2**20
-MASTER_BYTES = 4  # parameters, gradients and optimizer states are kept in fp32
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What is trained: the model's profile, the global batch, the optimizer's state per parameter."""
-
-    profile: ModelProfile
-    global_batch: int
-    optimizer_slots: int = 2  # AdamW
-    sequence_parallel: bool = True  # under tensor parallelism, norms and residuals split by position too
-    # a compiled block's forward and backward time over the eager one's, measured on the job's devices
-    # (planner/compile_measure.py); None: not measured, and a compiled plan is costed as eager
-    compiled_block_time: float | None = None
-    framework: Framework = ONEGPU  # what the runtime overlaps (planner/frameworks.py)
-
-
-def is_cpu(cluster: Cluster) -> bool:
-    return cluster.device.name.startswith("cpu")
-
-
-def micro_batch_size(plan: Plan, global_batch: int) -> float:
-    return global_batch / (plan.dp * plan.microbatches)
-
-
-def in_flight(plan: Plan, *, worker: int = 0) -> float:
-    """Micro-batches whose activations pipeline ``worker`` holds at its peak: every one under GPipe,
-    under 1F1B one per stage still ahead of it (Narayanan et al. 2021)."""
-    if plan.pp == 1:
-        return 1
-    if plan.schedule == "gpipe":
-        return plan.microbatches
-    held = min(plan.pp - worker, plan.microbatches)
-    if plan.schedule in INTERLEAVED:  # Narayanan et al. 2021, section 2.2.2: (1 + (p-1)/(p*v)) more
-        return held * (1 + (plan.pp - 1) / (plan.pp * 2))
-    return held
-
-
-def hybrid_shard_group(plan: Plan, cluster: Cluster) -> int:
-    """The replicas that shard together under hybrid sharding: as many as one node holds (the largest divisor
-    of ``dp`` that fits a node), so parameters are gathered over the node's links only."""
-    per_node = max(1, cluster.devices_per_node // (plan.tp * plan.pp))
-    return max(g for g in range(1, min(plan.dp, per_node) + 1) if plan.dp % g == 0)
-
-
-def shard_factors(plan: Plan, cluster: Cluster) -> tuple[int, int, int]:
-    """By how many devices parameters, gradients and optimizer states are divided (ZeRO levels)."""
-    dp = plan.dp
-    if plan.sharding == "hybrid":
-        inside = plan.shard_group or hybrid_shard_group(plan, cluster)
-        return inside, inside, inside
-    return {
-        "none": (1, 1, 1),
-        "optimizer": (1, 1, dp),
-        "gradients": (1, dp, dp),
-        "parameters": (dp, dp, dp),
-    }[plan.sharding]
-
-
-def tp_activation_share(tp: int, *, sequence_parallel: bool) -> float:
-    """The share of a block's activations each of ``tp`` tensor-parallel ranks holds and computes: all
-    split with sequence parallelism; without it its norms, residuals and inputs stay whole, 10 of its 34
-    bytes per token and hidden unit (Korthikanti et al. 2022, table 2)."""
-    if tp == 1 or sequence_parallel:
-        return 1.0 / tp
-    return (10 + 24 / tp) / 34
-
-
-def vocabulary_padding(prof: ModelProfile, *, tp: int) -> float:
-    """Parameters a tensor-parallel worker holds beyond its share: a vocabulary ``tp`` does not divide is
-    padded to a multiple of it, so the embedding and the head (counted untied) each hold up to one more row."""
-    if tp == 1 or not prof.vocab_size or not prof.hidden_size:
-        return 0.0
-    return 2 * (-(-prof.vocab_size // tp) - prof.vocab_size / tp) * prof.hidden_size
-
-
-def memory(plan: Plan, work: Workload, cluster: Cluster | None = None, *, cpu: bool = False) -> dict[str, int]:
-    """Peak bytes per device, by kind, on ``cluster``'s devices (none: the simple rule's, CPUs when ``cpu``, else
-    accelerators). A profile of parameters alone (``ModelProfile.of_parameters``) has no ``activations``."""
-    prof, tp = work.profile, plan.tp
-    cpu = is_cpu(cluster) if cluster is not None else cpu
-    workers = worker_stage_blocks(prof, pp=plan.pp, schedule=plan.schedule)
-    n = max(sum(stages) for stages in workers)
-    block = prof.typical_block
-    stage_params = (n * block.params + prof.rest.params) / tp + vocabulary_padding(prof, tp=tp)
-    compute_bytes = prof.param_bytes
-    sp, sg, so = shard_factors(plan, cluster)
-    sharded_params = plan.sharding in ("parameters", "hybrid")
-
-    params = stage_params * MASTER_BYTES / sp
-    grads = stage_params * MASTER_BYTES / sg
-    optimizer = stage_params * MASTER_BYTES * work.optimizer_slots / so
-    framework = 0.0
-    if compute_bytes != MASTER_BYTES and not sharded_params:
-        framework += stage_params * compute_bytes  # the low-precision working copy
-    if sharded_params:  # gathered blocks: the current one and the prefetched next, plus their gradients
-        framework += 2 * block.params / tp * (compute_bytes + MASTER_BYTES) + prof.rest.params / tp * compute_bytes
-    elif plan.sharding == "none" and plan.dp > 1:
-        framework += stage_params * MASTER_BYTES  # DDP's gradient buckets
-    else:
-        framework += 2 * DDP_BUCKET_BYTES
-    workspace = stage_params * MASTER_BYTES * OPTIMIZER_WORKSPACE_SLOTS / so
-    if cpu:
-        pass  # a CPU device's host memory is its own memory: offloading frees nothing
-    elif plan.offload == "optimizer":
-        optimizer = workspace = 0.0
-    elif plan.offload == "parameters":
-        params = grads = optimizer = workspace = 0.0
-    if plan.pp == 1 and plan.microbatches > 1 and sg > 1:  # accumulated whole on the device, reduced once per call
-        grads = stage_params * MASTER_BYTES
-    fragmentation = CPU_FRAGMENTATION if cpu else FRAGMENTATION
-    out = {
-        "parameters": int(params),
-        "gradients": int(grads),
-        "optimizer": int(optimizer),
-        "optimizer_workspace": int(workspace),
-        "framework_buffers": int(framework * fragmentation),
-    }
-    if prof.activations_measured:
-        out["activations"] = int(_activations(plan, work, workers) * fragmentation)
-    return {**out, "runtime": int(CPU_RUNTIME_BYTES if cpu else GPU_RUNTIME_BYTES)}
-
-
-def _activations(plan: Plan, work: Workload, workers: list[tuple[int, ...]]) -> float:
-    """Activation bytes at the fullest worker's peak: what its micro-batches in flight keep (a checkpointed block its
-    input, a selective one also its matmul outputs), one block's backward working set and its recomputation."""
-    block, head = work.profile.typical_block, work.profile.rest.activation_bytes  # the logits are gathered whole
-    share = tp_activation_share(plan.tp, sequence_parallel=work.sequence_parallel)
-    block_activation = block.activation_bytes * share
-    kept = (plan.selective and block.selective_activation_bytes or block.activation_bytes) * share
-
-    per_micro: dict[tuple[int, ...], float] = {}  # workers of equal stages hold equal activations
-
-    def held(worker: int) -> float:
-        """One micro-batch's activations on ``worker`` (the last one computes the head), times those in flight."""
-        sizes = workers[worker]
-        if sizes not in per_micro:
-            checkpointed = [plan.checkpointed_blocks(size) for size in sizes]
-            per_micro[sizes] = sum(c * block.boundary_bytes + (size - c) * kept
-                                   for size, c in zip(sizes, checkpointed))  # fmt: skip
-        return in_flight(plan, worker=worker) * (per_micro[sizes] + (head if worker == plan.pp - 1 else 0.0))
-
-    recompute_peak = block_activation if plan.checkpointed_blocks(max(map(sum, workers))) else block_activation - kept
-    b = micro_batch_size(plan, work.global_batch)
-    return b * (max(held(w) for w in range(plan.pp)) + recompute_peak + block_activation)
 
 
 @dataclass(frozen=True)
@@ -258,8 +111,24 @@ class _Step:
         speed = self.work.compiled_block_time if self.plan.compile else None
         return self.part_time(self.block, recompute=recompute) * (speed or 1.0)
 
+    @property
+    def measured_scale(self) -> float:
+        """On a CPU device whose block was timed: the measured block's time over the modelled one. GEMMs of the
+        model's real (thin) shapes, the eager dispatch of its operators and its elementwise kernels on one core
+        run far from a square matmul's rate; the head and embedding run the same kernels, so every part of the
+        model is scaled alike."""
+        if not self.cpu or self.work.measured_block is None:
+            return 1.0
+        seconds, samples = self.work.measured_block
+        modelled = self.modelled_time(self.block, recompute=False) / self.micro_batch * samples * self.plan.tp
+        return seconds / modelled if modelled > 0 else 1.0
+
     def part_time(self, part, *, recompute: bool) -> float:
         """One micro-batch's forward and backward through ``part`` (recomputing its forward, or not)."""
+        return self.modelled_time(part, recompute=recompute) * self.measured_scale
+
+    def modelled_time(self, part, *, recompute: bool) -> float:
+        """``part_time`` from the device's peak, bandwidth and operator overhead alone."""
         b, tp, compute_bytes = self.micro_batch, self.plan.tp, self.work.profile.param_bytes
         passes = 4 / 3 if recompute else 1.0  # recomputation repeats the forward: a third of the work
         attention = b * part.attention_flops * passes / tp

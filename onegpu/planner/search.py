@@ -14,12 +14,13 @@ from onegpu.plan import GB, INTERLEAVED, SCHEDULES, Plan, Rejection, SearchStats
 from onegpu.planner.analysis import describe_model
 from onegpu.planner.cluster import Cluster, load_cluster
 from onegpu.planner.confidence import confidence_notes
-from onegpu.planner.cost_model import Workload, hybrid_shard_group, is_cpu, memory, predict, recompute_time
+from onegpu.planner.cost_model import Workload, is_cpu, memory, predict, recompute_time
 from onegpu.planner.inspection import ModelDescription
 from onegpu.planner.layout import fit_layout
 from onegpu.planner.pins import Pins, parse_pins
 from onegpu.planner.profile import ModelProfile
 from onegpu.planner.stages import worker_stage_blocks
+from onegpu.planner.workload import hybrid_shard_group
 
 DEFAULT_BUDGET_FRACTION = 0.9
 # a compiled block must be measured this much faster than eager to pay for its compile time (seconds to
@@ -46,13 +47,16 @@ def find_plan(
     budget_fraction: float = DEFAULT_BUDGET_FRACTION,
     optimizer_slots: int = 2,
     compiled_block_time: float | None = None,
+    measured_block: tuple[float, int] | None = None,
     **pins: Any,
 ) -> Plan:
     """The fastest plan that fits ``cluster`` for ``model`` (a preset, config path or object, a
     :class:`ModelDescription` or a :class:`ModelProfile`), fitted to the model: with its stage cuts and
     tensor-parallel groups.
     ``compiled_block_time``: a compiled block's time over an eager one's, measured on the job's devices;
-    without it, blocks are compiled only when the ``compile`` pin asks for it."""
+    without it, blocks are compiled only when the ``compile`` pin asks for it. ``measured_block``: (seconds,
+    samples) of one eager block's forward and backward on the job's CPU device (the cost model's CPU times
+    are scaled to it)."""
     started = time.perf_counter()
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise UsageError(f"global batch size {global_batch_size!r}: give a whole number >= 1")
@@ -63,7 +67,9 @@ def find_plan(
     described = _descriptions(model, seq_len=seq_len, precisions=_precisions(parsed, cluster))
     budget = int(cluster.memory_bytes * budget_fraction)
     tally = _Tally()
-    search = _Search(described, global_batch_size, optimizer_slots, cluster, parsed, budget, compiled_block_time)
+    search = _Search(
+        described, global_batch_size, optimizer_slots, cluster, parsed, budget, compiled_block_time, measured_block
+    )
     scored = list(search.scored(tally))
     feasible = sorted(
         (p for p in scored if p.predicted.memory_per_device_bytes <= budget), key=lambda p: p.predicted.step_time_s
@@ -131,6 +137,7 @@ class _Search:
     pins: Pins
     budget: int
     compiled_block_time: float | None = None
+    measured_block: tuple[float, int] | None = None
 
     @property
     def compile(self) -> bool:
@@ -227,6 +234,7 @@ class _Search:
                 optimizer_slots=self.optimizer_slots,
                 sequence_parallel=described.sequence_parallel,
                 compiled_block_time=self.compiled_block_time,
+                measured_block=self.measured_block,
             )
             for base in self.candidates(precision):
                 any_plan = True
@@ -332,6 +340,12 @@ def _with_checkpointing(base: Plan, work: Workload, cluster: Cluster, pins: Pins
         faster = recompute_time(selective, work, cluster) < recompute_time(chosen, work, cluster)
         if faster or scored.predicted.memory_per_device_bytes > budget:  # else recomputing a few blocks is faster
             scored = _copy(selective, predicted=predict(selective, work, cluster, memory_breakdown=sizes[selective]))
+    if scored.compile and scored.activation_checkpointing != "none" and pins.compile is None:
+        # a compiled block that recomputes can fail torch's check that recomputation saw the forward's tensors
+        # (CheckpointError "different metadata", pytorch/pytorch#166926): a block that recomputes runs eager
+        eager = _copy(scored, compile=False)
+        size(eager)
+        scored = _copy(eager, predicted=predict(eager, work, cluster, memory_breakdown=sizes[eager]))
     if scored.predicted.memory_per_device_bytes <= budget:
         tally.feasible += 1
     return scored

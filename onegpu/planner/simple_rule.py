@@ -1,6 +1,6 @@
 """The default rule until Advanced Parallelization: replicate when it fits, else shard fully.
 
-It decides with the cost model's memory estimate (``cost_model.memory``), the one the search uses, for
+It decides with the cost model's memory estimate (``memory_model.memory``), the one the search uses, for
 ``Plan(dp=N)`` and ``Plan(dp=N, sharding="parameters")``.
 """
 

@@ -156,6 +156,11 @@ elif mode == "qwen2-advanced":
     write(qwen2())
 elif mode == "pins":  # ARGS: name=value, the value as JSON when it reads as JSON
     qwen2(**{name: pin_value(value) for name, value in (arg.split("=", 1) for arg in args)})
+elif mode == "trials-with-plan":  # trials choose among the planner's plans: a plan given leaves nothing to try
+    from onegpu.plan import Plan
+
+    onegpu.enable_advanced_parallelization(trials=2)
+    onegpu.prepare(nn.Linear(4, 1), DataLoader(TensorDataset(x, y), batch_size=6), plan=Plan(dp=2))
 elif mode == "planner-error":
     import onegpu.api
 
