@@ -22,7 +22,7 @@ demo: install
 
 # two test files at a time (pytest-xdist): the launches wait on I/O and rendezvous
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: install
 	$(PY) bench/throughput.py

@@ -1,7 +1,7 @@
 """Regret of Advanced Parallelization on this machine: does the plan it picks run fastest?
 
     python bench/regret.py [--models demo,llama17m,llama60m] [--budgets none,tight] [--rounds 2] [--steps 6]
-        [--warmup 3] [--out FILE]
+        [--warmup 3] [--trials K] [--out FILE]
     python bench/regret.py --repredict FILE
 
 For each model, on 2 workers, without a memory budget and with a tight one (the chosen plan's predicted memory
@@ -13,7 +13,8 @@ plan, predicted vs measured step time and memory, the measured fastest, and the 
 (its measured time over the fastest's, minus 1), with the load average while it ran. "cpu s" is rank 0's CPU
 seconds per step: on a machine busy with other work, a steadier figure than the wall's. ``--out`` keeps the raw
 figures as JSON. ``--repredict FILE`` prints those measurements again beside today's cost model's predictions for the
-same plans (before/after a change of the model).
+same plans (before/after a change of the model). ``--trials K`` also plans each case with
+``enable_advanced_parallelization(trials=K)`` and prints the regret of the plan those trials kept.
 """
 
 from __future__ import annotations
@@ -26,12 +27,29 @@ import sys
 
 from runs import json_result
 
+from onegpu.plan import Plan
+
 LAUNCH = [sys.executable, "-m", "onegpu", "run", "--workers", "2", "bench/regret_step.py"]
 
 
-def plans_for(model: str, budget_gb: float | None) -> list[dict]:
+def plans_for(model: str, budget_gb: float | None, *, trials: int | None = None) -> list[dict]:
     budget = [] if budget_gb is None else ["--budget-gb", f"{budget_gb:.3f}"]
-    return json_result([*LAUNCH, "--model", model, *budget, "--list"])["plans"]
+    measure = [] if trials is None else ["--trials", str(trials)]
+    return json_result([*LAUNCH, "--model", model, *budget, "--list", *measure])["plans"]
+
+
+def trials_regret(model: str, budget_gb: float | None, result: dict, *, trials: int) -> None:
+    """Plan the case again with ``trials``; the regret of the plan they kept, against this bench's measurements."""
+    kept = Plan.from_json(plans_for(model, budget_gb, trials=trials)[0]["plan"])
+    listed = [Plan.from_json(p["plan"]) for p in result["plans"]]
+    index = next((i for i, p in enumerate(listed) if p.describe() == kept.describe()), None)
+    rows = result["rows"]
+    if index is None or rows[index] is None:
+        print(f"  trials={trials} kept {kept.describe()}: not among the measured plans")
+        return
+    fastest = rows[result["fastest"]]["measured_s"]
+    result["trials_regret"] = rows[index]["measured_s"] / fastest - 1
+    print(f"  trials={trials} kept #{index + 1} ({kept.describe()}): regret {result['trials_regret']:.1%}")
 
 
 def tight_budget(chosen: dict, fraction: float) -> float:
@@ -117,6 +135,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budgets", default="none,tight", help="which of the two budgets to run")
     parser.add_argument("--tight", type=float, default=0.5, help="the tight budget's share of the dynamic memory")
+    parser.add_argument("--trials", type=int, default=None, help="also plan with trials=K and report its regret")
     parser.add_argument("--out", default=None)
     parser.add_argument("--repredict", default=None)
     args = parser.parse_args()
@@ -133,6 +152,8 @@ def main() -> None:
             runs = measure(model, plans[:5], rounds=args.rounds, steps=args.steps, warmup=args.warmup)
             load = tuple(round(x, 2) for x in (before[0], os.getloadavg()[0]))
             results.append(report(model, budget, plans[:5], runs, load))
+            if args.trials:
+                trials_regret(model, budget, results[-1], trials=args.trials)
             if args.out:
                 with open(args.out, "w") as out:
                     json.dump(results, out, indent=1)

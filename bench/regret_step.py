@@ -1,11 +1,12 @@
 """One job of bench/regret.py (launch it with onegpu run): list the planner's top plans, or time one of them.
 
-    onegpu run --workers 2 bench/regret_step.py --model demo|llama17m|llama60m [--budget-gb G] --list
+    onegpu run --workers 2 bench/regret_step.py --model demo|llama17m|llama60m [--budget-gb G] --list [--trials K]
     onegpu run --workers 2 bench/regret_step.py --model M --plan '<Plan JSON>' [--steps 8] [--warmup 3]
     onegpu run --workers 2 bench/regret_step.py --model M --predict PLANS.json
 
 ``--list``: Advanced Parallelization plans the job (as ``prepare`` does, with ``memory_budget_gb``) and rank 0
-prints one JSON line: the chosen plan and its alternatives, each with its prediction. ``--plan``: the job runs that
+prints one JSON line: the chosen plan and its alternatives, each with its prediction (with ``--trials K``, the
+plan ``enable_advanced_parallelization(trials=K)`` measured fastest is the chosen one). ``--plan``: the job runs that
 plan for ``warmup`` untimed steps, then ``steps`` steps each timed alone (a barrier on both sides) and prints their
 times, this job's CPU seconds per step and every worker's peak resident memory (the largest). ``--predict``: the
 planner's prediction today for each plan of a JSON list (every choice pinned, planned as ``prepare`` plans).
@@ -34,6 +35,7 @@ parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--model", choices=sorted(MODELS), default="demo")
 parser.add_argument("--budget-gb", type=float, default=None)
 parser.add_argument("--list", action="store_true")
+parser.add_argument("--trials", type=int, default=None, help="with --list: time the K best plans and keep the fastest")
 parser.add_argument("--plan", default=None, help="a Plan as JSON (Plan.to_json)")
 parser.add_argument("--predict", default=None, help="a file holding a JSON list of Plan JSON texts")
 parser.add_argument("--steps", type=int, default=8)
@@ -71,7 +73,7 @@ if args.predict:
     sys.exit(0)
 
 if args.list:
-    onegpu.enable_advanced_parallelization()
+    onegpu.enable_advanced_parallelization(trials=args.trials)
     model, optimizer, loader = onegpu.prepare(model, optimizer, loader, memory_budget_gb=args.budget_gb)
     chosen = model.onegpu_plan
     if onegpu.is_main_process():
