@@ -15,15 +15,18 @@ def measured_local(*, nodes: int) -> Cluster:
     return Cluster(device=device, nodes=nodes, devices_per_node=2, intra_node=link, inter_node=link, name="local")
 
 
-def test_a_preset_across_nodes_rests_on_datasheet_peaks_and_links():
+def test_a_preset_across_nodes_rests_on_preset_peaks_and_links():
     chosen = find_plan("gpt2", global_batch_size=64, seq_len=1024, cluster=load_cluster("a100-80gb", nodes=2))
     notes = chosen.confidence
     peak = {"bf16": 312, "fp32": 19.5}[chosen.precision]
     assert notes[0] == (
         f"A100 SXM4 80GB: peak {peak:g} TFLOP/s ({chosen.precision}) and 2039 GB/s of memory bandwidth are "
-        "datasheet figures, not measured"
+        "the preset's figures (datasheet or estimate), not measured"
     )
-    assert notes[1] == "the link across nodes (25 GB/s per device) is a datasheet figure, not measured"
+    assert (
+        notes[1]
+        == "the link across nodes (25 GB/s per device) is the preset's figure (datasheet or estimate), not measured"
+    )
     assert json.loads(json.dumps(chosen.to_dict()))["confidence"] == list(notes)
     assert Plan.from_json(chosen.to_json()) == chosen  # notes are not part of what the runtime reads
 

@@ -9,7 +9,7 @@ from onegpu.planner.inspection import ModelDescription
 
 
 def confidence_notes(plan: Plan, *, cluster: Cluster, description: ModelDescription) -> tuple[str, ...]:
-    """One short note per unmeasured assumption ``plan``'s prediction rests on: a preset's datasheet figures,
+    """One short note per unmeasured assumption ``plan``'s prediction rests on: a preset's figures (datasheet or estimate),
     a link the plan crosses that was never measured, a model whose profile was given rather than inspected."""
     notes = []
     device, spans_nodes = cluster.device, plan.world_size > cluster.devices_per_node
@@ -18,12 +18,14 @@ def confidence_notes(plan: Plan, *, cluster: Cluster, description: ModelDescript
     if preset is not None and preset.device == cluster.device:
         notes.append(
             f"{device.name}: peak {device.peak_tflops[precision]:g} TFLOP/s ({precision}) and "
-            f"{device.memory_bandwidth_gbps:g} GB/s of memory bandwidth are datasheet figures, not measured"
+            f"{device.memory_bandwidth_gbps:g} GB/s of memory bandwidth are the preset's figures (datasheet or estimate), not measured"
         )
         link = "across nodes" if spans_nodes else "inside a node"
         bandwidth = (cluster.inter_node if spans_nodes else cluster.intra_node).bandwidth_gbps
         if plan.world_size > 1:
-            notes.append(f"the link {link} ({bandwidth:g} GB/s per device) is a datasheet figure, not measured")
+            notes.append(
+                f"the link {link} ({bandwidth:g} GB/s per device) is the preset's figure (datasheet or estimate), not measured"
+            )
     elif cluster.name == "local":
         if spans_nodes and cluster.inter_node == cluster.intra_node:
             notes.append(
