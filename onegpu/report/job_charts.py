@@ -1,0 +1,149 @@
+"""The run report's charts, from a job's per-step metrics (torchtitan's names), its plan's prediction and its
+measured pipeline timeline (a Chrome trace). Each returns a figure, or None when there is nothing to draw."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from onegpu.plan import Plan
+from onegpu.report.charts import PALETTE, figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+LOSS, GRAD_NORM, STEP_TIME = "loss_metrics/global_avg_loss", "grad_norm", "time_metrics/end_to_end(s)"
+TOKENS, SAMPLES = "throughput(tps)", "throughput(sps)"
+PEAK_PER_WORKER, MAX_ACTIVE = "memory/peak_per_worker(GiB)", "memory/max_active(GiB)"
+GIB = 2**30
+# a timeline event's kind, from its category or name: forward, backward, weight gradients, communication, other
+KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "weight": "#937860", "comm": "#8c8c8c", "other": "#55a868"}
+LABELLED_EVENTS = 160  # up to this many events, each bar carries its name (micro-batch)
+
+
+def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that have a number under ``key``."""
+    rows = [(row["step"], row[key]) for row in metrics if isinstance(row.get(key), int | float)]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def loss_chart(metrics: list[dict[str, Any]]) -> Figure | None:
+    """The global loss per step, and the gradient norm on a second axis when the loop clips."""
+    steps, losses = series(metrics, LOSS)
+    if not steps:
+        return None
+    drawn = figure(width=6.4, height=3.4)
+    axes = drawn.subplots()
+    axes.plot(steps, losses, color=PALETTE[0], marker="." if len(steps) < 60 else None, label="global loss")
+    axes.set(xlabel="step", ylabel="loss", title="loss")
+    norm_steps, norms = series(metrics, GRAD_NORM)
+    if norm_steps:
+        twin = axes.twinx()
+        twin.plot(norm_steps, norms, color=PALETTE[1], linewidth=1, alpha=0.8, label="gradient norm")
+        twin.set_ylabel("gradient norm")
+        drawn.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    axes.grid(alpha=0.3)
+    return drawn
+
+
+def throughput_chart(metrics: list[dict[str, Any]], plan: Plan | None) -> Figure | None:
+    """Tokens (or samples) per second per step, against the plan's predicted tokens per second."""
+    key, unit = (TOKENS, "tokens/s") if series(metrics, TOKENS)[0] else (SAMPLES, "samples/s")
+    steps, values = series(metrics, key)
+    if not steps:
+        return None
+    drawn = figure(width=6.4, height=3.4)
+    axes = drawn.subplots()
+    axes.plot(steps, values, color=PALETTE[2], marker="." if len(steps) < 60 else None, label="measured")
+    if key == TOKENS and plan is not None and plan.predicted is not None:
+        axes.axhline(plan.predicted.tokens_per_s, color="black", linestyle="--", linewidth=1, label="predicted")
+        axes.legend(fontsize=8)
+    axes.set(xlabel="step", ylabel=unit, title=f"throughput ({unit})", ylim=(0, None))
+    axes.yaxis.set_major_formatter("{x:,.0f}")
+    axes.grid(alpha=0.3)
+    return drawn
+
+
+def peak_per_worker(metrics: list[dict[str, Any]]) -> list[float]:
+    """Each worker's peak memory (GiB) over the steps recorded so far."""
+    peaks: list[float] = []
+    for row in metrics:
+        for rank, value in enumerate(row.get(PEAK_PER_WORKER) or ()):
+            if isinstance(value, int | float):
+                peaks += [0.0] * (rank + 1 - len(peaks))
+                peaks[rank] = max(peaks[rank], value)
+    return peaks
+
+
+def memory_chart(metrics: list[dict[str, Any]], plan: Plan | None) -> Figure | None:
+    """Each worker's measured peak memory, against the plan's predicted memory per device."""
+    peaks = peak_per_worker(metrics)
+    if not peaks:
+        return None
+    drawn = figure(width=6.4, height=3.4)
+    axes = drawn.subplots()
+    bars = axes.bar([f"rank {r}" for r in range(len(peaks))], peaks, color=PALETTE[4], label="measured peak")
+    axes.bar_label(bars, fmt="%.2f", fontsize=8)
+    if plan is not None and plan.predicted is not None:
+        predicted = plan.predicted.memory_per_device_bytes / GIB
+        axes.axhline(predicted, color="black", linestyle="--", linewidth=1, label=f"predicted {predicted:.2f} GiB")
+        axes.set_ylim(0, max(max(peaks), predicted) * 1.15)
+        axes.legend(fontsize=8)
+    axes.set(ylabel="GiB", title="peak memory per worker (GiB)")
+    axes.grid(axis="y", alpha=0.3)
+    return drawn
+
+
+def timeline_chart(trace: dict[str, Any]) -> Figure | None:
+    """A Gantt chart of a Chrome trace's complete events ("X"), one row per process and thread (a rank)."""
+    events = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X" and "ts" in e and "dur" in e]
+    if not events:
+        return None
+    names = _row_names(trace.get("traceEvents", ()))
+    rows = sorted({(e.get("pid", 0), e.get("tid", 0)) for e in events}, key=lambda r: (str(r[0]), str(r[1])))
+    start = min(float(e["ts"]) for e in events)
+    drawn = figure(width=12, height=1.4 + 0.45 * len(rows))
+    axes = drawn.subplots()
+    for index, row in enumerate(rows):
+        mine = [e for e in events if (e.get("pid", 0), e.get("tid", 0)) == row]
+        for kind, colour in KIND_COLOURS.items():
+            spans = [((float(e["ts"]) - start) / 1e3, float(e["dur"]) / 1e3) for e in mine if event_kind(e) == kind]
+            if spans:
+                axes.broken_barh(spans, (index - 0.4, 0.8), facecolors=colour, edgecolor="white", linewidth=0.4)
+        if len(events) <= LABELLED_EVENTS:
+            for e in mine:
+                middle = (float(e["ts"]) - start + float(e["dur"]) / 2) / 1e3
+                axes.text(middle, index, str(e.get("name", "")), ha="center", va="center", fontsize=6, color="white")
+    labels = [" ".join(filter(None, (names.get((pid, None)), names.get((pid, tid))))) for pid, tid in rows]
+    axes.set_yticks(range(len(rows)), [label or f"rank {pid}" for label, (pid, _) in zip(labels, rows)])
+    axes.invert_yaxis()
+    axes.set(xlabel="ms since the first event", title="pipeline timeline (measured)")
+    for kind, colour in KIND_COLOURS.items():
+        axes.bar(0, 0, color=colour, label=kind)
+    drawn.legend(loc="outside lower center", ncol=len(KIND_COLOURS), fontsize=8, frameon=False)
+    axes.grid(axis="x", alpha=0.3)
+    return drawn
+
+
+def event_kind(event: dict[str, Any]) -> str:
+    """forward, backward, weight, comm or other, from the event's category or, failing that, its name."""
+    text = f"{event.get('cat', '')} {event.get('name', '')}".lower()
+    for kind, marks in (
+        ("comm", ("comm", "send", "recv", "all_reduce", "allreduce", "p2p")),
+        ("weight", ("weight",)),
+        ("backward", ("backward", "bwd")),
+        ("forward", ("forward", "fwd")),
+    ):
+        if any(mark in text for mark in marks):
+            return kind
+    initial = str(event.get("name", " "))[:1].upper()
+    return {"F": "forward", "B": "backward", "W": "weight"}.get(initial, "other")
+
+
+def _row_names(events: Any) -> dict[tuple[Any, Any], str]:
+    """Names the trace gives its processes and threads (metadata events "M")."""
+    names: dict[tuple[Any, Any], str] = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            key = (e.get("pid", 0), e.get("tid", 0) if e["name"] == "thread_name" else None)
+            names[key] = str((e.get("args") or {}).get("name", ""))
+    return names
