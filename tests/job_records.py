@@ -64,3 +64,13 @@ def pipeline_trace(*, ranks: int = 2, microbatches: int = 4) -> dict:
             )
             clock += 1_900
     return {"traceEvents": events, "otherData": {"bubble_measured": 0.21, "bubble_predicted": 0.2}}
+
+
+def launched_job(out: Path) -> Path:
+    """The directory `onegpu run` kept in ``$ONEGPU_HOME/jobs`` for the job that was given ``out`` as an argument."""
+    from onegpu.pool.config import onegpu_home
+
+    for record in sorted((onegpu_home() / "jobs").glob("*/job.json")):
+        if str(out) in json.loads(record.read_text()).get("args", ()):
+            return record.parent
+    raise AssertionError(f"no job of {out} kept in {onegpu_home() / 'jobs'} (job.json is written by `onegpu run`)")

@@ -49,9 +49,12 @@ def finished(tmp_path_factory, planned):
 
 @pytest.fixture(scope="module")
 def full_page(finished, planned):
-    """The report of that job with every part there: the plan's prediction (plan.json keeps the plan's fields), a
-    measured pipeline timeline and a diagnosis (other parts of issue 18 write those)."""
-    record = replace(read_record(finished), plan=planned, timeline=pipeline_trace(), diagnosis=DIAGNOSIS, missing={})
+    """The report of that job with every part there, a measured pipeline timeline and a diagnosis added (the
+    timeline and doctor parts of issue 18 record those)."""
+    record = read_record(finished)
+    assert record.plan == planned and record.plan.predicted == planned.predicted  # plan.json keeps the prediction
+    assert [a.predicted for a in record.plan.alternatives] == [a.predicted for a in planned.alternatives]
+    record = replace(record, timeline=pipeline_trace(), diagnosis=DIAGNOSIS, missing={})
     return write_report(record, finished / "full.html")
 
 

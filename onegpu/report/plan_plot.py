@@ -118,6 +118,7 @@ def _stacked(
     """One horizontal bar per row, stacked by key (keys in first-seen order; zero and negative parts left out),
     its total (and its note) written at its end."""
     keys = [k for k in dict.fromkeys(k for row in parts for k in row) if any(row.get(k, 0) > 0 for row in parts)]
+    keys.sort(key=lambda k: list(colours).index(k) if k in colours else len(colours))  # the same order in every chart
     left = [0.0] * len(labels)
     positions = range(len(labels))
     for index, key in enumerate(keys):
