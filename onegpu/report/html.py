@@ -116,7 +116,8 @@ def _training(record: JobRecord) -> str:
     ]
     cells = [(label, last[key]) for label, key in shown if isinstance(last.get(key), int | float)]
     table = _table([label for label, _ in cells], [[_number(v) for _, v in cells]])
-    return _charts(charts, "training") + f"<p>{len(metrics)} steps recorded.</p>" + table
+    notes = "" if charts[0] else _missing("no loss recorded: the model's output carries none onegpu could find")
+    return _charts(charts, "training") + notes + f"<p>{len(metrics)} steps recorded.</p>" + table
 
 
 def _memory(record: JobRecord) -> str:
@@ -140,7 +141,7 @@ def _plan(record: JobRecord) -> str:
         lines.append(f"<p>Why: {_e(plan.reason)}.</p>")
     predicted = plan.predicted
     if predicted is None:
-        lines.append(_missing("the plan carries no prediction (given by hand, or recorded without one)"))
+        lines.append(_missing("no prediction: the plan was given by hand, or chosen by the simple rule (memory alone)"))
         return "\n".join(lines)
     measured = job_charts.series(record.metrics, job_charts.STEP_TIME)[1]
     step = f"{predicted.step_time_s:.3f} s per step predicted"

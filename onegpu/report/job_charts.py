@@ -41,7 +41,7 @@ def loss_chart(metrics: list[dict[str, Any]]) -> Figure | None:
         twin.plot(norm_steps, norms, color=PALETTE[1], linewidth=1, alpha=0.8, label="gradient norm")
         twin.set_ylabel("gradient norm")
         drawn.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-    axes.grid(alpha=0.3)
+    _whole_steps(axes)
     return drawn
 
 
@@ -58,8 +58,9 @@ def throughput_chart(metrics: list[dict[str, Any]], plan: Plan | None) -> Figure
         axes.axhline(plan.predicted.tokens_per_s, color="black", linestyle="--", linewidth=1, label="predicted")
         axes.legend(fontsize=8)
     axes.set(xlabel="step", ylabel=unit, title=f"throughput ({unit})", ylim=(0, None))
-    axes.yaxis.set_major_formatter("{x:,.0f}")
-    axes.grid(alpha=0.3)
+    if max(values) >= 1000:
+        axes.yaxis.set_major_formatter("{x:,.0f}")
+    _whole_steps(axes)
     return drawn
 
 
@@ -122,6 +123,13 @@ def timeline_chart(trace: dict[str, Any]) -> Figure | None:
     drawn.legend(loc="outside lower center", ncol=len(KIND_COLOURS), fontsize=8, frameon=False)
     axes.grid(axis="x", alpha=0.3)
     return drawn
+
+
+def _whole_steps(axes: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
 
 
 def event_kind(event: dict[str, Any]) -> str:
