@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from onegpu.cli import app
 from onegpu.plan import Plan
-from onegpu.report.plan_plot import compared, short_name
+from onegpu.report.plan_plot import compared, plot_plan, short_name
 
 PRESET = ["plan", "--model", "llama3-8b", "--cluster", "h100-80gb", "--nodes", "2"]
 PRESET += ["--global-batch-size", "64", "--seq-len", "4096"]
@@ -16,15 +16,6 @@ PRESET += ["--global-batch-size", "64", "--seq-len", "4096"]
 
 def run(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-@pytest.fixture(scope="module")
-def local_model(tmp_path_factory):
-    """A model the presets do not know: a small GPT-2 given by its config.json."""
-    path = tmp_path_factory.mktemp("tiny-gpt2") / "config.json"
-    config = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 8000, "n_positions": 512}
-    path.write_text(json.dumps(config))
-    return path
 
 
 def test_short_names_say_the_layout_in_a_few_words():
@@ -50,15 +41,20 @@ def test_a_preset_plan_draws_as_png_and_svg(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
 
 
-def test_a_local_model_draws_its_runners_up(tmp_path, local_model):
-    svg = tmp_path / "local.svg"
-    args = ["plan", "--model", str(local_model), "--cluster", "a100-40gb", "--global-batch-size", "16"]
-    result = run(*args, "--seq-len", "512", "--plot", str(svg))
-    assert result.exit_code == 0, result.output
-    assert f"plot: {svg}" in result.stdout
-    text = svg.read_text()
-    assert text.count("[chosen]") == 1 and "(+" in text  # runners-up, with how much slower each is
-    assert "memory per device, by category (GB)" in text and "step time, by component (ms)" in text
+def test_a_hand_written_model_draws_in_its_own_units(tmp_path):
+    """A plain nn.Module of a few thousand parameters: megabytes and milliseconds, not GB and seconds."""
+    import torch
+    from scenarios import SkipNet
+
+    from onegpu.planner.inspection import describe
+    from onegpu.planner.search import find_plan
+
+    sample = (torch.randn(1, 8), torch.randn(1, 1))
+    description = describe(SkipNet(depth=4), sample=sample, seq_len=1)
+    chosen = find_plan(description, global_batch_size=16, seq_len=1, cluster="a100-40gb", pp=2)
+    text = plot_plan(chosen, tmp_path / "skipnet.svg", budget_bytes=36e9).read_text()
+    assert f"{short_name(chosen)}  [chosen]" in text and "pipeline_bubble" in text
+    assert "step time, by component (ms)" in text and "(+" in text  # each runner-up: how much slower
 
 
 def test_every_drawn_plan_has_a_distinct_name():

@@ -193,14 +193,14 @@ def _devices(record: JobRecord) -> str:
     lines = [f"<table>{rows}</table>"]
     resizes = job.get("resizes") or ()
     if resizes:
-        rows = [[_when(r.get("time")), _e(r.get("workers"))] for r in resizes]
-        lines.append("<p>Resized:</p>" + _table(["when", "workers"], rows, escape=False))
+        rows = [[_when(r.get("time")), r.get("workers", "?")] for r in resizes]
+        lines.append("<p>Resized:</p>" + _table(["when", "workers"], rows))
     if record.leases:
         rows = [
-            [i.device, _e(i.user), _when(i.start), _when(i.end), i.billed_minutes]
+            [i.device, i.user, _when(i.start), _when(i.end), i.billed_minutes]
             for i in sorted(record.leases, key=lambda i: (i.start, i.device))
         ]
-        lines.append(_table(["device", "user", "leased", "released", "device-minutes"], rows, escape=False))
+        lines.append(_table(["device", "user", "leased", "released", "device-minutes"], rows))
         minutes = sum(i.billed_minutes for i in record.leases)
         lines.append(f"<p>{len(record.leases)} lease intervals, {minutes} device-minutes billed.</p>")
     else:
@@ -226,11 +226,15 @@ def _section(title: str, content: str) -> str:
     return f'\n<section id="{anchor}"><h2>{_e(title)}</h2>\n{content}\n</section>'
 
 
-def _table(header: list[str], rows: list[list[Any]], *, escape: bool = True) -> str:
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """A table of text (escaped here) and numbers (right-aligned)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    cell = lambda v: f'<td class="n">{v}</td>' if isinstance(v, int | float) else f"<td>{_e(v) if escape else v}</td>"  # noqa: E731
-    body = "".join(f"<tr>{''.join(cell(v) for v in row)}</tr>" for row in rows)
+    body = "".join(f"<tr>{''.join(_cell(v) for v in row)}</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value: Any) -> str:
+    return f'<td class="n">{value}</td>' if isinstance(value, int | float) else f"<td>{_e(value)}</td>"
 
 
 def _missing(why: str) -> str:
