@@ -16,7 +16,9 @@ TOKENS, SAMPLES = "throughput(tps)", "throughput(sps)"
 PEAK_PER_WORKER, MAX_ACTIVE = "memory/peak_per_worker(GiB)", "memory/max_active(GiB)"
 GIB = 2**30
 # a timeline event's kind, from its category or name: forward, backward, weight gradients, communication, other
-KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "weight": "#937860", "comm": "#8c8c8c", "other": "#55a868"}
+COMM = "send / recv"
+KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "backward weight": "#937860", COMM: "#8c8c8c",
+                "loss, other": "#55a868"}  # fmt: skip
 LABELLED_EVENTS = 160  # up to this many events, each bar carries its name (micro-batch)
 
 
@@ -95,28 +97,32 @@ def memory_chart(metrics: list[dict[str, Any]], plan: Plan | None) -> Figure | N
 
 
 def timeline_chart(trace: dict[str, Any]) -> Figure | None:
-    """A Gantt chart of a Chrome trace's complete events ("X"), one row per process and thread (a rank)."""
+    """A Gantt chart of a Chrome trace's complete events ("X"), one row per process (a rank): its computations
+    full height, its messages (send, receive) as a thin strip under them."""
     events = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X" and "ts" in e and "dur" in e]
     if not events:
         return None
-    names = _row_names(trace.get("traceEvents", ()))
-    rows = sorted({(e.get("pid", 0), e.get("tid", 0)) for e in events}, key=lambda r: (str(r[0]), str(r[1])))
+    ranks = sorted({e.get("pid", 0) for e in events}, key=str)
     start = min(float(e["ts"]) for e in events)
-    drawn = figure(width=12, height=1.4 + 0.45 * len(rows))
+    computing = sum(1 for e in events if event_kind(e) != COMM)
+    drawn = figure(width=12, height=1.5 + 0.55 * len(ranks))
     axes = drawn.subplots()
-    for index, row in enumerate(rows):
-        mine = [e for e in events if (e.get("pid", 0), e.get("tid", 0)) == row]
+    for row, rank in enumerate(ranks):
+        mine = [e for e in events if e.get("pid", 0) == rank]
         for kind, colour in KIND_COLOURS.items():
             spans = [((float(e["ts"]) - start) / 1e3, float(e["dur"]) / 1e3) for e in mine if event_kind(e) == kind]
+            place = (row + 0.24, 0.14) if kind == COMM else (row - 0.38, 0.58)
             if spans:
-                axes.broken_barh(spans, (index - 0.4, 0.8), facecolors=colour, edgecolor="white", linewidth=0.4)
-        if len(events) <= LABELLED_EVENTS:
-            for e in mine:
+                axes.broken_barh(spans, place, facecolors=colour, edgecolor="white", linewidth=0.3)
+        for e in mine if computing <= LABELLED_EVENTS else ():
+            if event_kind(e) != COMM:
                 middle = (float(e["ts"]) - start + float(e["dur"]) / 2) / 1e3
-                axes.text(middle, index, str(e.get("name", "")), ha="center", va="center", fontsize=6, color="white")
-    labels = [" ".join(filter(None, (names.get((pid, None)), names.get((pid, tid))))) for pid, tid in rows]
-    axes.set_yticks(range(len(rows)), [label or f"rank {pid}" for label, (pid, _) in zip(labels, rows)])
-    axes.invert_yaxis()
+                axes.text(
+                    middle, row - 0.09, str(e.get("name", "")), ha="center", va="center", fontsize=6, color="white"
+                )
+    names = _process_names(trace.get("traceEvents", ()))
+    axes.set_yticks(range(len(ranks)), [names.get(rank) or f"rank {rank}" for rank in ranks])
+    axes.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
     axes.set(xlabel="ms since the first event", title="pipeline timeline (measured)")
     for kind, colour in KIND_COLOURS.items():
         axes.bar(0, 0, color=colour, label=kind)
@@ -133,25 +139,24 @@ def _whole_steps(axes: Any) -> None:
 
 
 def event_kind(event: dict[str, Any]) -> str:
-    """forward, backward, weight, comm or other, from the event's category or, failing that, its name."""
+    """The event's kind in :data:`KIND_COLOURS`, from its category or, failing that, its name (F3, B3, W3)."""
     text = f"{event.get('cat', '')} {event.get('name', '')}".lower()
     for kind, marks in (
-        ("comm", ("comm", "send", "recv", "all_reduce", "allreduce", "p2p")),
-        ("weight", ("weight",)),
+        (COMM, ("comm", "send", "recv", "all_reduce", "allreduce", "p2p")),
+        ("backward weight", ("weight",)),
         ("backward", ("backward", "bwd")),
         ("forward", ("forward", "fwd")),
     ):
         if any(mark in text for mark in marks):
             return kind
     initial = str(event.get("name", " "))[:1].upper()
-    return {"F": "forward", "B": "backward", "W": "weight"}.get(initial, "other")
+    return {"F": "forward", "B": "backward", "I": "backward", "W": "backward weight"}.get(initial, "loss, other")
 
 
-def _row_names(events: Any) -> dict[tuple[Any, Any], str]:
-    """Names the trace gives its processes and threads (metadata events "M")."""
-    names: dict[tuple[Any, Any], str] = {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
-            key = (e.get("pid", 0), e.get("tid", 0) if e["name"] == "thread_name" else None)
-            names[key] = str((e.get("args") or {}).get("name", ""))
-    return names
+def _process_names(events: Any) -> dict[Any, str]:
+    """The names the trace gives its processes (metadata events "M": ``rank 1 (stage 1)``)."""
+    return {
+        e.get("pid", 0): str((e.get("args") or {}).get("name", ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
