@@ -44,23 +44,24 @@ def metrics_row(step: int, *, workers: int, step_s: float) -> dict:
 
 
 def pipeline_trace(*, ranks: int = 2, microbatches: int = 4) -> dict:
-    """A measured 1F1B-like trace: per rank, forward and backward of each micro-batch and a send between them."""
-    events = [
-        {"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"rank {r} (stage {r})"}} for r in range(ranks)
-    ]
+    """A measured 1F1B-like trace as onegpu.report.timeline writes it: per rank (a process) each kind of event a
+    thread, forward and backward of each micro-batch, a send after each forward."""
+    events: list[dict] = []
     for rank in range(ranks):
+        events.append({"ph": "M", "name": "process_name", "pid": rank, "args": {"name": f"rank {rank} (stage {rank})"}})
+        for tid, kind in enumerate(("forward", "backward", "send forward")):
+            events.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": kind}})
         clock = rank * 1_000.0
         for m in range(microbatches):
             events.append(
                 {"ph": "X", "name": f"F{m}", "cat": "forward", "pid": rank, "tid": 0, "ts": clock, "dur": 900}
             )
-            events.append(
-                {"ph": "X", "name": "send", "cat": "comm", "pid": rank, "tid": 0, "ts": clock + 900, "dur": 80}
-            )
+            events.append({"ph": "X", "name": f"send F{m}", "cat": "send forward", "pid": rank, "tid": 2,
+                           "ts": clock + 900, "dur": 80})  # fmt: skip
             clock += 1_000
         for m in range(microbatches):
             events.append(
-                {"ph": "X", "name": f"B{m}", "cat": "backward", "pid": rank, "tid": 0, "ts": clock, "dur": 1800}
+                {"ph": "X", "name": f"B{m}", "cat": "backward", "pid": rank, "tid": 1, "ts": clock, "dur": 1800}
             )
             clock += 1_900
     return {"traceEvents": events, "otherData": {"bubble_measured": 0.21, "bubble_predicted": 0.2}}

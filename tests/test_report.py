@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from onegpu.cli import app
 from onegpu.pool.ledger import open_ledger
 from onegpu.report.html import render, write_report
+from onegpu.report.job_charts import event_kind, runs
 from onegpu.report.job_record import read_record
 from onegpu.report.plan_plot import short_name
 
@@ -116,6 +117,19 @@ def test_a_job_without_steps_yet_still_has_a_page(tmp_path):
     directory = write_job(tmp_path, "eve-00000000", plan=None, steps=0, ended=False)
     page = render(read_record(directory))
     assert "no step recorded yet" in page and "no memory recorded yet" in page and page.count("<svg") == 0
+
+
+def test_a_script_that_prepares_again_has_one_line_per_run():
+    rows = [{"step": s, "loss_metrics/global_avg_loss": 1.0 / s} for s in (1, 2, 3, 1, 2)]
+    assert runs(rows, "loss_metrics/global_avg_loss") == [([1, 2, 3], [1.0, 0.5, 1 / 3]), ([1, 2], [1.0, 0.5])]
+
+
+def test_timeline_events_are_told_apart_by_kind():
+    kinds = {e["name"]: event_kind(e) for e in pipeline_trace(ranks=1, microbatches=1)["traceEvents"] if "cat" in e}
+    assert kinds == {"F0": "forward", "send F0": "send / recv", "B0": "backward"}
+    assert event_kind({"name": "post recv B3", "cat": "recv backward"}) == "send / recv"
+    assert event_kind({"name": "W2", "cat": "backward weight"}) == "backward weight"
+    assert event_kind({"name": "L0", "cat": "loss"}) == "loss, other"
 
 
 def test_an_unknown_job_is_one_line():

@@ -117,7 +117,10 @@ def _training(record: JobRecord) -> str:
     cells = [(label, last[key]) for label, key in shown if isinstance(last.get(key), int | float)]
     table = _table([label for label, _ in cells], [[_number(v) for _, v in cells]])
     notes = "" if charts[0] else _missing("no loss recorded: the model's output carries none onegpu could find")
-    return _charts(charts, "training") + notes + f"<p>{len(metrics)} steps recorded.</p>" + table
+    count = len(job_charts.runs(metrics, "step"))
+    again = f" in {count} runs (the step count started again: the script prepared again, or the job restarted)"
+    recorded = f"<p>{len(metrics)} steps recorded{again if count > 1 else ''}.</p>"
+    return _charts(charts, "training") + notes + recorded + table
 
 
 def _memory(record: JobRecord) -> str:

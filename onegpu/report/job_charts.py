@@ -28,21 +28,26 @@ def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [s for s, _ in rows], [v for _, v in rows]
 
 
+def runs(metrics: list[dict[str, Any]], key: str) -> list[tuple[list[float], list[float]]]:
+    """:func:`series` cut where the step count starts again (a script that prepares again, a restarted job)."""
+    steps, values = series(metrics, key)
+    cuts = [0] + [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]] + [len(steps)]
+    return [(steps[a:b], values[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def loss_chart(metrics: list[dict[str, Any]]) -> Figure | None:
-    """The global loss per step, and the gradient norm on a second axis when the loop clips."""
-    steps, losses = series(metrics, LOSS)
-    if not steps:
+    """The global loss per step, and the gradient norm on a second axis (dotted) when the loop clips."""
+    losses = runs(metrics, LOSS)
+    if not losses:
         return None
     drawn = figure(width=6.4, height=3.4)
     axes = drawn.subplots()
-    axes.plot(steps, losses, color=PALETTE[0], marker="." if len(steps) < 60 else None, label="global loss")
+    _plot_runs(axes, losses, label="loss")
     axes.set(xlabel="step", ylabel="loss", title="loss")
-    norm_steps, norms = series(metrics, GRAD_NORM)
-    if norm_steps:
-        twin = axes.twinx()
-        twin.plot(norm_steps, norms, color=PALETTE[1], linewidth=1, alpha=0.8, label="gradient norm")
-        twin.set_ylabel("gradient norm")
-        drawn.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    norms = runs(metrics, GRAD_NORM)
+    if norms:
+        _plot_runs(axes.twinx(), norms, label="gradient norm", linestyle=":").set_ylabel("gradient norm")
+    drawn.legend(loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     _whole_steps(axes)
     return drawn
 
@@ -50,20 +55,29 @@ def loss_chart(metrics: list[dict[str, Any]]) -> Figure | None:
 def throughput_chart(metrics: list[dict[str, Any]], plan: Plan | None) -> Figure | None:
     """Tokens (or samples) per second per step, against the plan's predicted tokens per second."""
     key, unit = (TOKENS, "tokens/s") if series(metrics, TOKENS)[0] else (SAMPLES, "samples/s")
-    steps, values = series(metrics, key)
-    if not steps:
+    measured = runs(metrics, key)
+    if not measured:
         return None
     drawn = figure(width=6.4, height=3.4)
     axes = drawn.subplots()
-    axes.plot(steps, values, color=PALETTE[2], marker="." if len(steps) < 60 else None, label="measured")
+    _plot_runs(axes, measured, label="measured")
     if key == TOKENS and plan is not None and plan.predicted is not None:
         axes.axhline(plan.predicted.tokens_per_s, color="black", linestyle="--", linewidth=1, label="predicted")
-        axes.legend(fontsize=8)
+    axes.legend(fontsize=8)
     axes.set(xlabel="step", ylabel=unit, title=f"throughput ({unit})", ylim=(0, None))
-    if max(values) >= 1000:
+    if max(v for _, values in measured for v in values) >= 1000:
         axes.yaxis.set_major_formatter("{x:,.0f}")
     _whole_steps(axes)
     return drawn
+
+
+def _plot_runs(axes: Any, found: list[tuple[list[float], list[float]]], *, label: str, linestyle: str = "-") -> Any:
+    """Each run a line of its own colour, named by its order when there are several."""
+    for index, (steps, values) in enumerate(found):
+        named = f"{label} (run {index + 1})" if len(found) > 1 else label
+        marker = "." if len(steps) < 60 else None
+        axes.plot(steps, values, color=PALETTE[index % len(PALETTE)], linestyle=linestyle, marker=marker, label=named)
+    return axes
 
 
 def peak_per_worker(metrics: list[dict[str, Any]]) -> list[float]:
@@ -104,6 +118,7 @@ def timeline_chart(trace: dict[str, Any]) -> Figure | None:
         return None
     ranks = sorted({e.get("pid", 0) for e in events}, key=str)
     start = min(float(e["ts"]) for e in events)
+    span = max(float(e["ts"]) + float(e["dur"]) for e in events) - start
     computing = sum(1 for e in events if event_kind(e) != COMM)
     drawn = figure(width=12, height=1.5 + 0.55 * len(ranks))
     axes = drawn.subplots()
@@ -115,7 +130,7 @@ def timeline_chart(trace: dict[str, Any]) -> Figure | None:
             if spans:
                 axes.broken_barh(spans, place, facecolors=colour, edgecolor="white", linewidth=0.3)
         for e in mine if computing <= LABELLED_EVENTS else ():
-            if event_kind(e) != COMM:
+            if event_kind(e) != COMM and float(e["dur"]) >= span / 50:  # a name only where it fits
                 middle = (float(e["ts"]) - start + float(e["dur"]) / 2) / 1e3
                 axes.text(
                     middle, row - 0.09, str(e.get("name", "")), ha="center", va="center", fontsize=6, color="white"
