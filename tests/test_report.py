@@ -107,10 +107,10 @@ def test_a_running_job_reports_what_it_has_so_far(tmp_path):
     page = (directory / "report.html").read_text()
     assert "running</span>: what it recorded so far" in page and "3 steps recorded" in page
     assert "no plan recorded yet" in page
-    timeline = page[page.index('id="pipeline"') : page.index('id="devices"')]
+    timeline = page[page.index('id="timeline"') : page.index('id="devices"')]
     assert "not recorded" in timeline  # a part nobody recorded (or this onegpu cannot read) is said, not a crash
     assert "no lease of this job" in page or "ledger could not be read" in page
-    assert 'id="hang"' in page
+    assert 'id="doctor"' in page
 
 
 def test_a_job_without_steps_yet_still_has_a_page(tmp_path):

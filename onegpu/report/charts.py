@@ -7,7 +7,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from onegpu.errors import UsageError
 
@@ -24,10 +24,8 @@ PALETTE = (
 
 def figure(*, width: float, height: float) -> Figure:
     """A new figure not tied to pyplot's global state (nothing to close, nothing shown)."""
-    import matplotlib
     from matplotlib.figure import Figure
 
-    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text as <text>: searchable, small, drawn by the browser
     made = Figure(figsize=(width, height), layout="constrained")
     made.patch.set_facecolor("white")
     return made
@@ -55,7 +53,8 @@ def save(drawn: Figure, path: Path) -> Path:
     kind = writable(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        drawn.savefig(partial, format=kind, dpi=150)
+        with _svg_text():
+            drawn.savefig(partial, format=kind, dpi=150)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -65,7 +64,8 @@ def save(drawn: Figure, path: Path) -> Path:
 def svg_text(drawn: Figure, *, chart_id: str) -> str:
     """``drawn`` as one ``<svg>`` element to inline in HTML, marked ``class="chart"``, ids unique to ``chart_id``."""
     out = io.StringIO()
-    drawn.savefig(out, format="svg")
+    with _svg_text():
+        drawn.savefig(out, format="svg")
     text = out.getvalue()
     text = text[text.index("<svg") :]  # no XML prologue or DOCTYPE inside HTML
     # matplotlib's ids (clip paths, glyphs) repeat across figures: make them unique within the page
@@ -73,3 +73,10 @@ def svg_text(drawn: Figure, *, chart_id: str) -> str:
     text = re.sub(r"url\(#([^)]+)\)", rf"url(#{chart_id}-\1)", text)
     text = re.sub(r'href="#([^"]+)"', rf'href="#{chart_id}-\1"', text)
     return text.replace("<svg ", f'<svg class="chart" data-chart="{chart_id}" ', 1)
+
+
+def _svg_text() -> Any:
+    """Text in SVG as ``<text>`` elements (searchable, small, drawn in the browser's fonts), not glyph paths."""
+    import matplotlib
+
+    return matplotlib.rc_context({"svg.fonttype": "none"})

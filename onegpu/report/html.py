@@ -61,12 +61,12 @@ def render(record: JobRecord) -> str:
     """The page, as HTML text."""
     body = [
         _header(record),
-        _section("Training", _training(record)),
-        _section("Memory per worker", _memory(record)),
-        _section("The plan, and why it won", _plan(record)),
-        _section("Pipeline timeline", _timeline(record)),
-        _section("Devices and leases", _devices(record)),
-        _section("Hang doctor", _doctor(record)),
+        _section("training", "Training", _training(record)),
+        _section("memory", "Memory per worker", _memory(record)),
+        _section("plan", "The plan, and why it won", _plan(record)),
+        _section("timeline", "Pipeline timeline", _timeline(record)),
+        _section("devices", "Devices and leases", _devices(record)),
+        _section("doctor", "Hang doctor", _doctor(record)),
     ]
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>onegpu report: {_e(record.name)}</title>'
@@ -224,8 +224,7 @@ def _charts(charts: list[Any], name: str) -> str:
     return f'<div class="charts">{"".join(svgs)}</div>' if svgs else ""
 
 
-def _section(title: str, content: str) -> str:
-    anchor = title.split()[0].lower()
+def _section(anchor: str, title: str, content: str) -> str:
     return f'\n<section id="{anchor}"><h2>{_e(title)}</h2>\n{content}\n</section>'
 
 
