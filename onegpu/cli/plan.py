@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -105,7 +106,7 @@ def plan(
         typer.echo(f"plot: {written}", err=as_json)  # --json keeps stdout for the JSON
 
 
-def _usage(check, *args) -> None:
+def _usage(check: Callable[..., object], *args: object) -> None:
     """``check(*args)``, its UsageError shown as the one line of a wrong argument (exit code 2)."""
     try:
         check(*args)
