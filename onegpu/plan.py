@@ -95,7 +95,12 @@ class Prediction:
             "mfu": self.mfu,
             "memory_per_device_bytes": self.memory_per_device_bytes,
             "memory_breakdown": dict(self.memory_breakdown),
+            "time_breakdown": dict(self.time_breakdown),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Prediction:
+        return cls(**{**data, "time_breakdown": data.get("time_breakdown", {})})
 
 
 @dataclass(frozen=True)
@@ -254,16 +259,30 @@ class Plan:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.config_dict(), sort_keys=True)
+        """The plan as JSON: every field the runtime reads, and the planner's notes when it has them (its prediction,
+        reason, runners-up, rejections, search figures and confidence), which a job's record keeps (plan.json)."""
+        return json.dumps({**self.config_dict(), **self._notes()}, sort_keys=True)
+
+    def _notes(self) -> dict[str, Any]:
+        notes = {
+            "predicted": self.predicted.to_dict() if self.predicted else None,
+            "alternatives": [{**a.config_dict(), **a._notes()} for a in self.alternatives],
+            "rejected": [{"plan": {**r.plan.config_dict(), **r.plan._notes()}, "why": r.why} for r in self.rejected],
+            "search": self.search.to_dict() if self.search else None,
+            "reason": self.reason,
+            "confidence": list(self.confidence),
+        }
+        return {key: value for key, value in notes.items() if value}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """The plan ``config_dict`` describes (unknown keys are an error that names them)."""
-        known = {f.name for f in fields(cls) if f.compare}
+        """The plan ``config_dict`` (with the notes ``to_json`` adds) describes; unknown keys are an error that
+        names them."""
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UsageError(f"a plan has no field {unknown[0]!r}: known fields are {', '.join(sorted(known))}")
-        values = dict(data)
+        values = {**data, **_planner_notes(cls, data)}
         if values.get("stages") is not None:
             stages = values["stages"]
             outside = tuple((name, tuple(used)) for name, used in stages.get("outside", ()))
@@ -318,3 +337,17 @@ class Plan:
     def without_layout(self) -> Plan:
         """The plan's choices alone, not yet fitted to a model."""
         return replace(self, blocks=None, stages=None, tensor_parallel=None)
+
+
+def _planner_notes(cls: type[Plan], data: dict[str, Any]) -> dict[str, Any]:
+    """The planner's notes in a plan's JSON (``Plan.to_json``), as the Plan's fields."""
+    notes: dict[str, Any] = {
+        "alternatives": tuple(cls.from_dict(a) for a in data.get("alternatives", ())),
+        "rejected": tuple(Rejection(cls.from_dict(r["plan"]), r["why"]) for r in data.get("rejected", ())),
+        "confidence": tuple(data.get("confidence", ())),
+    }
+    if data.get("predicted"):
+        notes["predicted"] = Prediction.from_dict(data["predicted"])
+    if data.get("search"):
+        notes["search"] = SearchStats(**data["search"])
+    return notes

@@ -13,9 +13,12 @@ import json
 import pytest
 import torch
 from conftest import assert_same_training, launch_script, run_onegpu
+from job_records import launched_job
 from scenarios import build, decoder_size, train
 from test_single_device_equivalence import load_checkpoint
+from typer.testing import CliRunner
 
+from onegpu.cli import app
 from onegpu.errors import UsageError
 
 SCENARIOS = ("hf", "gpt2", "custom")
@@ -67,6 +70,19 @@ def test_pipeline_times_fsdp_trains_like_one_device(pipeline_by_data_run, refere
     check(pipeline_by_data_run, reference[scenario], scenario, "fsdp2-gpipe")
     held = pipeline_by_data_run[1][f"{scenario}-fsdp2-gpipe"]["held"]
     assert held < 0.7 * pipeline_by_data_run[1][f"{scenario}-dp2-gpipe"]["held"]  # a shard of its stage
+
+
+def test_the_run_report_of_a_pipelined_job(pipeline_run):
+    """`onegpu report JOB` on what `onegpu run` kept of a real job (the browser checks the page in test_report.py)."""
+    directory = launched_job(pipeline_run[0])
+    result = CliRunner().invoke(app, ["report", directory.name])
+    assert result.exit_code == 0, result.output
+    page = (directory / "report.html").read_text()
+    assert f"onegpu job {directory.name}" in page and "ended</span> (exit 0)" in page
+    assert "steps recorded" in page and "peak memory per worker (GiB)" in page
+    assert "no plan recorded yet" not in page and "pp=2" in page
+    assert "<th>device-minutes</th>" in page  # its two leases, from the pool's ledger
+    assert page.count('<svg class="chart"') >= 3  # loss, throughput, memory per worker
 
 
 def test_each_worker_allocates_only_its_stage(tmp_path):

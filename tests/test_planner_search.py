@@ -236,6 +236,12 @@ def test_plan_json_shape_is_stable():
     ]
     assert data["plan"]["blocks"] == "transformer.h"  # fitted to the model: the runtime builds it from this alone
     assert Plan.from_json(chosen.to_json()) == chosen
+    kept = Plan.from_json(chosen.to_json())  # with the planner's notes: what a job's plan.json keeps
+    assert (kept.predicted, kept.reason, kept.search, kept.confidence) == (
+        chosen.predicted, chosen.reason, chosen.search, chosen.confidence
+    )  # fmt: skip
+    assert [a.predicted for a in kept.alternatives] == [a.predicted for a in chosen.alternatives]
+    assert [(r.plan.predicted, r.why) for r in kept.rejected] == [(r.plan.predicted, r.why) for r in chosen.rejected]
     assert list(data["predicted"]) == [
         "step_time_s",
         "tokens_per_s",
@@ -243,6 +249,7 @@ def test_plan_json_shape_is_stable():
         "mfu",
         "memory_per_device_bytes",
         "memory_breakdown",
+        "time_breakdown",
     ]
     assert list(data["search"]) == ["candidates", "feasible", "seconds"]
     assert all(list(a) == ["plan", "predicted"] for a in data["alternatives"])

@@ -8,6 +8,7 @@ from onegpu.cli import cancel as cancel_command
 from onegpu.cli import export as export_command
 from onegpu.cli import jobs as jobs_command
 from onegpu.cli import plan as plan_command
+from onegpu.cli import report as report_command
 from onegpu.cli import resize as resize_command
 from onegpu.cli import run as run_command
 from onegpu.cli import smi as smi_command
@@ -30,6 +31,7 @@ usage_command.register(app)
 jobs_command.register(app)
 cancel_command.register(app)
 export_command.register(app)
+report_command.register(app)
 
 
 @app.callback()

@@ -1,8 +1,10 @@
-"""``onegpu plan --model M --global-batch-size B --seq-len S --cluster C [pins] [--json]``"""
+"""``onegpu plan --model M --global-batch-size B --seq-len S --cluster C [pins] [--json] [--plot FILE]``"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onegpu.cli.one_line import one_line_errors
+from onegpu.errors import UsageError
 from onegpu.plan import GB, Plan
 
 
@@ -55,16 +58,28 @@ def plan(
         typer.Option("--compile", help="Pin torch.compile of every repeated block: true or false (default: false)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also draw memory per device and step time, by component, of the plan and its runners-up "
+            "to this file (.png or .svg).",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Choose the fastest plan that fits a cluster, with no devices needed, and explain it."""
     from onegpu.planner.cluster import load_cluster  # the planner (and torch) only when planning
     from onegpu.planner.search import find_plan
+    from onegpu.report.charts import writable
 
+    if plot is not None:
+        _usage(writable, plot)  # before planning: a wrong suffix costs nothing and writes nothing
+    devices = load_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
     chosen = find_plan(
         model,
         global_batch_size=global_batch_size,
         seq_len=seq_len,
-        cluster=load_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node),
+        cluster=devices,
         budget_fraction=memory_fraction,
         dp=dp,
         tp=tp,
@@ -81,6 +96,23 @@ def plan(
         typer.echo(json.dumps(chosen.to_dict(), indent=2))
     else:
         show(chosen, model=model, cluster=cluster)
+    if plot is not None:
+        from onegpu.report.plan_plot import plot_plan
+
+        title = (
+            f"{model} on {devices.nodes} × {devices.devices_per_node} {cluster}, batch {global_batch_size} × {seq_len}"
+        )
+        written = plot_plan(chosen, plot, budget_bytes=devices.memory_bytes * memory_fraction, title=title)
+        typer.echo(f"plot: {written}", err=as_json)  # --json keeps stdout for the JSON
+
+
+def _usage(check: Callable[..., object], *args: object) -> None:
+    """``check(*args)``, its UsageError shown as the one line of a wrong argument (exit code 2)."""
+    try:
+        check(*args)
+    except UsageError as error:
+        typer.echo(f"onegpu: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def show(chosen: Plan, *, model: str, cluster: str) -> None:
