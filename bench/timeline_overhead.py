@@ -76,7 +76,9 @@ def main() -> None:
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     r = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-    print(f"{args.schedule}, {args.microbatches} micro-batches, 2 workers, {r['calls']} recorded calls between plain ones")
+    print(
+        f"{args.schedule}, {args.microbatches} micro-batches, 2 workers, {r['calls']} recorded calls between plain ones"
+    )
     print(f"median call: recorded {r['recorded_s']:.4f} s, plain {r['plain_s']:.4f} s, "
           f"ratio {r['recorded_s'] / r['plain_s']:.3f}")  # fmt: skip
     print(f"bubble: measured {r['bubble_measured']:.1%}, predicted {r['bubble_predicted']:.1%} "

@@ -108,8 +108,11 @@ def measured_bubble(records: list[dict[str, Any]], *, shifts: dict[int, int] | N
     for step in sorted({e["step"] for r in records for e in r["events"]}):
         busy = {
             r["rank"]: _union(
-                [(e["start_ns"] + shifts[r["rank"]], e["end_ns"] + shifts[r["rank"]])
-                 for e in r["events"] if e["step"] == step and e["kind"] in COMPUTE]  # fmt: skip
+                [
+                    (e["start_ns"] + shifts[r["rank"]], e["end_ns"] + shifts[r["rank"]])
+                    for e in r["events"]
+                    if e["step"] == step and e["kind"] in COMPUTE
+                ]  # fmt: skip
             )
             for r in records
         }

@@ -164,7 +164,9 @@ class Pipeline:
         for param in model.parameters():
             param.register_post_accumulate_grad_hook(self._check_inside_step)
         self.call_gradients = CallGradients(list(model.parameters()), mark=self._mark_gradients)
-        self.timeline = TimelineRecorder.for_worker(rank=dist.get_rank(), plan=plan, stages=self.indices, device=self.device)
+        self.timeline = TimelineRecorder.for_worker(
+            rank=dist.get_rank(), plan=plan, stages=self.indices, device=self.device
+        )
 
     # --- building ------------------------------------------------------------------------------------
     def _block_stages(self, names: list[str], *, keep_output: bool):

@@ -82,7 +82,9 @@ class TimelineRecorder:
         stages = getattr(schedule, "_stages", None) or [schedule._stage]
         for stage in stages:
             for name, kind in COMPUTE.items():
-                self._wrap(stage, name, hooks, lambda mb, *a, kind=kind, stage=stage, **k: (kind, stage.stage_index, mb))
+                self._wrap(
+                    stage, name, hooks, lambda mb, *a, kind=kind, stage=stage, **k: (kind, stage.stage_index, mb)
+                )
             self._wrap(stage, "backward_one_chunk", hooks, self._backward_kind(stage))
             for name, (direction, of) in MESSAGES.items():
                 self._tag_messages(stage, name, hooks, direction=direction, of=of, step=step)

@@ -25,13 +25,13 @@ from onegpu.plan import Plan  # noqa: E402
 from onegpu.settings import settings  # noqa: E402
 
 out = Path(sys.argv[1])
-DIM, ROWS = 384, 256  # rows per micro-batch: a few ms of computation per stage and micro-batch on one CPU thread
+DIM, ROWS = 768, 256  # tens of ms per stage and micro-batch on one CPU thread: far more than a message costs
 
 
 class Layer(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(DIM, DIM)
+        self.fc = nn.Linear(dim, dim)
 
     def forward(self, x):
         return torch.tanh(self.fc(x))
@@ -40,9 +40,9 @@ class Layer(nn.Module):
 class Stack(nn.Module):
     """Identical blocks and nothing else: every stage computes the same (the loss is a mean)."""
 
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, dim: int = DIM) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(Layer() for _ in range(layers))
+        self.layers = nn.ModuleList(Layer(dim) for _ in range(layers))
 
     def forward(self, x, y):
         for layer in self.layers:
@@ -71,9 +71,11 @@ def run(name: str, model: nn.Module, plan: Plan, *, calls: int, width: int) -> N
 
 
 results = {}
-run("1f1b", Stack(4), Plan(dp=1, pp=2, microbatches=4, schedule="1f1b"), calls=10, width=DIM)
-#run("interleaved", Stack(4), Plan(dp=1, pp=2, microbatches=4, schedule="interleaved"), calls=4, width=DIM)
-#run("tower", Tower(), Plan(dp=1, pp=2, microbatches=4, schedule="gpipe"), calls=4, width=8)
+run("1f1b", Stack(4), Plan(dp=1, pp=2, microbatches=4, schedule="1f1b"), calls=4, width=DIM)
+run(
+    "interleaved", Stack(4, DIM // 4), Plan(dp=1, pp=2, microbatches=4, schedule="interleaved"), calls=4, width=DIM // 4
+)
+run("tower", Tower(), Plan(dp=1, pp=2, microbatches=4, schedule="gpipe"), calls=4, width=8)
 dist.barrier()
 if dist.get_rank() == 0:
     (out / "results.json").write_text(json.dumps(results))
