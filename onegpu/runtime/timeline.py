@@ -68,14 +68,21 @@ class TimelineRecorder:
             return
         if not self.barrier_ns:
             self.barrier_ns = self._barrier()
-        step = self.calls
         with ExitStack() as hooks:
-            self._install(schedule, step=step, hooks=hooks)
+            try:
+                self._install(schedule, step=self.calls, hooks=hooks)
+            except AttributeError:  # a torch whose schedules keep their stages elsewhere: train on, unrecorded
+                hooks.close()
+                yield
+                return
             start = self._now()
             yield
             end = self._now()
-        self.steps.append({"step": step, "start_ns": start, "end_ns": end})
-        self._write()
+        self.steps.append({"step": self.calls, "start_ns": start, "end_ns": end})
+        try:
+            self._write()
+        except OSError:  # the record must never stop the training
+            pass
 
     # --- hooks -----------------------------------------------------------------------------------------
     def _install(self, schedule: Any, *, step: int, hooks: ExitStack) -> None:
