@@ -16,6 +16,7 @@ wait is when a worker idles for a neighbour). On an accelerator each event is cl
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -94,12 +95,12 @@ class TimelineRecorder:
                 )
             self._wrap(stage, "backward_one_chunk", hooks, self._backward_kind(stage))
             for name, (direction, of) in MESSAGES.items():
-                self._tag_messages(stage, name, hooks, direction=direction, of=of, step=step)
+                self._tag_messages(stage, name, hooks, direction=direction, of=of)
         self.step = step
         loss_fn = getattr(schedule, "_loss_fn", None)
         if loss_fn is not None:
             last = max(stage.stage_index for stage in stages)
-            counter = iter(range(10**9))
+            counter = itertools.count()  # the schedule computes the losses in micro-batch order
             self._set(schedule, "_loss_fn", self._timed(loss_fn, lambda *a, **k: ("loss", last, next(counter))), hooks)
         if hasattr(torch_schedules, "_batch_p2p"):  # every schedule posts its messages through it
             self._set(torch_schedules, "_batch_p2p", self._timed_messages(torch_schedules._batch_p2p), hooks)
@@ -133,7 +134,7 @@ class TimelineRecorder:
 
         return timed
 
-    def _tag_messages(self, stage: Any, name: str, hooks: ExitStack, *, direction: str, of: str, step: int) -> None:
+    def _tag_messages(self, stage: Any, name: str, hooks: ExitStack, *, direction: str, of: str) -> None:
         original = getattr(stage, name)
 
         def tagged(mb: int, *args: Any, **kwargs: Any) -> list:
