@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from onegpu.errors import UsageError
 from onegpu.report.records import read_plan
 
 DIRECTORY = "timeline"
@@ -140,7 +141,10 @@ def predicted_bubble(directory: Path, record: dict[str, Any]) -> tuple[float | N
     """The bubble the plan predicts, and from what: the cost model's ``pipeline_bubble`` over the pipeline's
     time (computation, its communication, the bubble) when ``plan.json`` has the time breakdown; else the
     schedule's theory."""
-    plan = read_plan(directory)
+    try:
+        plan = read_plan(directory)
+    except UsageError:  # a plan.json this version cannot read: the timeline is still worth showing
+        plan = None
     times = plan.predicted.time_breakdown if plan is not None and plan.predicted is not None else {}
     if times.get("pipeline_bubble"):
         parts = ("compute", "recompute", "tensor_parallel_comm", "pipeline_comm", "pipeline_bubble")
