@@ -17,7 +17,7 @@ from conftest import ROOT, run_onegpu
 from onegpu.errors import UsageError
 from onegpu.pool.config import load_pool
 from onegpu.pool.flavors import all_flavors, current_flavor, standard_name, standard_sizes, switch_flavor
-from onegpu.pool.ledger import open_ledger
+from onegpu.pool.ledger import HISTORY_S, open_ledger
 
 pytestmark = pytest.mark.slow  # the real CLI, in processes of its own
 
@@ -63,7 +63,7 @@ def remove_ledger(home):
         import psycopg
 
         with psycopg.connect(url, autocommit=True) as connection:
-            connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats, cancels")
+            connection.execute("DROP TABLE IF EXISTS leases, intervals, queue, stats, cancels, samples")
     for path in home.glob("ledger.sqlite*"):
         path.unlink()
 
@@ -354,3 +354,21 @@ def test_a_corrupt_or_locked_ledger_is_a_clear_error_and_loses_nothing(home):
     assert corrupt.returncode == 1 and "cannot be used" in corrupt.stderr and "move it aside" in corrupt.stderr
     assert len(corrupt.stderr.strip().splitlines()) == 1
     assert (broken / "ledger.sqlite").read_bytes() == before
+
+
+def test_reports_are_kept_a_few_minutes_for_the_running_jobs_history(home, backend, monkeypatch):
+    records, now = ledger(home), time.time()
+    records.acquire(job="train", devices=2, pool_devices=range(4))
+    for device, ago in ((0, HISTORY_S + 100), (0, 100), (0, 50), (1, 50)):
+        with monkeypatch.context() as clock:
+            clock.setattr(time, "time", lambda ago=ago: now - ago)
+            records.report(job="train", device=device, memory_bytes=ago * 1e6, utilization=0.5)
+    history = records.history()
+    assert [(s.device, s.memory_bytes) for s in history] == [(0, 100e6), (0, 50e6), (1, 50e6)]  # older: gone
+    records.release(job="train")
+    assert records.history() == []
+    if backend == "sqlite":  # a ledger from before the history: the table is added when it is opened
+        with sqlite3.connect(home / "ledger.sqlite") as connection:
+            connection.execute("DROP TABLE samples")
+        ledger(home).report(job="other", device=2, memory_bytes=1.0, utilization=0.1)
+        assert [s.job for s in ledger(home).history()] == ["other"]

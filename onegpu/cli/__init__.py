@@ -13,6 +13,7 @@ from onegpu.cli import resize as resize_command
 from onegpu.cli import run as run_command
 from onegpu.cli import smi as smi_command
 from onegpu.cli import switch as switch_command
+from onegpu.cli import timeline as timeline_command
 from onegpu.cli import usage as usage_command
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ jobs_command.register(app)
 cancel_command.register(app)
 export_command.register(app)
 report_command.register(app)
+timeline_command.register(app)
 
 
 @app.callback()

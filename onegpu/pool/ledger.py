@@ -41,7 +41,11 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, host TEXT NOT NULL, first_device INTEGER NOT NULL,"
     " slots INTEGER NOT NULL, seen DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS cancels (job TEXT PRIMARY KEY, by_user TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    # the stats' recent past, for the history onegpu smi draws: HISTORY_S per device, while its job runs
+    "CREATE TABLE IF NOT EXISTS samples (device INTEGER NOT NULL, job TEXT NOT NULL, memory_bytes DOUBLE PRECISION"
+    " NOT NULL, utilization DOUBLE PRECISION NOT NULL, reported DOUBLE PRECISION NOT NULL)",
 )
+HISTORY_S = 300.0  # at a report every 2 s (launch/reporting.py): 150 rows per device at most
 
 
 class LedgerError(UsageError):
@@ -131,6 +135,7 @@ class Ledger:
             run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", *lease)
         run("DELETE FROM leases WHERE renewed < ?", stale)
         run("DELETE FROM stats WHERE job NOT IN (SELECT job FROM leases)")
+        run("DELETE FROM samples WHERE job NOT IN (SELECT job FROM leases)")
         run("DELETE FROM queue WHERE renewed < ?", stale)
 
     def acquire(
@@ -238,8 +243,10 @@ class Ledger:
                     run("INSERT INTO intervals VALUES (?, ?, ?, ?, ?)", job, user, device, started, max(started, now))
                     run("DELETE FROM leases WHERE device = ?", device)
                     run("DELETE FROM stats WHERE device = ?", device)
+                    run("DELETE FROM samples WHERE device = ?", device)
             if devices is None:
                 run("DELETE FROM stats WHERE job = ?", job)
+                run("DELETE FROM samples WHERE job = ?", job)
                 run("DELETE FROM queue WHERE job = ?", job)
 
     def cancel(self, *, job: str, by_user: str, allowed: Callable[[str], None]) -> Cancellation:
@@ -274,10 +281,13 @@ class Ledger:
                 enumerate(rows, start=1)]  # fmt: skip
 
     def report(self, *, job: str, device: int, memory_bytes: float, utilization: float) -> None:
-        """A worker's current memory use and utilization of its device."""
+        """A worker's current memory use and utilization of its device; kept as a sample for ``HISTORY_S``."""
+        now = time.time()
         with self._transaction() as run:
             run("DELETE FROM stats WHERE device = ?", device)
-            run("INSERT INTO stats VALUES (?, ?, ?, ?, ?)", device, job, memory_bytes, utilization, time.time())
+            run("INSERT INTO stats VALUES (?, ?, ?, ?, ?)", device, job, memory_bytes, utilization, now)
+            run("DELETE FROM samples WHERE device = ? AND (reported < ? OR job <> ?)", device, now - HISTORY_S, job)
+            run("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", device, job, memory_bytes, utilization, now)
 
     def holdings(self) -> list[Holding]:
         with self._transaction() as run:
@@ -293,6 +303,12 @@ class Ledger:
     def stats(self) -> list[Stat]:
         with self._transaction() as run:
             return [Stat(*row) for row in run("SELECT device, job, memory_bytes, utilization, reported FROM stats")]
+
+    def history(self) -> list[Stat]:
+        """The running jobs' reports of the last ``HISTORY_S`` seconds, oldest first."""
+        with self._transaction() as run:
+            rows = run("SELECT device, job, memory_bytes, utilization, reported FROM samples ORDER BY reported")
+        return [Stat(*row) for row in rows]
 
     def intervals(self, *, since: float | None = None, until: float | None = None) -> list[Interval]:
         """Every recorded interval that ended after ``since``, and the open ones up to now (or ``until``)."""

@@ -19,6 +19,7 @@ only the schedule waits for the first batch, which shows the inputs' names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
 from onegpu.runtime.stage_gradients import mark_gradients
+from onegpu.runtime.timeline import TimelineRecorder
 from onegpu.runtime.user_loss import TARGET
 from onegpu.runtime.watchdog import Watchdog
 
@@ -162,6 +164,9 @@ class Pipeline:
         for param in model.parameters():
             param.register_post_accumulate_grad_hook(self._check_inside_step)
         self.call_gradients = CallGradients(list(model.parameters()), mark=self._mark_gradients)
+        self.timeline = TimelineRecorder.for_worker(
+            rank=dist.get_rank(), plan=plan, stages=self.indices, device=self.device
+        )
 
     # --- building ------------------------------------------------------------------------------------
     def _block_stages(self, names: list[str], *, keep_output: bool):
@@ -330,7 +335,8 @@ class Pipeline:
         self.in_step = True
         self.call_gradients.start()
         try:
-            schedule.step(**inputs, **extra, return_outputs=False)
+            with self.timeline.training_call(schedule) if self.timeline else nullcontext():
+                schedule.step(**inputs, **extra, return_outputs=False)
             self.shared.sum_gradients()
         finally:
             self.in_step = False
