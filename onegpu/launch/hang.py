@@ -117,6 +117,7 @@ class Hang:
     seq: int
     waiting: dict[int, Collective | None]  # worker -> its collective at ``seq`` (None: only counted)
     behind: dict[int, Collective | None]  # worker -> its last collective in the group
+    reached: dict[int, int]  # worker -> the number of its last collective in the group
     missing: tuple[int, ...]
     phases: dict[int, str | None]
 
@@ -153,6 +154,7 @@ def find_hang(records: dict[int, RankRecord]) -> Hang | None:
         seq=top,
         waiting=waiting,
         behind=behind,
+        reached={rank: records[rank].last_seq(group) for rank in present},
         missing=missing,
         phases={rank: r.phase for rank, r in records.items()},
     )
@@ -195,7 +197,9 @@ def _where(hang: Hang, rank: int, collective: Collective | None, *, seq: int) ->
 
 
 def _group(hang: Hang, world: int) -> str:
-    return "" if len(hang.members) >= world and hang.group == "0" else f" of group {hang.group} ({_ranks(hang.members)})"
+    return (
+        "" if len(hang.members) >= world and hang.group == "0" else f" of group {hang.group} ({_ranks(hang.members)})"
+    )
 
 
 def hang_line(hang: Hang, *, directory: Path, job: str | None) -> str:
@@ -204,12 +208,11 @@ def hang_line(hang: Hang, *, directory: Path, job: str | None) -> str:
     where = _group(hang, world)
     waiting = sorted(hang.waiting)
     first = hang.waiting[waiting[0]] if waiting else None
-    waits = f"{_ranks(waiting)} wait in {_where(hang, waiting[0], first, seq=hang.seq)}{where}" if waiting else ""
+    verb = "waits" if len(waiting) == 1 else "wait"
+    waits = f"{_ranks(waiting)} {verb} in {_where(hang, waiting[0], first, seq=hang.seq)}{where}" if waiting else ""
     if hang.kind == "mismatch":
         odd = hang.odd
-        each = "; ".join(
-            f"{_ranks([rank])} is in {_signature(hang.waiting[rank])}" for rank in sorted(hang.waiting)
-        )
+        each = "; ".join(f"{_ranks([rank])} is in {_signature(hang.waiting[rank])}" for rank in sorted(hang.waiting))
         said = (
             f"{_ranks(odd)} took another path at collective #{hang.seq}{where}: {each} "
             f"(a collective skipped or added on {'these ranks' if len(odd) > 1 else 'that rank'})"
@@ -223,8 +226,8 @@ def hang_line(hang: Hang, *, directory: Path, job: str | None) -> str:
             verb = "is" if len(behind) == 1 else "are"
             lasts = ", ".join(
                 f"{_ranks([rank])}'s last collective is "
-                + (_where(hang, rank, hang.behind[rank], seq=0) if hang.behind[rank] else "none recorded")
-                + f" ({hang.seq - _seq(hang.behind[rank])} behind)"
+                + (_where(hang, rank, hang.behind[rank], seq=hang.reached[rank]) if hang.reached[rank] else "none")
+                + f" ({hang.seq - hang.reached[rank]} behind)"
                 for rank in behind
             )
             parts.append(f"{_ranks(behind)} {verb} behind: {waits}; {lasts}")
@@ -235,10 +238,6 @@ def hang_line(hang: Hang, *, directory: Path, job: str | None) -> str:
         said = "; ".join(parts)
     stacks = directory / STACKS
     return f"{said}; stacks in {stacks}; run `onegpu doctor {job or directory}`"
-
-
-def _seq(collective: Collective | None) -> int:
-    return collective.seq if collective is not None else 0
 
 
 def _signature(collective: Collective | None) -> str:
