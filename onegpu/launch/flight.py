@@ -1,7 +1,7 @@
 """What each worker records of its collectives, and what it leaves in the job's directory when one hangs.
 
-Collectives are recorded by PyTorch's Flight Recorder: the process-group backend itself (NCCL, and gloo since
-torch 2.7) keeps the last ``TORCH_FR_BUFFER_SIZE`` collectives of every group in a ring in memory (sequence
+Collectives are recorded by PyTorch's Flight Recorder: the process-group backend itself (NCCL in a recorder
+of its own, ``_dump_nccl_trace_json``; gloo in the generic one, ``_dump_fr_trace_json``) keeps the last ``TORCH_FR_BUFFER_SIZE`` collectives of every group in a ring in memory (sequence
 number, operation, shapes, dtypes, whether it completed), whoever issued them: onegpu, FSDP2, DTensor, the
 user's own ``torch.distributed`` calls. Gloo does not record point-to-point sends and receives. A backend
 without the recorder still counts each group's collectives (``_get_sequence_number_for_group``), read only
@@ -52,17 +52,35 @@ def _attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+# NCCL's recorder (FlightRecorder<CUDAEvent>, only in CUDA builds) and the generic one of gloo and other backends
+DUMPS = ("_dump_nccl_trace_json", "_dump_fr_trace_json")
+
+
+def _dumps(*, collectives: bool) -> list[dict[str, Any]]:
+    """What each recorder of this build holds: its groups' status, and its collectives when asked."""
+    from torch._C import _distributed_c10d
+
+    found = []
+    for name in DUMPS:
+        dumped = getattr(_distributed_c10d, name, None)
+        if dumped is None:
+            continue
+        try:
+            found.append(json.loads(dumped(collectives, False)))
+        except (RuntimeError, ValueError, TypeError):  # a recorder that cannot dump is one without records
+            continue
+    return found
+
+
 def pending_collectives() -> dict[str, tuple[int, int]]:
     """Per process group, (last issued, last completed) collective sequence numbers; {} without a recorder."""
-    try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
-
-        status = json.loads(_dump_fr_trace_json(includeCollectives=False)).get("pg_status", {})
-    except (ImportError, RuntimeError, ValueError):
-        return {}
-    return {
-        group: (int(s["last_enqueued_collective"]), int(s["last_completed_collective"])) for group, s in status.items()
-    }
+    pending = {}
+    for dumped in _dumps(collectives=False):
+        for group, status in dumped.get("pg_status", {}).items():
+            issued, completed = int(status["last_enqueued_collective"]), int(status["last_completed_collective"])
+            if issued > 0:
+                pending[group] = (issued, completed)
+    return pending
 
 
 @functools.cache
@@ -77,12 +95,7 @@ def completed_after_all(*, group: str, seq: int) -> bool:
 
 
 def _entries() -> list[dict[str, Any]]:
-    try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
-
-        return json.loads(_dump_fr_trace_json(includeCollectives=True)).get("entries", [])
-    except (ImportError, RuntimeError, ValueError):
-        return []
+    return [entry for dumped in _dumps(collectives=True) for entry in dumped.get("entries", [])]
 
 
 def records(*, rank: int, reason: str) -> dict[str, Any]:
