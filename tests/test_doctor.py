@@ -82,8 +82,9 @@ def test_ranks_on_different_collectives_at_the_same_number_disagree(job):
     assert hang.kind == "mismatch" and hang.odd == (1,)
     assert explain(job).startswith(
         "rank 1 took another path at collective #8: rank 0 is in all_reduce [4] Float; rank 1 is in all_gather [3] "
-        "Long; rank 2 is in all_reduce [4] Float (a collective skipped or added on that rank)"
+        "Long (forward); rank 2 is in all_reduce [4] Float (a collective skipped or added on that rank)"
     )
+    assert "Rank 1 issued another collective #8 than the others." in diagnose(job)
 
 
 def test_workers_in_sync_did_not_hang(job):

@@ -66,7 +66,8 @@ def _gap(hang: Hang) -> str:
     missing = f"; no record from rank{'s' * (len(hang.missing) > 1)} {','.join(map(str, hang.missing))}"
     gap = f"Sequence numbers reached: {where}{missing if hang.missing else ''}."
     if hang.kind == "mismatch":
-        return f"{gap} Workers {','.join(map(str, hang.odd))} issued a different collective #{hang.seq}."
+        odd = ",".join(map(str, hang.odd))
+        return f"{gap} Rank{'s' * (len(hang.odd) > 1)} {odd} issued another collective #{hang.seq} than the others."
     if hang.behind:
         lags = ", ".join(f"rank {rank} by {hang.seq - at[rank]}" for rank in sorted(hang.behind))
         return f"{gap} Behind: {lags}."
