@@ -212,7 +212,11 @@ def hang_line(hang: Hang, *, directory: Path, job: str | None) -> str:
     waits = f"{_ranks(waiting)} {verb} in {_where(hang, waiting[0], first, seq=hang.seq)}{where}" if waiting else ""
     if hang.kind == "mismatch":
         odd = hang.odd
-        each = "; ".join(f"{_ranks([rank])} is in {_signature(hang.waiting[rank])}" for rank in sorted(hang.waiting))
+        each = "; ".join(
+            f"{_ranks([rank])} is in {_signature(hang.waiting[rank])}"
+            + (f" ({hang.phases[rank]})" if hang.phases.get(rank) else "")
+            for rank in sorted(hang.waiting)
+        )
         said = (
             f"{_ranks(odd)} took another path at collective #{hang.seq}{where}: {each} "
             f"(a collective skipped or added on {'these ranks' if len(odd) > 1 else 'that rank'})"
