@@ -116,6 +116,8 @@ def test_records_of_an_earlier_hang_are_left_out(job):
     write_record(job, 0, collectives(3, pending=True))
     write_record(job, 1, collectives(2, pending=False), time=time.time() - 3600)
     assert find_hang(read_records(job)).missing == (1, 2)
+    write_record(job, 2, collectives(2, pending=False), attempt=1)  # torchelastic's next attempt
+    assert list(read_records(job)) == [2] and find_hang(read_records(job)) is None
 
 
 def test_the_report_shows_the_scripts_frames_of_each_worker(job):

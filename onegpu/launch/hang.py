@@ -17,7 +17,7 @@ from typing import Any
 
 from onegpu.launch.flight import FLIGHT, STACKS
 
-SAME_INCIDENT_S = 120.0  # records written this long before the newest belong to an earlier hang
+SAME_INCIDENT_S = 120.0  # records written this long before the newest (or in an earlier attempt) are of another hang
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class RankRecord:
 
     rank: int
     world_size: int
+    attempt: int  # torchelastic's restart count
     time: float
     reason: str
     phase: str | None
@@ -70,6 +71,7 @@ class RankRecord:
         return cls(
             rank=int(data["rank"]),
             world_size=int(data.get("world_size", 1)),
+            attempt=int(data.get("attempt", 0)),
             time=float(data.get("time", 0.0)),
             reason=str(data.get("reason", "")),
             phase=data.get("phase"),
@@ -103,8 +105,8 @@ def read_records(directory: Path) -> dict[int, RankRecord]:
         found[record.rank] = record
     if not found:
         return {}
-    newest = max(r.time for r in found.values())
-    return {rank: r for rank, r in found.items() if r.time >= newest - SAME_INCIDENT_S}
+    last = max(found.values(), key=lambda r: (r.attempt, r.time))
+    return {rank: r for rank, r in found.items() if r.attempt == last.attempt and r.time >= last.time - SAME_INCIDENT_S}
 
 
 @dataclass(frozen=True)
