@@ -69,12 +69,13 @@ def test_a_crashing_worker_stops_the_job_with_its_traceback():
     assert no_process_left(tag)
 
 
-def test_a_worker_stuck_in_a_collective_is_reported_by_rank_and_phase():
+def test_a_worker_stuck_in_a_collective_names_the_worker_it_waits_for_and_the_phase():
     tag = f"hang-{uuid.uuid4().hex}"
     result = run_onegpu("run", "--workers", "2", JOB, "hang", tag, env={"ONEGPU_COLLECTIVE_TIMEOUT": "3"})
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert "rank 0 stuck" in last and "in forward" in last and "ONEGPU_COLLECTIVE_TIMEOUT" in last, last
+    assert last.startswith("onegpu: rank 1 is behind: rank 0 waits in "), last
+    assert "(forward)" in last and "rank 1's last collective is" in last and "ONEGPU_COLLECTIVE_TIMEOUT" in last, last
     assert no_process_left(tag)
 
 

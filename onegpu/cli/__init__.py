@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from onegpu.cli import cancel as cancel_command
+from onegpu.cli import doctor as doctor_command
 from onegpu.cli import export as export_command
 from onegpu.cli import jobs as jobs_command
 from onegpu.cli import plan as plan_command
@@ -34,6 +35,7 @@ cancel_command.register(app)
 export_command.register(app)
 report_command.register(app)
 timeline_command.register(app)
+doctor_command.register(app)
 
 
 @app.callback()

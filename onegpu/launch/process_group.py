@@ -12,6 +12,7 @@ import torch.distributed as dist
 from onegpu.launch.clean_exit import end_cleanly_at_exit
 from onegpu.launch.environment import Environment, current_environment
 from onegpu.launch.external import lease_for_external_job
+from onegpu.launch.flight import enable_flight_recorder
 from onegpu.settings import settings
 
 
@@ -63,6 +64,7 @@ def current_worker(environment: Environment | None = None) -> Worker:
     device = worker_device(env.local_rank)
     if env.is_distributed and not dist.is_initialized():
         env.export()
+        enable_flight_recorder()  # every collective recorded, for the report of a hang (launch/flight.py)
         dist.init_process_group(
             backend=backend_for(device),
             # twice the watchdog's limit: the watchdog's report, naming the phase, comes first

@@ -34,8 +34,8 @@ def jobs_directory() -> Path:
 
 @contextmanager
 def job_directory(job: str) -> Iterator[Path]:
-    """The job's directory while the block runs, removed after it; a temporary one (and a job that cannot be
-    resized) when onegpu's home cannot be written."""
+    """The job's directory while the block runs, removed after it unless it holds the records of a hang (for
+    ``onegpu doctor``); a temporary one (and a job that cannot be resized) when onegpu's home cannot be written."""
     try:
         directory = writable_home() / "jobs" / job
         directory.mkdir(parents=True)
@@ -44,7 +44,9 @@ def job_directory(job: str) -> Iterator[Path]:
     try:
         yield directory
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        kept = directory.parent.name == "jobs" and (directory / "flight").is_dir()  # a hang's records: onegpu doctor
+        if not kept:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _write(path: Path, data: object) -> None:

@@ -23,6 +23,7 @@ from torch.distributed.run import get_args_parser, run
 
 from onegpu.errors import LaunchError
 from onegpu.launch.failures import root_cause
+from onegpu.launch.flight import enable_flight_recorder
 from onegpu.launch.ray_run import run_on_ray
 from onegpu.launch.resizing import job_directory, take_resize
 from onegpu.launch.status import attempt_directory
@@ -111,6 +112,7 @@ def _run_workers(
         worker_environment(job=lease.job, devices=lease.devices, launcher_pid=os.getpid(), status_dir=status)
     )
     os.environ["OMP_NUM_THREADS"] = threads or str(threads_per_worker(workers))
+    enable_flight_recorder()  # also for a script that makes its process group itself
     # PyTorch's C++ warnings only (not Python's): DDP's reducer warns every replicated job that it looks for
     # parameters a call leaves out, which onegpu does on purpose (a model may skip some); set it to see them
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")

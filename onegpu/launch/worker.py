@@ -15,6 +15,7 @@ import traceback
 from onegpu.errors import UsageError
 from onegpu.launch.clean_exit import ends_with_finish, finish
 from onegpu.launch.failures import is_peer_gone, record_failure
+from onegpu.launch.flight import answer_requests
 from onegpu.launch.lifeline import die_with_launcher
 from onegpu.launch.status import record_end
 from onegpu.launch.workers import threads_per_worker
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> None:
     from onegpu.launch.reporting import start_reporting
 
     start_reporting()
+    answer_requests(settings().status_dir, rank=rank)  # records and stacks when another worker finds a hang
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart and rank == 0:  # torchelastic started every worker again after one failed (onegpu run --max-restarts)
         limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")
