@@ -182,7 +182,9 @@ def test_a_stopped_two_worker_job_leaves_its_record(tmp_path):
     assert stderr.count("onegpu: step 1 |") == 1  # rank 0's alone
     events = EventAccumulator(str(directory / "tensorboard"))
     events.Reload()
-    assert {"loss_metrics/global_avg_loss", "throughput(tps)", "memory/max_active(GiB)"} <= set(events.Tags()["scalars"])
+    assert {"loss_metrics/global_avg_loss", "throughput(tps)", "memory/max_active(GiB)"} <= set(
+        events.Tags()["scalars"]
+    )
     assert read_plan(directory).strategy == "ddp"
     record = read_job(directory)
     assert record["exit"] == 1 and "SIGTERM" in record["error"] and record["ended"] >= record["started"]
@@ -198,3 +200,24 @@ def _tagged(home: Path, tag: str) -> bool:
         if tag in accumulator.Tags()["scalars"]:
             return True
     return False
+
+
+def test_a_kept_directory_of_an_ended_job_is_not_taken_for_a_running_job(tmp_path, monkeypatch):
+    from onegpu.cli.resize import resize_job
+    from onegpu.errors import UsageError
+    from onegpu.launch.resizing import jobs_directory, mark_saves_state, requested_workers
+    from onegpu.pool.config import load_pool
+    from onegpu.pool.lease import pool_ledger
+
+    monkeypatch.setenv("ONEGPU_HOME", str(tmp_path))
+    pool = load_pool()
+    directory = jobs_directory() / "carol-1"
+    directory.mkdir(parents=True)
+    mark_saves_state(directory, state=tmp_path / "ckpt")
+    (directory / "job.json").write_text(json.dumps({"job": "carol-1", "ended": 100.0, "exit": 0}))
+    with pytest.raises(UsageError, match="^no running job 'carol-1'"):  # no lease: the ledger says it ended
+        resize_job(pool, job="carol-1", workers=2)
+    pool_ledger(pool).acquire(job="carol-1", devices=1, pool_devices=range(4))  # a lease row left behind
+    with pytest.raises(UsageError, match="^job carol-1 has ended: onegpu smi lists the running jobs$"):
+        resize_job(pool, job="carol-1", workers=2)
+    assert requested_workers(directory) is None
