@@ -14,7 +14,7 @@ from onegpu.plan import Plan
 from onegpu.settings import settings
 
 PLAN = "plan.json"
-_log: list = []  # the process's one MetricsLog, once opened
+_logs: dict[Path, object] = {}  # the process's MetricsLog of each directory, once opened
 
 
 def write_plan(plan: Plan, *, worker: Worker) -> None:
@@ -42,9 +42,9 @@ def observe_steps(plan: Plan, model, optimizers: tuple[torch.optim.Optimizer, ..
 
 
 def _metrics_log(directory: Path):
-    if not _log:
+    if directory not in _logs:
         from onegpu.runtime.metrics_log import MetricsLog
         from onegpu.runtime.progress_line import ProgressLine
 
-        _log.append(MetricsLog(directory, progress=ProgressLine()))
-    return _log[0]
+        _logs[directory] = MetricsLog(directory, progress=ProgressLine())
+    return _logs[directory]

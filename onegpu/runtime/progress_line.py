@@ -90,7 +90,7 @@ class ProgressLine:
 def _text(row: dict[str, Any]):
     from rich.text import Text
 
-    return Text(progress_text(row))  # plain text: no markup read into the figures
+    return Text(progress_text(row), no_wrap=True, overflow="ellipsis")  # one line; no markup read in the figures
 
 
 def _isatty(stream: TextIO) -> bool:

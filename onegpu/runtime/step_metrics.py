@@ -121,7 +121,7 @@ class PeerMemory:
         return list(self.peaks)
 
 
-_NORMS: list[Any] = []  # what clip_grad_norm_ returned since the last step
+_NORM: list[Any] = [None]  # what clip_grad_norm_ returned last since the last step
 
 
 def record_clipping() -> None:
@@ -137,7 +137,7 @@ def record_clipping() -> None:
     @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
         norm = original(*args, **kwargs)
-        _NORMS.append(norm)
+        _NORM[0] = norm
         return norm
 
     clip_grad_norm_.onegpu_records = True
@@ -161,7 +161,7 @@ class StepMeter:
         self.losses: list[torch.Tensor] = []
         self.rows, self.tokens = 0, 0  # of the step's training calls; tokens None once a call has none
         _current[0] = self
-        _NORMS.clear()
+        _NORM[0] = None
         model.register_forward_pre_hook(self._before_call, with_kwargs=True, prepend=True)
         model.register_forward_hook(self._after_call)
         optimizer.register_step_post_hook(self._after_step)
@@ -199,7 +199,7 @@ class StepMeter:
             step=_prepared.optimizer_steps[0] if _prepared is not None else 0,
             at=time.time(),
             losses=[float(loss) for loss in self.losses],
-            grad_norm=_value(_NORMS[-1]) if _NORMS else None,
+            grad_norm=_value(_NORM[0]) if _NORM[0] is not None else None,
             items=self.rows if self.tokens is None else self.tokens,
             tokens=self.tokens is not None,
             seconds=now - self.started,
@@ -210,7 +210,7 @@ class StepMeter:
             peaks=self.memory.peaks_bytes(),
         )
         self.losses, self.rows, self.tokens, self.started = [], 0, 0, now
-        _NORMS.clear()
+        _NORM[0] = None
         self.log.write(row)
 
 
