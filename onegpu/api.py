@@ -33,6 +33,7 @@ from onegpu.settings import settings
 
 _pins: dict[str, Any] | None = None
 _trials: int | None = None
+_described_flops: dict[int, float] = {}  # rank 0: the model FLOPs per token (or sample) its inspection counted
 
 
 def enable_advanced_parallelization(*, trials: int | None = None, **pins: Any) -> None:
@@ -161,7 +162,8 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
 def _recorded(plan: Plan, given: TrainingObjects, *, worker: Worker) -> None:
     """Under ``onegpu run``, rank 0 keeps the executed plan and each step's metrics in the job's record."""
     write_plan(plan, worker=worker)
-    observe_steps(plan, given.model, given.optimizers, worker=worker)
+    flops = _described_flops.pop(id(given.model), None)
+    observe_steps(plan, given.model, given.optimizers, worker=worker, flops_per_item=flops)
 
 
 def _shared(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool = True) -> Plan:
@@ -249,9 +251,12 @@ def _describe(model: nn.Module, slice_: Any | None, *, precision: str = "fp32"):
     if slice_ is None:
         return None, "no DataLoader of a map-style dataset with a batch_size was given to prepare()"
     try:
-        return describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_), precision=precision), ""
+        description = describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_), precision=precision)
     except UsageError as error:
         return None, str(error)
+    profile = description.profile
+    _described_flops[id(model)] = profile.flops_per_sample / max(profile.seq_len, 1)
+    return description, ""
 
 
 def _trains(model: nn.Module) -> bool:

@@ -30,15 +30,19 @@ def write_plan(plan: Plan, *, worker: Worker) -> None:
         pass
 
 
-def observe_steps(plan: Plan, model, optimizers: tuple[torch.optim.Optimizer, ...], *, worker: Worker) -> None:
-    """Rank 0 records each step of the last optimizer (unless ``ONEGPU_METRICS=0``)."""
+def observe_steps(
+    plan: Plan, model, optimizers: tuple[torch.optim.Optimizer, ...], *, worker: Worker, flops_per_item=None
+) -> None:
+    """Rank 0 records each step of the last optimizer (unless ``ONEGPU_METRICS=0``). ``flops_per_item``: the
+    model's FLOPs per token (or sample) when counted, for plans without a prediction (no MFU then: no peak)."""
     options = settings()
     if options.status_dir is None or not options.metrics or not worker.is_main or not optimizers:
         return
     from onegpu.runtime.step_metrics import StepMeter, record_clipping
 
     record_clipping()
-    StepMeter(model, optimizers[-1], plan=plan, worker=worker, log=_metrics_log(options.log_dir or options.status_dir))
+    log = _metrics_log(options.log_dir or options.status_dir)
+    StepMeter(model, optimizers[-1], plan=plan, worker=worker, log=log, flops_per_item=flops_per_item)
 
 
 def _metrics_log(directory: Path):

@@ -11,7 +11,8 @@
 - ``time_metrics/data_loading(s)``/``(%)``: time the loop waited on prepared DataLoaders (0 for a loop that builds
   its batches itself: onegpu cannot tell its batch building from the rest of its work);
 - ``tflops``, ``mfu(%)``: per worker, from the model FLOPs and device peak of the plan's prediction (plans the
-  planner searched); left out for plans without one;
+  planner searched); other plans have ``tflops`` from the FLOPs the model's inspection counted and no ``mfu(%)``
+  (no device peak), and neither when the model was not inspected (a fitted plan given as JSON);
 - ``memory/peak_per_worker(GiB)``, ``memory/max_active(GiB)``: each worker's peak (the device's on an accelerator,
   the process's resident memory on CPU), as the workers last reported it (``launch/status.py``), and its maximum.
 
@@ -153,9 +154,20 @@ class StepMeter:
     """Rank 0's hooks on the model's training calls and the last optimizer's step: each step's row, to ``log``.
     Only the meter of the last ``prepare`` measures (a script may prepare several models in turn)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, plan: Plan, worker: Worker, log) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        plan: Plan,
+        worker: Worker,
+        log,
+        flops_per_item=None,
+    ) -> None:
         self.model, self.log, self.world_size = model, log, worker.world_size
         self.flops_per_item, self.peak_flops = flops_of(plan)
+        if self.flops_per_item is None:  # counted by the inspection, without a device's peak: TFLOPs, no MFU
+            self.flops_per_item = flops_per_item
         self.memory = PeerMemory(world_size=worker.world_size)
         self.started: float | None = None  # the step's start; None before its first training call
         self.losses: list[torch.Tensor] = []
