@@ -154,17 +154,18 @@ def test_the_launcher_records_the_end_however_the_job_ends(tmp_path):
 
 @pytest.mark.slow
 def test_a_stopped_two_worker_job_leaves_its_record(tmp_path):
-    """One job, stopped by SIGTERM once it trained: its metrics, event files, plan and end stay."""
+    """One job, stopped by SIGTERM once it trained: its metrics (in its --log-dir), event files, plan and end stay."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    home, out = tmp_path / "home", tmp_path / "out"
+    home, out, logs = tmp_path / "home", tmp_path / "out", tmp_path / "logs"
     out.mkdir()
     env = {**os.environ, "ONEGPU_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "onegpu", "run", "--workers", "2", "tests/scripts/metrics_job.py", str(out)]
+    command = [sys.executable, "-m", "onegpu", "run", "--workers", "2", "--log-dir", str(logs),
+               "tests/scripts/metrics_job.py", str(out)]  # fmt: skip
     job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "results.json").exists() or not _tagged(home, "grad_norm"):
+        while not (out / "results.json").exists() or not _tagged(logs / "tensorboard", "grad_norm"):
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
             time.sleep(0.2)
         job.send_signal(signal.SIGTERM)
@@ -180,7 +181,8 @@ def test_a_stopped_two_worker_job_leaves_its_record(tmp_path):
     assert all(set(FIGURES) <= set(r) and r["throughput(tps)"] > 0 for r in rows)
     assert all(len(r["memory/peak_per_worker(GiB)"]) == 2 for r in rows)
     assert stderr.count("onegpu: step 1 |") == 1  # rank 0's alone
-    events = EventAccumulator(str(directory / "tensorboard"))
+    assert read_job(directory)["log_dir"] == str(logs) and not (directory / "metrics.jsonl").exists()
+    events = EventAccumulator(str(logs / "tensorboard"))
     events.Reload()
     assert {"loss_metrics/global_avg_loss", "throughput(tps)", "memory/max_active(GiB)"} <= set(
         events.Tags()["scalars"]
@@ -190,16 +192,15 @@ def test_a_stopped_two_worker_job_leaves_its_record(tmp_path):
     assert record["exit"] == 1 and "SIGTERM" in record["error"] and record["ended"] >= record["started"]
 
 
-def _tagged(home: Path, tag: str) -> bool:
-    """Whether a job's event files hold ``tag`` yet (they are flushed every 2 s)."""
+def _tagged(events: Path, tag: str) -> bool:
+    """Whether the event files hold ``tag`` yet (they are flushed every 2 s)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for events in home.glob("jobs/*/tensorboard"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            return True
-    return False
+    if not events.is_dir():
+        return False
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return tag in accumulator.Tags()["scalars"]
 
 
 def test_a_kept_directory_of_an_ended_job_is_not_taken_for_a_running_job(tmp_path, monkeypatch):
@@ -221,3 +222,20 @@ def test_a_kept_directory_of_an_ended_job_is_not_taken_for_a_running_job(tmp_pat
     with pytest.raises(UsageError, match="^job carol-1 has ended: onegpu smi lists the running jobs$"):
         resize_job(pool, job="carol-1", workers=2)
     assert requested_workers(directory) is None
+
+
+def test_log_dir_is_made_absolute_for_the_workers_or_refused_in_one_line(tmp_path, monkeypatch):
+    from onegpu.errors import LaunchError
+    from onegpu.launch.run import _log_directory
+    from onegpu.settings import worker_environment
+
+    monkeypatch.chdir(tmp_path)
+    made = _log_directory(Path("runs/a"))
+    assert made == tmp_path / "runs" / "a" and made.is_dir()
+    assert worker_environment(launcher_pid=1, status_dir=tmp_path, log_dir=made)["ONEGPU_LOG_DIR"] == str(made)
+    assert worker_environment(launcher_pid=1, status_dir=tmp_path)["ONEGPU_LOG_DIR"] == str(tmp_path)  # the default
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        LaunchError, match=r"^--log-dir .*file/logs: cannot make it .*: give a directory you can write$"
+    ):
+        _log_directory(Path("file/logs"))
