@@ -73,6 +73,19 @@ def test_tokens_are_counted_from_token_ids():
     assert tokens_per_row((torch.randn(4, 16), torch.randn(4, 1)), {}) is None  # features: samples
 
 
+def test_the_norm_clip_grad_norm_returned_is_kept_once():
+    import torch
+
+    from onegpu.launch.clip_norms import record_clipping, take_norm
+
+    record_clipping()
+    layer = torch.nn.Linear(3, 1)
+    layer(torch.ones(2, 3)).sum().backward()
+    norm = torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.1)  # what the loop sees is torch's result
+    assert take_norm() == float(norm) and take_norm() is None
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in layer.parameters()])) <= 0.1 + 1e-6
+
+
 def test_the_progress_line_and_tensorboard_tags_show_the_rows_figures():
     figures = row(flops_per_item=1e9, peak_flops=1e13)
     line = progress_text(figures)

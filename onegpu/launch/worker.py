@@ -63,6 +63,10 @@ def main(argv: list[str]) -> None:
     from onegpu.launch.reporting import start_reporting
 
     start_reporting()
+    if rank == 0 and settings().metrics:  # the script may import clip_grad_norm_ by name
+        from onegpu.launch.clip_norms import record_clipping
+
+        record_clipping()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart and rank == 0:  # torchelastic started every worker again after one failed (onegpu run --max-restarts)
         limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")

@@ -38,9 +38,10 @@ def observe_steps(
     options = settings()
     if options.status_dir is None or not options.metrics or not worker.is_main or not optimizers:
         return
-    from onegpu.runtime.step_metrics import StepMeter, record_clipping
+    from onegpu.launch.clip_norms import record_clipping
+    from onegpu.runtime.step_metrics import StepMeter
 
-    record_clipping()
+    record_clipping()  # done already before the script started (launch/worker.py)
     log = _metrics_log(options.log_dir or options.status_dir)
     StepMeter(model, optimizers[-1], plan=plan, worker=worker, log=log, flops_per_item=flops_per_item)
 

@@ -21,7 +21,6 @@ Rank 0 adds no collective: every figure is its own or read from the peers' statu
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from onegpu.batches import batch_size, tensors_in
+from onegpu.launch.clip_norms import take_norm
 from onegpu.launch.process_group import Worker
 from onegpu.launch.status import attempt_directory, last_memory
 from onegpu.outputs import find_loss
@@ -122,34 +122,6 @@ class PeerMemory:
         return list(self.peaks)
 
 
-_NORM: list[Any] = [None]  # what clip_grad_norm_ returned last since the last step
-
-
-def record_clipping() -> None:
-    """``torch.nn.utils.clip_grad_norm_`` in this process (rank 0 of a job of ``onegpu run``) also keeps what it
-    returns, the gradients' total norm, for the step's row; it computes and clips exactly as before."""
-    import torch.nn.utils as utils
-    import torch.nn.utils.clip_grad as clip_grad
-
-    original = clip_grad.clip_grad_norm_
-    if getattr(original, "onegpu_records", False):
-        return
-
-    @functools.wraps(original)
-    def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
-        norm = original(*args, **kwargs)
-        _NORM[0] = norm
-        return norm
-
-    clip_grad_norm_.onegpu_records = True
-    utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = clip_grad_norm_
-
-
-def _value(tensor: Any) -> float:
-    full = getattr(tensor, "full_tensor", None)  # a DTensor norm (sharded gradients) is replicated
-    return float((full() if full is not None else tensor).detach())
-
-
 class StepMeter:
     """Rank 0's hooks on the model's training calls and the last optimizer's step: each step's row, to ``log``.
     Only the meter of the last ``prepare`` measures (a script may prepare several models in turn)."""
@@ -173,7 +145,7 @@ class StepMeter:
         self.losses: list[torch.Tensor] = []
         self.rows, self.tokens = 0, 0  # of the step's training calls; tokens None once a call has none
         _current[0] = self
-        _NORM[0] = None
+        take_norm()  # a norm clipped before this prepare is not a step's
         model.register_forward_pre_hook(self._before_call, with_kwargs=True, prepend=True)
         model.register_forward_hook(self._after_call)
         optimizer.register_step_post_hook(self._after_step)
@@ -211,7 +183,7 @@ class StepMeter:
             step=_prepared.optimizer_steps[0] if _prepared is not None else 0,
             at=time.time(),
             losses=[float(loss) for loss in self.losses],
-            grad_norm=_value(_NORM[0]) if _NORM[0] is not None else None,
+            grad_norm=take_norm(),
             items=self.rows if self.tokens is None else self.tokens,
             tokens=self.tokens is not None,
             seconds=now - self.started,
@@ -222,7 +194,6 @@ class StepMeter:
             peaks=self.memory.peaks_bytes(),
         )
         self.losses, self.rows, self.tokens, self.started = [], 0, 0, now
-        _NORM[0] = None
         self.log.write(row)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grad_norm_  # by name, before onegpu is imported
 from torch.utils.data import DataLoader, TensorDataset
 
 import onegpu
@@ -36,7 +37,7 @@ losses, norms = [], []
 for idx, targets in loader:
     _, loss = model(idx, targets)
     loss.backward()
-    norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+    norms.append(float(clip_grad_norm_(model.parameters(), 1.0)))
     optimizer.step()
     optimizer.zero_grad()
     losses.append(loss.item())
