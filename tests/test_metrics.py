@@ -73,6 +73,62 @@ def test_tokens_are_counted_from_token_ids():
     assert tokens_per_row((torch.randn(4, 16), torch.randn(4, 1)), {}) is None  # features: samples
 
 
+def meter_rows(model, steps, *, log=None):
+    """The rows a StepMeter on ``model`` writes while ``steps`` (a list of lists of calls' inputs) train it."""
+    import torch
+
+    from onegpu.launch.process_group import Worker
+    from onegpu.runtime.step_metrics import StepMeter
+
+    class Rows(list):
+        write = list.append
+
+    log = log if log is not None else Rows()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    worker = Worker(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    StepMeter(model, optimizer, plan=Plan(dp=1), worker=worker, log=log)
+    for calls in steps:
+        for inputs in calls:
+            model(inputs).sum().backward()
+        with torch.no_grad():
+            model(calls[0])  # an evaluation call: not the step's
+        optimizer.step()
+    return log
+
+
+def test_a_step_counts_every_training_call_of_the_loop_and_no_evaluation_call():
+    import torch
+
+    class Model(torch.nn.Module):  # returns its loss: a 0-dim output
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+
+        def forward(self, batch):  # a dict given by position
+            return self.layer(batch["x"]).pow(2).mean()
+
+    batch = {"x": torch.ones(4, 3)}
+    model = Model()
+    rows = meter_rows(model, [[batch, {"x": torch.zeros(2, 3)}], [batch]])
+    first, second = rows
+    assert first["throughput(sps)"] * first["time_metrics/end_to_end(s)"] == pytest.approx(6)  # 4 + 2 samples
+    assert second["throughput(sps)"] * second["time_metrics/end_to_end(s)"] == pytest.approx(4)
+    assert first["loss_metrics/global_avg_loss"] != second["loss_metrics/global_avg_loss"]
+    assert "grad_norm" not in first  # the loop did not clip
+
+
+def test_metrics_that_cannot_be_written_stop_with_one_line_and_the_training_goes_on(capsys):
+    import torch
+
+    class Full:
+        def write(self, row):
+            raise OSError(28, "No space left on device")
+
+    model = torch.nn.Linear(3, 1)
+    meter_rows(model, [[torch.ones(2, 3)], [torch.ones(2, 3)]], log=Full())
+    assert capsys.readouterr().err == "onegpu: metrics stopped: OSError: [Errno 28] No space left on device\n"
+
+
 def test_the_norm_clip_grad_norm_returned_is_kept_once():
     import torch
 

@@ -21,14 +21,16 @@ Rank 0 adds no collective: every figure is its own or read from the peers' statu
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from onegpu.batches import batch_size, tensors_in
+from onegpu.batches import tensors_in
 from onegpu.launch.clip_norms import take_norm
 from onegpu.launch.process_group import Worker
 from onegpu.launch.status import attempt_directory, last_memory
@@ -122,6 +124,27 @@ class PeerMemory:
         return list(self.peaks)
 
 
+def _rows(args: tuple, kwargs: dict[str, Any]) -> int:
+    """The samples of a call (the leading size of its first batched tensor, wherever it is), 0 when none is."""
+    return next((int(t.shape[0]) for t in tensors_in((args, kwargs)) if t.dim() > 0), 0)
+
+
+def _never_fails(hook):
+    """A hook of the meter whose failure (a full disk, an output it cannot read) stops the metrics, not the job."""
+
+    @functools.wraps(hook)
+    def guarded(self, *args: Any) -> Any:
+        try:
+            return hook(self, *args)
+        except Exception as error:  # noqa: BLE001 - the training goes on without its metrics
+            if _current[0] is self:
+                _current[0] = None
+                print(f"onegpu: metrics stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            return None
+
+    return guarded
+
+
 class StepMeter:
     """Rank 0's hooks on the model's training calls and the last optimizer's step: each step's row, to ``log``.
     Only the meter of the last ``prepare`` measures (a script may prepare several models in turn)."""
@@ -153,6 +176,7 @@ class StepMeter:
     def _training(self) -> bool:
         return _current[0] is self and torch.is_grad_enabled() and self.model.training
 
+    @_never_fails
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not self._training():
             return
@@ -162,17 +186,19 @@ class StepMeter:
             self.started = time.perf_counter() - loading
             WAITS.take_seconds()
             WAITS.seconds = loading
-        rows = rows if rows is not None else batch_size(args, kwargs)
+        rows = rows if rows is not None else _rows(args, kwargs)
         per_row = tokens_per_row(args, kwargs)
         self.rows += rows
         self.tokens = None if self.tokens is None or per_row is None else self.tokens + rows * per_row
 
+    @_never_fails
     def _after_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._training():
             loss = find_loss(output)
             if loss is not None:
                 self.losses.append(loss.detach())
 
+    @_never_fails
     def _after_step(self, *_: Any) -> None:
         if _current[0] is not self or self.started is None:
             return
