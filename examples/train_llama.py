@@ -21,7 +21,9 @@ from demo_data import GLOBAL_BATCH, LR, SEQ_LEN, TextChunks, build_demo_model, l
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--steps", type=int, default=200)
-parser.add_argument("--log-every", type=int, default=10)
+parser.add_argument(
+    "--log-every", type=int, default=0, help="print a step line every N steps (0: only onegpu's progress line)"
+)
 parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH, help="global batch, as on one device")
 parser.add_argument("--out", default="out/demo-llama")
 args = parser.parse_args()
@@ -76,7 +78,7 @@ while step < args.steps:
         step += 1
         window_steps += 1
         first_loss = loss.item() if first_loss is None else first_loss
-        if step % args.log_every == 0 or step == args.steps or step == 1:
+        if args.log_every and (step % args.log_every == 0 or step == args.steps or step == 1):
             duration = (time.perf_counter() - window_start) / window_steps
             print(
                 f"[Step {step}/{args.steps}] | Loss: {loss.item():.3f} | Duration: {duration:.2f} s | "

@@ -25,6 +25,7 @@ from onegpu.runtime.budget import memory_budget_bytes
 from onegpu.runtime.call_slicing import random_state, set_random_state, share_random_state
 from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import TrainingObjects, execute, sliced_loaders
+from onegpu.runtime.job_files import observe_steps, write_plan
 from onegpu.runtime.loss_weighting import check_count_items
 from onegpu.runtime.prepared import remember
 from onegpu.runtime.user_loss import check_loss_fn
@@ -32,6 +33,7 @@ from onegpu.settings import settings
 
 _pins: dict[str, Any] | None = None
 _trials: int | None = None
+_described_flops: dict[int, float] = {}  # rank 0: the model FLOPs per token (or sample) its inspection counted
 
 
 def enable_advanced_parallelization(*, trials: int | None = None, **pins: Any) -> None:
@@ -113,6 +115,7 @@ def prepare(
         )
     if chosen.fitted:
         prepared = execute(chosen, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
+        _recorded(chosen, given, worker=worker)
     else:  # no batch to fit the plan's layout to yet: the model's first call shows one
         prepared = sliced_loaders(given, chosen, worker=worker)
         _defer(given, chosen, worker=worker, loss_fn=loss_fn, count_items=count_items)
@@ -148,11 +151,19 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
 
         fitted = _shared(fit, worker=worker, measure=False)
         execute(fitted, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
+        _recorded(fitted, given, worker=worker)
         load_after_build(model)  # a state load_state found before the model was split
 
     model.__class__ = type(f"Deferred{user_class.__name__}", (_Deferred, user_class), {})
     model.__dict__["onegpu_deferred"] = build
     model.onegpu_plan = plan
+
+
+def _recorded(plan: Plan, given: TrainingObjects, *, worker: Worker) -> None:
+    """Under ``onegpu run``, rank 0 keeps the executed plan and each step's metrics in the job's record."""
+    write_plan(plan, worker=worker)
+    flops = _described_flops.pop(id(given.model), None)
+    observe_steps(plan, given.model, given.optimizers, worker=worker, flops_per_item=flops)
 
 
 def _shared(choose: Callable[[Any], Plan], *, worker: Worker, measure: bool = True) -> Plan:
@@ -240,9 +251,12 @@ def _describe(model: nn.Module, slice_: Any | None, *, precision: str = "fp32"):
     if slice_ is None:
         return None, "no DataLoader of a map-style dataset with a batch_size was given to prepare()"
     try:
-        return describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_), precision=precision), ""
+        description = describe(model, sample=first_sample(slice_), seq_len=sequence_length(slice_), precision=precision)
     except UsageError as error:
         return None, str(error)
+    profile = description.profile
+    _described_flops[id(model)] = profile.flops_per_sample / max(profile.seq_len, 1)
+    return description, ""
 
 
 def _trains(model: nn.Module) -> bool:

@@ -75,6 +75,9 @@ VARIABLES = (
     Variable("ONEGPU_MEASURE_COMPILE", "measure_compile", _flag, True,
              "0: advanced parallelization does not time torch.compile on the job's devices (blocks then stay eager "
              "unless the compile pin asks)", internal=True),
+    Variable("ONEGPU_METRICS", "metrics", _flag, True,
+             "0: workers of `onegpu run` record no per-step metrics (metrics.jsonl, TensorBoard, the progress line)",
+             "1", "1 or 0"),
     Variable("ONEGPU_LEASE_TTL", "lease_ttl_s", _number, None,
              "seconds a job's device leases last without renewal (default: lease_ttl_s in pool.toml, else 30)", "30",
              "the seconds a lease lasts"),
@@ -85,6 +88,9 @@ VARIABLES = (
              "the launcher's process id: its workers end with it", internal=True),
     Variable("ONEGPU_STATUS_DIR", "status_dir", _path, None,
              "where workers leave their memory and how they ended, for the launcher's report", internal=True),
+    Variable("ONEGPU_LOG_DIR", "log_dir", _path, None,
+             "where rank 0 writes metrics.jsonl and tensorboard/ (`onegpu run --log-dir`; default the job's "
+             "directory)", internal=True),
     Variable("ONEGPU_JOB", "job", str, None, "the job whose leases a worker reports under", internal=True),
     Variable("ONEGPU_DEVICES", "devices", lambda raw: tuple(int(d) for d in raw.split(",")), (),
              "the pool's devices leased for the job, one per local worker", internal=True),
@@ -102,11 +108,13 @@ class Settings:
     collective_timeout_s: float
     print_all_ranks: bool
     measure_compile: bool
+    metrics: bool
     lease_ttl_s: float | None
     ledger_busy_s: float
     launched: bool
     launcher_pid: int | None
     status_dir: Path | None
+    log_dir: Path | None
     job: str | None
     devices: tuple[int, ...]
 
@@ -137,10 +145,16 @@ def _parse(raw: tuple[str | None, ...]) -> Settings:
 
 
 def worker_environment(
-    *, job: str | None = None, devices: tuple[int, ...] = (), launcher_pid: int, status_dir: Path
+    *,
+    job: str | None = None,
+    devices: tuple[int, ...] = (),
+    launcher_pid: int,
+    status_dir: Path,
+    log_dir: Path | None = None,
 ) -> dict[str, str]:
     """The internal variables ``onegpu run`` gives its workers."""
-    out = {"ONEGPU_LAUNCHED": "1", "ONEGPU_LAUNCHER_PID": str(launcher_pid), "ONEGPU_STATUS_DIR": str(status_dir)}
+    out = {"ONEGPU_LAUNCHED": "1", "ONEGPU_LAUNCHER_PID": str(launcher_pid), "ONEGPU_STATUS_DIR": str(status_dir),
+           "ONEGPU_LOG_DIR": str(log_dir or status_dir)}  # fmt: skip
     if job is not None:
         out.update(ONEGPU_JOB=job, ONEGPU_DEVICES=",".join(map(str, devices)))
     return out

@@ -48,7 +48,10 @@ def test_a_job_resized_2_3_2_with_a_worker_killed_on_3_trains_as_one_uninterrupt
     # one lease interval per size: the restart kept the devices, and each size is billed at its own
     assert [row["devices"] for row in usage["rows"]] == [2, 3, 2]
     assert len({row["job"] for row in usage["rows"]}) == 1
-    assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())
+    (directory,) = (home / "jobs").iterdir()  # kept as the job's record, without the resize requests
+    record = json.loads((directory / "job.json").read_text())
+    assert [r["workers"] for r in record["resizes"]] == [3, 2] and record["workers"] == 2 and record["exit"] == 0
+    assert not {"resize", "resized"} & {p.name for p in directory.iterdir()}
     ledger = json.loads(run_onegpu("smi", "--json", env=env).stdout)
     assert all(device["job"] is None for device in ledger["devices"])
 

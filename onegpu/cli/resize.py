@@ -9,6 +9,7 @@ import typer
 
 from onegpu.cli.one_line import one_line_errors
 from onegpu.errors import UsageError
+from onegpu.launch.job_record import has_ended
 from onegpu.launch.resizing import jobs_directory, request_resize, saves_state
 from onegpu.pool.config import PoolConfig, load_pool
 from onegpu.pool.flavors import all_flavors, find_flavor
@@ -53,6 +54,8 @@ def resize_job(pool: PoolConfig, *, job: str, workers: int) -> None:
         raise UsageError(
             f"job {job} has no directory in {jobs_directory()}: resize it with the ONEGPU_HOME it runs with"
         )
+    if has_ended(directory):  # a lease row its launcher left behind, of a job that ended
+        raise UsageError(f"job {job} has ended: onegpu smi lists the running jobs")
     if not saves_state(directory):
         raise UsageError(
             f"job {job} cannot be resized: it does not save its state (onegpu.save_state and onegpu.load_state "

@@ -1,7 +1,8 @@
-"""``onegpu run [--workers N] [--max-restarts N] SCRIPT ARGS...``"""
+"""``onegpu run [--workers N] [--max-restarts N] [--log-dir DIR] SCRIPT ARGS...``"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,12 +28,21 @@ def run(
             help="Restart all workers up to N times when one fails; the script resumes with onegpu.load_state.",
         ),
     ] = 0,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-dir",
+            help="Where the job's per-step metrics go (metrics.jsonl, tensorboard/); default: the job's directory, "
+            "$ONEGPU_HOME/jobs/<job>.",
+        ),
+    ] = None,
 ) -> None:
     """Run SCRIPT on N workers as if on one device."""
     from onegpu.launch.run import launch  # torchelastic only when running
 
     count = worker_count(workers)
-    raise typer.Exit(launch(script, list(args or []), workers=count, wait=not no_wait, max_restarts=max_restarts))
+    code = launch(script, list(args or []), workers=count, wait=not no_wait, max_restarts=max_restarts, log_dir=log_dir)
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

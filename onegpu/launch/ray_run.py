@@ -44,16 +44,17 @@ class Outcome:
     first_failure_s: float | None = None  # epoch seconds
 
 
-def run_on_ray(script: str, args: list[str], *, lease: JobLease, status: Path, max_restarts: int) -> JobLease:
+def run_on_ray(
+    script: str, args: list[str], *, lease: JobLease, status: Path, max_restarts: int, log_dir: Path | None = None
+) -> JobLease:
     """Run the job's workers until they end well; returns the lease as it is then (smaller after a lost
     node). Raises LaunchError with the cause once every restart is used."""
     restart, wanted = 0, len(lease.devices)
     with _signals_surfaced():
         while True:
             with pool_backend(lease.pool).hold(lease.pool, job=lease.job, devices=lease.devices) as group:
-                outcome = _attempt(
-                    script, args, lease=lease, group=group, status=status, restart=restart, limit=max_restarts
-                )
+                outcome = _attempt(script, args, lease=lease, group=group, status=status, restart=restart,
+                                   limit=max_restarts, log_dir=log_dir)  # fmt: skip
             if outcome.lost:
                 lease = _drop_lost(lease, outcome)
             if outcome.failures is None:
@@ -109,7 +110,7 @@ def _ranked(lease: JobLease) -> list[int]:
 
 
 def _attempt(
-    script: str, args: list[str], *, lease: JobLease, group: Any, status: Path, restart: int, limit: int
+    script: str, args: list[str], *, lease: JobLease, group: Any, status: Path, restart: int, limit: int, log_dir=None
 ) -> Outcome:
     ray = ray_pool.connect(lease.pool)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -138,6 +139,7 @@ def _attempt(
             status=status,
             restart=restart,
             limit=limit,
+            log_dir=log_dir,
         )
         refused = [reason for reason in ray.get([h.start.remote(s) for h, s in zip(hosts, specs)]) if reason]
         if refused:
@@ -162,7 +164,7 @@ def _attempt(
     return Outcome(failures=failures or None, lost=lost, first_failure_s=first if lost else None)
 
 
-def _specs(script, args, *, lease, ranked, address, port, status, restart, limit) -> list[WorkerSpec]:
+def _specs(script, args, *, lease, ranked, address, port, status, restart, limit, log_dir=None) -> list[WorkerSpec]:
     node_of = lease.pool.node_of()
     forwarded = forwarded_environment()
     forwarded.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # as onegpu run's local workers (launch/run.py)
@@ -171,7 +173,9 @@ def _specs(script, args, *, lease, ranked, address, port, status, restart, limit
         local = [d for d in ranked if node_of[d] == node_of[device]]
         env = {
             **forwarded,
-            **worker_environment(job=lease.job, devices=tuple(local), launcher_pid=os.getpid(), status_dir=status),
+            **worker_environment(
+                job=lease.job, devices=tuple(local), launcher_pid=os.getpid(), status_dir=status, log_dir=log_dir
+            ),  # fmt: skip
             "RANK": str(rank),
             "WORLD_SIZE": str(len(ranked)),
             "LOCAL_RANK": str(local.index(device)),

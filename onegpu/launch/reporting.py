@@ -38,7 +38,7 @@ def start_reporting() -> None:
             try:
                 resident = resident_bytes()
                 peak = max(peak, resident, peak_resident_bytes())  # the kernel updates its peak lazily
-                record_memory(rank=rank, resident=resident, peak=peak)
+                record_memory(rank=rank, resident=resident, peak=peak, device_peak=_device_peak(local))
             except OSError:  # reporting must never disturb training
                 pass
             time.sleep(REPORT_EVERY_S)
@@ -49,6 +49,16 @@ def start_reporting() -> None:
             wall, cpu = now_wall, now_cpu
 
     threading.Thread(target=report, name="onegpu-report", daemon=True).start()
+
+
+def _device_peak(local: int) -> float | None:
+    """The most memory this process has allocated on its accelerator (None on CPU; not run on a GPU yet)."""
+    try:
+        if not torch.accelerator.is_available():
+            return None
+        return float(torch.accelerator.max_memory_allocated(local % torch.accelerator.device_count()))
+    except Exception:  # noqa: BLE001 - reporting must never disturb training
+        return None
 
 
 def _ledger():

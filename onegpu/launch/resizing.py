@@ -1,8 +1,9 @@
 """A running job's directory, and how ``onegpu resize`` reaches the job through it.
 
-Each job of ``onegpu run`` has a directory, ``$ONEGPU_HOME/jobs/<job>``, for as long as it runs: it is the
-job's status directory (``ONEGPU_STATUS_DIR``; what each worker leaves, ``launch/status.py``) and holds
-three small files, each written whole or not at all:
+Each job of ``onegpu run`` has a directory, ``$ONEGPU_HOME/jobs/<job>``, kept after the job ends as its
+record (``job.json``, ``plan.json``, metrics: ``onegpu.report.records``). It is the job's status directory
+(``ONEGPU_STATUS_DIR``; what each worker leaves, ``launch/status.py``) and, while the job runs, holds three
+small files, each written whole or not at all:
 
 - ``saves-state``: the workers write it once the script saved or loaded its state (``onegpu.save_state``,
   ``onegpu.load_state``); only such a job can be resized, for only it can continue after a restart;
@@ -34,18 +35,21 @@ def jobs_directory() -> Path:
 
 @contextmanager
 def job_directory(job: str) -> Iterator[Path]:
-    """The job's directory while the block runs, removed after it unless it holds the records of a hang (for
-    ``onegpu doctor``); a temporary one (and a job that cannot be resized) when onegpu's home cannot be written."""
+    """The job's directory, kept after the block as the job's record (only the resize requests are removed);
+    a temporary one, removed after the block (and a job that cannot be resized), when onegpu's home cannot be
+    written."""
     try:
-        directory = writable_home() / "jobs" / job
+        directory, kept = writable_home() / "jobs" / job, True
         directory.mkdir(parents=True)
     except (UsageError, OSError):
-        directory = Path(tempfile.mkdtemp(prefix=f"onegpu-{job}-"))
+        directory, kept = Path(tempfile.mkdtemp(prefix=f"onegpu-{job}-")), False
     try:
         yield directory
     finally:
-        kept = directory.parent.name == "jobs" and (directory / "flight").is_dir()  # a hang's records: onegpu doctor
-        if not kept:
+        if kept:
+            for name in (REQUEST, ACCEPTED):
+                (directory / name).unlink(missing_ok=True)
+        else:
             shutil.rmtree(directory, ignore_errors=True)
 
 

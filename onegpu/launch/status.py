@@ -20,10 +20,12 @@ from onegpu.settings import settings
 
 @dataclass(frozen=True)
 class Memory:
-    """A worker's memory at its last measure, and its peak (bytes)."""
+    """A worker's memory at its last measure, and its peak (bytes): the process's, and its device's on an
+    accelerator (None on CPU)."""
 
     resident: float
     peak: float
+    device_peak: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ def _read(directory: Path, name: str) -> dict | None:
         return None
 
 
-def record_memory(*, rank: int, resident: float, peak: float) -> None:
-    _write(f"rank-{rank}.memory", {"resident": resident, "peak": peak})
+def record_memory(*, rank: int, resident: float, peak: float, device_peak: float | None = None) -> None:
+    _write(f"rank-{rank}.memory", {"resident": resident, "peak": peak, "device_peak": device_peak})
 
 
 def record_end(*, rank: int, code: int) -> None:
@@ -75,7 +77,7 @@ def record_end(*, rank: int, code: int) -> None:
 
 def last_memory(directory: Path | None, rank: int) -> Memory | None:
     data = _read(directory, f"rank-{rank}.memory") if directory else None
-    return Memory(resident=data["resident"], peak=data["peak"]) if data else None
+    return Memory(resident=data["resident"], peak=data["peak"], device_peak=data.get("device_peak")) if data else None
 
 
 def endings(directory: Path | None = None) -> list[Ended]:

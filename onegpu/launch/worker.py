@@ -65,6 +65,10 @@ def main(argv: list[str]) -> None:
 
     start_reporting()
     answer_requests(settings().status_dir, rank=rank)  # records and stacks when another worker finds a hang
+    if rank == 0 and settings().metrics:  # the script may import clip_grad_norm_ by name
+        from onegpu.launch.clip_norms import record_clipping
+
+        record_clipping()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart and rank == 0:  # torchelastic started every worker again after one failed (onegpu run --max-restarts)
         limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -45,8 +46,11 @@ def sync_rng(generator: torch.Generator | None, *, worker: Worker) -> None:
 class SlicedBatchSampler(Sampler[list[int]]):
     """Yields this worker's slice of each global batch of indices drawn by the user's batch sampler."""
 
-    def __init__(self, batch_sampler: Any, *, worker: Worker, shard: tuple[int, int], position: LoaderPosition) -> None:
+    def __init__(
+        self, batch_sampler: Any, *, worker: Worker, shard: tuple[int, int], position: LoaderPosition, drawn=None
+    ) -> None:
         self.batch_sampler, self.worker, self.shard, self.position = batch_sampler, worker, shard, position
+        self.drawn = drawn  # told each global batch's rows (its _global_rows)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -57,6 +61,8 @@ class SlicedBatchSampler(Sampler[list[int]]):
         rank, size = self.shard
         for indices in self.position.epoch(iter(self.batch_sampler), generator):
             indices = list(indices)
+            if self.drawn is not None:
+                self.drawn._global_rows = len(indices)
             start, end = slice_bounds(len(indices), rank=rank, world_size=size)
             yield indices[start:end]
 
@@ -142,6 +148,7 @@ SLICED = SlicedBatches()
 
 
 _AT_NEXT_BATCH: list[Callable[[], None]] = []
+_END = object()
 
 
 def at_next_batch(action: Callable[[], None]) -> None:
@@ -153,6 +160,31 @@ def at_next_batch(action: Callable[[], None]) -> None:
 def _next_batch_asked() -> None:
     while _AT_NEXT_BATCH:
         _AT_NEXT_BATCH.pop(0)()
+
+
+class LoaderWaits:
+    """How long the loop waited on prepared loaders for batches (seconds, summed until taken), and the rows of
+    the global batch last yielded (for the job's metrics, ``runtime/step_metrics.py``)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.last_s, self.global_rows = 0.0, 0.0, None
+
+    def waited(self, seconds: float, *, global_rows: int | None) -> None:
+        self.seconds += seconds
+        self.last_s, self.global_rows = seconds, global_rows
+
+    def take_rows(self) -> int | None:
+        """The rows of the global batch yielded last, once (None: no prepared loader yielded since)."""
+        rows, self.global_rows = self.global_rows, None
+        return rows
+
+    def take_seconds(self) -> float:
+        """The seconds waited since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+WAITS = LoaderWaits()
 
 
 class LoaderPosition:
@@ -215,12 +247,13 @@ class GlobalBatchLoader(DataLoader):
         self.shard = shard or (worker.rank, worker.world_size)
         self.slices_indices = loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset)
         self.position = LoaderPosition()
+        self._global_rows: int | None = None  # of the batch last drawn, before slicing
         check_loader(loader, replicas=self.shard[1])
         if self.slices_indices:
             super().__init__(
                 loader.dataset,
                 batch_sampler=SlicedBatchSampler(
-                    loader.batch_sampler, worker=worker, shard=self.shard, position=self.position
+                    loader.batch_sampler, worker=worker, shard=self.shard, position=self.position, drawn=self
                 ),
                 num_workers=loader.num_workers,
                 collate_fn=loader.collate_fn,
@@ -240,12 +273,14 @@ class GlobalBatchLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         _next_batch_asked()
-        if self.slices_indices:
-            batches = super().__iter__()
-        else:
-            batches = self._sliced(iter(self.original))
-        for batch in batches:
+        batches = super().__iter__() if self.slices_indices else self._sliced(iter(self.original))
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, _END)
+            if batch is _END:
+                return
             batch = move_to(batch, self.worker.device)
+            WAITS.waited(time.perf_counter() - started, global_rows=self._global_rows)
             SLICED.mark(batch)
             self.position.taken()
             yield batch
@@ -264,5 +299,6 @@ class GlobalBatchLoader(DataLoader):
     def _sliced(self, batches: Iterator[Any]) -> Iterator[Any]:
         sync_rng(self.original.generator, worker=self.worker)
         for batch in self.position.epoch(batches, self.original.generator):
-            start, end = slice_bounds(leading_size(batch), rank=self.shard[0], world_size=self.shard[1])
+            self._global_rows = leading_size(batch)
+            start, end = slice_bounds(self._global_rows, rank=self.shard[0], world_size=self.shard[1])
             yield slice_batch(batch, start, end)
