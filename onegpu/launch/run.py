@@ -9,7 +9,6 @@ save their state and end; this loop then grows or shrinks the lease and starts t
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -20,20 +19,17 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.launcher.api import elastic_launch
-from torch.distributed.run import config_from_args, get_args_parser, run
+from torch.distributed.run import get_args_parser, run
 
 from onegpu.errors import LaunchError
 from onegpu.launch.failures import root_cause
+from onegpu.launch.forked_workers import run_forked
 from onegpu.launch.ray_run import run_on_ray
 from onegpu.launch.resizing import job_directory, take_resize
 from onegpu.launch.status import attempt_directory
-from onegpu.launch.worker import forked
 from onegpu.launch.workers import threads_per_worker
 from onegpu.pool.lease import JobLease, leased_devices, resize_lease
 from onegpu.settings import worker_environment
-
-PRELOAD = ["onegpu.launch.worker", "onegpu.api", "torch.distributed.pipelining"]
 
 
 def launch(script: str, args: list[str], *, workers: int, wait: bool = True, max_restarts: int = 0) -> int:
@@ -132,8 +128,4 @@ def _run_workers(
     if lease.pool.devices[0].kind != "cpu":  # CUDA cannot be forked: each worker a fresh process, as torchrun's
         run(get_args_parser().parse_args(["--standalone", *options, "--module", "onegpu.launch.worker", script, *args]))
         return
-    # CPU workers fork from a server that imported torch and onegpu once, instead of each importing them
-    standalone = ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--start-method=forkserver"]
-    config, _, _ = config_from_args(get_args_parser().parse_args([*standalone, *options, script, *args]))
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    elastic_launch(config, entrypoint=forked)(dict(os.environ), script, *args)
+    run_forked(script, args, options=options)
