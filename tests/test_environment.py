@@ -60,3 +60,21 @@ def test_worker_count_sources(monkeypatch):
     assert worker_count() == 2  # CPU-only machine
     with pytest.raises(UsageError, match="at least 1 worker"):
         worker_count(0)
+
+
+def test_cpu_workers_fork_from_a_server_that_imported_what_the_script_needs(tmp_path):
+    """The fork server imports onegpu and the parallel techniques for every job, and transformers' shared code
+    when the script or a module of its project imports transformers (here: model.py in the folder above)."""
+    from onegpu.launch.forked_workers import PRELOAD, preloaded_modules
+
+    (tmp_path / "jobs").mkdir()
+    plain = tmp_path / "jobs" / "plain.py"
+    plain.write_text("import torch\nimport onegpu\n")
+    assert preloaded_modules(str(plain)) == PRELOAD
+    (tmp_path / "model.py").write_text("def build():\n    from transformers import LlamaConfig\n")
+    hf = tmp_path / "jobs" / "train.py"
+    hf.write_text("import sys\nfrom model import build\n")
+    assert preloaded_modules(str(hf)) == (*PRELOAD, "transformers.modeling_utils")
+    broken = tmp_path / "jobs" / "broken.py"
+    broken.write_text("def (:\n")
+    assert preloaded_modules(str(broken)) == PRELOAD  # the worker reports the syntax error, not the launcher

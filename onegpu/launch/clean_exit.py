@@ -17,14 +17,23 @@ import logging
 import os
 import sys
 
-_status = {"code": 0, "armed": False}
+_status = {"code": 0, "armed": False, "forked": False}
 
 
 def finish(code: int) -> None:
-    """Run the exit handlers, flush every open file, and end the process with ``code``."""
+    """Run the exit handlers, flush every open file, and end the process with ``code``; a worker forked by
+    torchelastic returns instead when it succeeded (torchelastic counts it done once its function returned, and
+    ends the process itself without C++ teardown)."""
     atexit._run_exitfuncs()
     _flush_open_files()
+    if code == 0 and _status["forked"]:
+        return
     os._exit(code)
+
+
+def is_forked() -> None:
+    """This worker was forked by torchelastic's process context (``launch.worker.forked``)."""
+    _status["forked"] = True
 
 
 def ends_with_finish() -> None:

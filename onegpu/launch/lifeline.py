@@ -29,16 +29,27 @@ def die_with_launcher() -> None:
         return
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    _end_if_orphaned(launcher)
-    threading.Thread(target=_watch, args=(launcher,), name="onegpu-lifeline", daemon=True).start()
+    parent = os.getppid()  # the launcher, or its fork server
+    _end_if_orphaned(launcher, parent)
+    threading.Thread(target=_watch, args=(launcher, parent), name="onegpu-lifeline", daemon=True).start()
 
 
-def _watch(launcher: int) -> None:
+def _watch(launcher: int, parent: int) -> None:
     while True:
         time.sleep(CHECK_EVERY_S)
-        _end_if_orphaned(launcher)
+        _end_if_orphaned(launcher, parent)
 
 
-def _end_if_orphaned(launcher: int) -> None:
-    if os.getppid() != launcher:  # re-parented: the launcher died, and the job with it
+def _end_if_orphaned(launcher: int, parent: int) -> None:
+    if os.getppid() != parent or not _alive(launcher):  # re-parented, or the launcher died: the job with it
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process now has the number: the launcher's is gone
+        return False
+    return True

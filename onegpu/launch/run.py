@@ -24,6 +24,7 @@ from torch.distributed.run import get_args_parser, run
 from onegpu.errors import LaunchError
 from onegpu.launch.failures import root_cause
 from onegpu.launch.flight import enable_flight_recorder
+from onegpu.launch.forked_workers import run_forked
 from onegpu.launch.job_record import end_record, record_resize, start_record
 from onegpu.launch.ray_run import run_on_ray
 from onegpu.launch.resizing import job_directory, take_resize
@@ -179,15 +180,13 @@ def _run_workers(
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # addresses from the shared one (pytorch#135712)
     if lease.pool.devices[0].kind == "cuda":  # worker i sees the i-th leased device as its own
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, lease.devices))
-    torchrun_args = [
-        "--standalone",
+    options = [
         f"--nproc-per-node={workers}",
         f"--max-restarts={max_restarts}",
         "--monitor-interval=0.1",
         f"--rdzv-id={uuid.uuid4().hex[:12]}",
-        "--module",
-        "onegpu.launch.worker",
-        script,
-        *args,
     ]
-    run(get_args_parser().parse_args(torchrun_args))
+    if lease.pool.devices[0].kind != "cpu":  # CUDA cannot be forked: each worker a fresh process, as torchrun's
+        run(get_args_parser().parse_args(["--standalone", *options, "--module", "onegpu.launch.worker", script, *args]))
+        return
+    run_forked(script, args, options=options)

@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from onegpu.errors import UsageError
-from onegpu.launch.clean_exit import ends_with_finish, finish
+from onegpu.launch.clean_exit import ends_with_finish, finish, is_forked
 from onegpu.launch.failures import is_peer_gone, record_failure
 from onegpu.launch.flight import answer_requests
 from onegpu.launch.lifeline import die_with_launcher
@@ -76,6 +76,27 @@ def main(argv: list[str]) -> None:
     code = run_script(script, args)
     record_end(rank=rank, code=code)
     finish(code)
+
+
+# what torchelastic sets for each worker; the rest of a forked worker's environment is its launcher's
+ELASTIC_VARIABLES = frozenset(
+    {"RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "GROUP_WORLD_SIZE",
+     "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+)  # fmt: skip
+
+
+def forked(environment: dict[str, str], script: str, *args: str) -> None:
+    """Entry point of a worker forked from the launcher's preloaded fork server: the launcher's environment of
+    this launch (the server's may be older), torchelastic's per-worker variables, unbuffered output as
+    ``python -u``, a session of its own as torchrun's workers have; then as ``main``."""
+    os.setsid()
+    is_forked()
+    own = {k: v for k, v in os.environ.items() if k in ELASTIC_VARIABLES or k.startswith("TORCHELASTIC_")}
+    os.environ.clear()
+    os.environ.update(environment | own)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=True)
+    main([script, *args])
 
 
 if __name__ == "__main__":
