@@ -164,7 +164,8 @@ def check_leased_then_billed(home, *, job: str) -> None:
     """While the job ran, its rank 0 saw ``onegpu smi`` show 2 devices held by the job (leased by rank 0 itself,
     the first process of the machine); now the leases are gone and ``onegpu usage`` bills their minutes."""
     smi = json.loads((home / "rank0.json").read_text())["smi"]
-    jobs = [{k: v for k, v in held.items() if k != "since"} for held in smi["jobs"]]
+    jobs = [{k: v for k, v in held.items() if k not in ("since", "history")} for held in smi["jobs"]]
+    assert all(isinstance(held["history"], list) for held in smi["jobs"])  # the job's samples so far
     rank0 = json.loads((home / "rank0.json").read_text())["pid"]
     assert jobs == [{"job": job, "user": USER, "devices": [0, 1], "host": socket.gethostname(), "pid": rank0}]
     assert [device["job"] for device in smi["devices"]] == [job, job]

@@ -22,13 +22,27 @@ _status = {"code": 0, "armed": False, "forked": False}
 
 def finish(code: int) -> None:
     """Run the exit handlers, flush every open file, and end the process with ``code``; a worker forked by
-    torchelastic returns instead when it succeeded (torchelastic counts it done once its function returned, and
-    ends the process itself without C++ teardown)."""
+    torchelastic ends with its return value handed back (``_hand_back_to_torchelastic``)."""
     atexit._run_exitfuncs()
     _flush_open_files()
     if code == 0 and _status["forked"]:
+        _hand_back_to_torchelastic()
         return
     os._exit(code)
+
+
+def _hand_back_to_torchelastic() -> None:
+    """Give torchelastic the forked worker's return value (None) itself: torchelastic counts a forked worker done
+    once its function returned a value, and would keep the process alive until every worker returned; ended now,
+    its connections close, and a worker still waiting for it in a collective (a script that returned on one rank
+    only) fails at once, as with a worker started as a command. With a torch whose ``_wrap`` keeps the value
+    elsewhere, the worker returns as torchelastic expects."""
+    frame = sys._getframe()
+    while frame is not None and not hasattr(frame.f_locals.get("ret_val_"), "put"):
+        frame = frame.f_back
+    if frame is not None:
+        frame.f_locals["ret_val_"].put(None)
+        os._exit(0)
 
 
 def is_forked() -> None:

@@ -28,7 +28,13 @@ from torch.distributed.run import config_from_args, get_args_parser
 from onegpu.launch.worker import forked
 
 # what every worker imports: the worker's entry point, prepare() and every parallel technique
-PRELOAD = ("onegpu.launch.worker", "onegpu.api", "torch.distributed.pipelining", "torch.distributed.checkpoint")
+PRELOAD = (
+    "onegpu.launch.fork_server",
+    "onegpu.launch.worker",
+    "onegpu.api",
+    "torch.distributed.pipelining",
+    "torch.distributed.checkpoint",
+)
 # imported too when the script imports the package: Hugging Face models' shared code
 PRELOAD_IF_IMPORTED = {"transformers": "transformers.modeling_utils"}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -55,9 +56,9 @@ def launch(
         raise LaunchError(f"--max-restarts {max_restarts}: give how many times a failed job may restart, 0 or more")
     log_dir = _log_directory(log_dir)
     # onegpu reports a failed job itself, in one line; torchelastic's own log would repeat it (each of its
-    # loggers has a level of its own)
-    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
-        if name.startswith("torch.distributed.elastic"):
+    # loggers has a level of its own), and so would torch.multiprocessing's, which stops forked workers
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic", "torch.multiprocessing.spawn"]:
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     lost: list[str] = []
     threads = os.environ.get("OMP_NUM_THREADS")  # the user's, kept at every size; else a share of the cores
@@ -186,7 +187,8 @@ def _run_workers(
         "--monitor-interval=0.1",
         f"--rdzv-id={uuid.uuid4().hex[:12]}",
     ]
-    if lease.pool.devices[0].kind != "cpu":  # CUDA cannot be forked: each worker a fresh process, as torchrun's
+    # CUDA cannot be forked (nor is a process's /proc there on every system): a fresh process each, as torchrun's
+    if lease.pool.devices[0].kind != "cpu" or not sys.platform.startswith("linux"):
         run(get_args_parser().parse_args(["--standalone", *options, "--module", "onegpu.launch.worker", script, *args]))
         return
     run_forked(script, args, options=options)

@@ -89,6 +89,7 @@ def forked(environment: dict[str, str], script: str, *args: str) -> None:
     """Entry point of a worker forked from the launcher's preloaded fork server: the launcher's environment of
     this launch (the server's may be older), torchelastic's per-worker variables, unbuffered output as
     ``python -u``, a session of its own as torchrun's workers have; then as ``main``."""
+    sys.stderr = sys.__stderr__  # the fork server's is silenced (launch/fork_server.py)
     os.setsid()
     is_forked()
     own = {k: v for k, v in os.environ.items() if k in ELASTIC_VARIABLES or k.startswith("TORCHELASTIC_")}
