@@ -107,6 +107,9 @@ def test_a_step_counts_every_training_call_of_the_loop_and_no_evaluation_call():
         def forward(self, batch):  # a dict given by position
             return self.layer(batch["x"]).pow(2).mean()
 
+    from onegpu.runtime.data import WAITS
+
+    WAITS.waited(0.1, global_rows=5)  # a batch of 5 rows a prepared loader yielded before this model's prepare
     batch = {"x": torch.ones(4, 3)}
     model = Model()
     rows = meter_rows(model, [[batch, {"x": torch.zeros(2, 3)}], [batch]])

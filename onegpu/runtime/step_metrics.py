@@ -168,7 +168,8 @@ class StepMeter:
         self.losses: list[torch.Tensor] = []
         self.rows, self.tokens = 0, 0  # of the step's training calls; tokens None once a call has none
         _current[0] = self
-        take_norm()  # a norm clipped before this prepare is not a step's
+        take_norm()  # a norm clipped before this prepare is not a step's, nor a batch a loader yielded before it
+        WAITS.take_rows(), WAITS.take_seconds()
         model.register_forward_pre_hook(self._before_call, with_kwargs=True, prepend=True)
         model.register_forward_hook(self._after_call)
         optimizer.register_step_post_hook(self._after_step)
