@@ -173,6 +173,8 @@ def _run_workers(
         )
     )
     os.environ["OMP_NUM_THREADS"] = threads or str(threads_per_worker(workers))
+    if lease.pool.devices[0].kind == "cpu":  # torch.compile's own pool of compiling processes: the worker's share too
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", os.environ["OMP_NUM_THREADS"])
     enable_flight_recorder()  # also for a script that makes its process group itself
     # PyTorch's C++ warnings only (not Python's): DDP's reducer warns every replicated job that it looks for
     # parameters a call leaves out, which onegpu does on purpose (a model may skip some); set it to see them
