@@ -22,16 +22,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
-    PrepareModuleOutput,
     RowwiseParallel,
-    SequenceParallel,
     parallelize_module,
 )
 from torch.utils._pytree import tree_map
 
 from onegpu.errors import UsageError
 from onegpu.parallel.linear_layers import output_features
+from onegpu.parallel.sequence_parallel import PositionSplit, SplitRow, sequence_styles
 from onegpu.plan import TensorParallelLayout
 
 
@@ -81,9 +79,9 @@ class _TransposedRow(ParallelStyle):
     """Row parallelism for a layer computing ``x @ weight`` with ``weight`` stored (in, out), like ``Conv1D``;
     its output summed whole (``Replicate``) or summed and split by sequence position (``Shard(1)``)."""
 
-    def __init__(self, *, output_layout=None) -> None:
+    def __init__(self, *, positions: PositionSplit | None = None) -> None:
         super().__init__()
-        self.output_layout = output_layout or Replicate()
+        self.positions = positions
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def partition(name, mod, mesh):
@@ -95,7 +93,8 @@ class _TransposedRow(ParallelStyle):
             return (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False), *inputs[1:])
 
         def summed_output(mod, output, mesh):
-            return output.redistribute(placements=[self.output_layout]).to_local()
+            summed = Replicate() if self.positions is None else self.positions.summed
+            return output.redistribute(placements=[summed]).to_local()
 
         return distribute_module(module, device_mesh, partition, sharded_input, summed_output)
 
@@ -146,10 +145,13 @@ def apply_tensor_parallel(
     plan: dict[str, ParallelStyle] = {}
     orders: dict[str, tuple[torch.Tensor, int]] = {}
     part_sizes: dict[nn.Module, set[int]] = {}
+    positions = PositionSplit(tp=tp, optional=first in blocks and last in blocks) if layout.sequence_parallel else None
     for block in blocks:
-        plan.update(_block_plan(model, layout, block=block, tp=tp, orders=orders, part_sizes=part_sizes))
-    if layout.sequence_parallel:
-        plan.update(_sequence_edges(model, layout, blocks=blocks, first=first, last=last, tp=tp))
+        plan.update(
+            _block_plan(model, layout, block=block, tp=tp, orders=orders, part_sizes=part_sizes, positions=positions)
+        )
+    if positions is not None:
+        plan.update(sequence_styles(layout, blocks=blocks, first=first, last=last, positions=positions))
     if _holds(model, layout.embedding):
         plan[layout.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if _holds(model, layout.head) and isinstance(model.get_submodule(layout.head), nn.Linear):
@@ -214,9 +216,9 @@ def _holds(model: nn.Module, name: str | None) -> bool:
         return False
 
 
-def _block_plan(model, layout: TensorParallelLayout, *, block: str, tp: int, orders, part_sizes) -> dict:
-    """The styles of one block's groups (columns, row, their module under sequence parallelism) and norms."""
-    summed = Shard(1) if layout.sequence_parallel else Replicate()  # rows reduce-scatter by position, or all-reduce
+def _block_plan(model, layout: TensorParallelLayout, *, block: str, tp: int, orders, part_sizes, positions) -> dict:
+    """The styles of one block's groups' columns and rows (``positions``: under sequence parallelism, whose rows
+    reduce-scatter by position when the forward is split so; else they all-reduce)."""
     plan: dict[str, ParallelStyle] = {}
     for group in layout.groups:
         for column in group.columns:
@@ -232,57 +234,11 @@ def _block_plan(model, layout: TensorParallelLayout, *, block: str, tp: int, ord
             parent = model.get_submodule(name.rpartition(".")[0])
             part_sizes.setdefault(parent, set()).add(output_features(layer) // parts)
         row = f"{block}.{group.row}"
-        linear = isinstance(model.get_submodule(row), nn.Linear)
-        plan[row] = RowwiseParallel(output_layouts=summed) if linear else _TransposedRow(output_layout=summed)
-        if layout.sequence_parallel:  # the group's module gathers the sequence it is given
-            plan[f"{block}.{group.parent}"] = _gathering(group.parent_input, positional=group.parent_positional)
-    if layout.sequence_parallel:
-        plan.update({f"{block}.{norm}": SequenceParallel(use_local_output=True) for norm in layout.norms})
+        if not isinstance(model.get_submodule(row), nn.Linear):
+            plan[row] = _TransposedRow(positions=positions)
+        else:
+            plan[row] = RowwiseParallel() if positions is None else SplitRow(positions)
     return plan
-
-
-def _sequence_edges(model, layout: TensorParallelLayout, *, blocks: list[str], first: str, last: str, tp: int):
-    """Where the residual stream is split by position (entering the first block) and gathered (leaving the last)."""
-    plan: dict[str, ParallelStyle] = {}
-    if last in blocks:
-        outputs = max(layout.last_block_outputs, 1)
-        split, whole = (Shard(1), *(None,) * (outputs - 1)), (Replicate(), *(None,) * (outputs - 1))
-        plan[last] = PrepareModuleOutput(
-            output_layouts=split if layout.last_block_outputs else split[0],
-            desired_output_layouts=whole if layout.last_block_outputs else whole[0],
-            use_local_output=True,
-        )
-    if first in blocks:
-        _check_sequence_length(model.get_submodule(first), tp)
-        rest = (None,) * (layout.first_block_positional - 1)
-        plan[first] = PrepareModuleInput(
-            input_layouts=(Replicate(), *rest), desired_input_layouts=(Shard(1), *rest), use_local_output=True
-        )
-    return plan
-
-
-def _gathering(where: int | str, *, positional: int) -> PrepareModuleInput:
-    """The hidden states a group's module is given, gathered from their split by sequence position."""
-    if isinstance(where, str):
-        return PrepareModuleInput(
-            input_kwarg_layouts={where: Shard(1)},
-            desired_input_kwarg_layouts={where: Replicate()},
-            use_local_output=True,
-        )
-    given = tuple(Shard(1) if i == where else None for i in range(positional))
-    wanted = tuple(Replicate() if i == where else None for i in range(positional))
-    return PrepareModuleInput(input_layouts=given, desired_input_layouts=wanted, use_local_output=True)
-
-
-def _check_sequence_length(block: nn.Module, tp: int) -> None:
-    def check(module, args):
-        if args and args[0].shape[1] % tp:
-            raise UsageError(
-                f"sequence parallelism over {tp} workers needs a sequence length that is a multiple of {tp}, "
-                f"not {args[0].shape[1]}: pad the batches to a multiple of {tp}"
-            )
-
-    block.register_forward_pre_hook(check, prepend=True)
 
 
 def _divide_part_sizes(parent: nn.Module, sizes: set[int], tp: int) -> None:

@@ -11,6 +11,11 @@ iterator. Every worker draws the same global batch, and each computes only its r
   its rows), a slice sliced again would be wrong. A cheap fingerprint of the global batch (its size,
   element count and the sums of its first and last rows), one small all-gather per call, stops a job
   whose workers drew different batches;
+- a call that carries a key-value cache object (``generate``'s calls: ``cache=`` / ``past_key_values=`` a
+  Hugging Face ``Cache``) runs whole on every replica, without the fingerprint: a decoding step is bound by
+  reading the weights, not by its rows, so slicing it would save little and cost two collectives per token
+  (the fingerprint, the gather of the logits), and the cache would hold a slice only its replica could use.
+  A 1-D tensor that indexes positions (``cache_position``) is never cut as rows, whatever its length;
 - what the loop sees stays the one device's: a loss the model returns is the global-batch loss
   (:mod:`onegpu.runtime.loss_weighting`); an output without a loss is gathered back to the global batch's
   rows, so a loss computed outside the model from the loop's own (global) targets is the global loss. Its
@@ -112,10 +117,13 @@ class CallSlicer:
     def slice_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict, list | None]:
         """The call's inputs cut to this replica's rows, and every replica's bounds (None: not sliced here).
         Every worker takes the same decision: none slices when any sees a slice already."""
-        tensors = [t for t in tensors_in((args, kwargs)) if t.dim() > 0]
+        if carries_cache(kwargs):
+            return args, kwargs, None
+        batched = {k: v for k, v in kwargs.items() if k not in POSITION_KEYWORDS}
+        tensors = [t for t in tensors_in((args, batched)) if t.dim() > 0]
         if not tensors:
             return args, kwargs, None
-        rows = batch_size(args, kwargs)
+        rows = batch_size(args, batched)
         if not self._all_draw_the_same_batch(tensors, rows):
             return args, kwargs, None
         bounds = [slice_bounds(rows, rank=r, world_size=self.replicas) for r in range(self.replicas)]
@@ -124,7 +132,8 @@ class CallSlicer:
         def cut(tensor: torch.Tensor) -> torch.Tensor:
             return tensor[start:end] if tensor.dim() > 0 and tensor.shape[0] == rows else tensor
 
-        return map_tensors(args, cut), map_tensors(kwargs, cut), bounds
+        cut_kwargs = {k: v if k in POSITION_KEYWORDS else map_tensors(v, cut) for k, v in kwargs.items()}
+        return map_tensors(args, cut), cut_kwargs, bounds
 
     def gather_output(self, output: Any, bounds: list[tuple[int, int]]) -> Any:
         """An output without a loss, with the global batch's rows (a loss is made global elsewhere)."""
@@ -172,6 +181,14 @@ class CallSlicer:
         if self.forked is not None:
             self.forked.close()
             self.forked = None
+
+
+POSITION_KEYWORDS = frozenset({"cache_position"})  # a model's inputs that index positions, not rows
+
+
+def carries_cache(kwargs: dict[str, Any]) -> bool:
+    """Whether a call passes a key-value cache object (a Hugging Face ``Cache``: it knows its sequence length)."""
+    return any(not torch.is_tensor(v) and callable(getattr(v, "get_seq_length", None)) for v in kwargs.values())
 
 
 def fingerprint(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
