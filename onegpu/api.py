@@ -212,17 +212,23 @@ def _measured_cluster(worker: Worker):
 
 
 def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | None, strategy, budget: int) -> Plan:
-    """The plan for this job, fitted to the model (on rank 0): the one given, Advanced Parallelization's
-    search, or the simple rule."""
+    """The plan for this job, fitted to the model (on rank 0): the one given, the inference rule (no optimizer),
+    Advanced Parallelization's search, or the simple rule."""
     from onegpu.planner.layout import fit_layout
 
-    model = given.model
+    model, inference = given.model, not given.optimizers
     if plan is not None and plan.fitted:  # fitted elsewhere (a plan from JSON): nothing to inspect
         return fit_layout(replace(plan, reason=plan.reason or "the plan given to prepare()"), None, model=model)
     slice_ = _worker_slice(given, worker=worker, plan=plan)
+    if slice_ is None and inference:
+        from onegpu.planner.inference import token_sample
+
+        slice_ = token_sample(model)
     description, unavailable = _describe(model, slice_)
     if plan is not None:
         chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
+    elif inference and strategy is None:
+        chosen = _inference(given, description, worker=worker, budget=budget, slice_=slice_)
     elif cluster is not None and strategy is None and _trains(model):
         described = _at_precisions(model, slice_, description, cluster=cluster)
         chosen = _searched(given, described, unavailable, cluster=cluster, worker=worker, budget=budget, slice_=slice_)
@@ -233,7 +239,16 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
     if slice_ is None and not chosen.fitted and description is None:
         return chosen  # fitted at the model's first call, whose inputs are the sample it needs
     keywords = None if slice_ is None else as_keywords(model.forward, *as_call(slice_))
-    return fit_layout(chosen, description, model=model, sample=keywords, unavailable=unavailable)
+    return fit_layout(chosen, description, model=model, sample=keywords, unavailable=unavailable, inference=inference)
+
+
+def _inference(given: TrainingObjects, description, *, worker: Worker, budget: int, slice_) -> Plan:
+    from onegpu.planner.inference import choose_inference_plan, inference_work
+
+    rows = 1 if slice_ is None else leading_size(slice_)
+    work = inference_work(given.model, description, rows=rows, world_size=worker.world_size)
+    return choose_inference_plan(work=work, budget_bytes=budget, world_size=worker.world_size,
+                                 cpu=worker.device.type == "cpu")  # fmt: skip
 
 
 def _worker_slice(given: TrainingObjects, *, worker: Worker, plan: Plan | None) -> Any | None:

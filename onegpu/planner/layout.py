@@ -22,11 +22,13 @@ def fit_layout(
     model: nn.Module | None = None,
     sample: Any = None,
     unavailable: str = "",
+    inference: bool = False,
 ) -> Plan:
     """``plan`` with this model's layout. A pipeline of repeated blocks is cut by the blocks' FLOPs (the head
     and loss on the last stage); a model without them is traced and cut between the nodes of its graph, for
     which ``model`` and ``sample`` (one worker's batch, by keyword) are needed. Without a description (the
-    model could not be inspected, ``unavailable`` says why) only plans of data parallelism fit."""
+    model could not be inspected, ``unavailable`` says why) only plans of data parallelism fit. An ``inference``
+    plan splits no sequence by position (each decoding step has one token)."""
     if (plan.pp > 1 or plan.microbatches > 1) and model is not None:
         refuse_micro_batches(model)
     if plan.fitted and description is None:  # fitted already: only the blocks' path may be missing
@@ -40,6 +42,8 @@ def fit_layout(
     elif plan.pp > 1:
         stages = _traced_stages(plan, model=model, sample=sample)
     tensor_parallel = description.tensor_parallel_layout(plan.tp) if plan.tp > 1 else None
+    if tensor_parallel is not None and inference:
+        tensor_parallel = replace(tensor_parallel, sequence_parallel=False, norms=())
     return replace(plan, blocks=blocks, stages=stages, tensor_parallel=tensor_parallel)
 
 
