@@ -6,7 +6,7 @@ preparing. Prompts are 3 rows (2 and 1 of them left-padded, with an attention ma
 row. 2 workers: Llama and GPT-2 (fused qkv, tied embeddings, a vocabulary of 101 that tp pads) under
 replicas, FSDP, tp=2, the plan prepare() chooses, and tp=2 with sequence parallelism prepared WITH an optimizer
 then switched to eval; a hand-written model given ``cache_position`` as long as the batch; a Llama whose
-weights do not fit the budget. 4 workers: tp=2 x dp=2.
+weights do not fit the budget. 4 workers: tp=2 x dp=2 (replicas of 2 and 1 rows) and hybrid sharding.
 """
 
 import json
@@ -75,10 +75,13 @@ def local_bytes(model: torch.nn.Module) -> int:
 
 results: dict = {}
 batch = prompts()
-for kind in ("llama", "gpt2") if world == 2 else ("llama",):
+for kind in ("llama", "gpt2"):
     want = run(build(kind).eval(), batch)
     plans = {"ddp": Plan(dp=2), "fsdp": Plan(dp=2, sharding="parameters"), "tp": Plan(dp=1, tp=2), "chosen": None}
-    plans = plans if world == 2 else {"tp-dp": Plan(dp=2, tp=2)}
+    if world == 2 and kind == "llama":
+        plans["zero1"] = Plan(dp=2, sharding="optimizer")
+    if world == 4:
+        plans = {"tp-dp": Plan(dp=2, tp=2), "hybrid": Plan(dp=4, sharding="hybrid", shard_group=2)}
     for name, plan in plans.items():
         model = onegpu.prepare(build(kind), plan=plan).eval()
         results[f"{kind} {name}"] = {**compare(run(model, batch), want), "plan": model.onegpu_plan.describe()}
