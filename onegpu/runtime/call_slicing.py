@@ -15,7 +15,8 @@ iterator. Every worker draws the same global batch, and each computes only its r
   Hugging Face ``Cache``) runs whole on every replica, without the fingerprint: a decoding step is bound by
   reading the weights, not by its rows, so slicing it would save little and cost two collectives per token
   (the fingerprint, the gather of the logits), and the cache would hold a slice only its replica could use.
-  A call under ``torch.no_grad()`` with fewer rows than replicas runs whole too. A 1-D tensor that indexes positions (``cache_position``) is never cut as rows, whatever its length;
+  A call under ``torch.no_grad()`` with fewer rows than replicas runs whole too. A 1-D tensor that indexes
+  positions (``cache_position``) is never cut as rows, whatever its length;
 - what the loop sees stays the one device's: a loss the model returns is the global-batch loss
   (:mod:`onegpu.runtime.loss_weighting`); an output without a loss is gathered back to the global batch's
   rows, so a loss computed outside the model from the loop's own (global) targets is the global loss. Its
