@@ -224,7 +224,7 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
         from onegpu.planner.inference import token_sample
 
         slice_ = token_sample(model)
-    description, unavailable = _describe(model, slice_)
+    description, unavailable = _describe(model, slice_, precision=_own_precision(model) if inference else "fp32")
     if plan is not None:
         chosen = replace(plan, reason=plan.reason or "the plan given to prepare()")
     elif inference and strategy is None:
@@ -245,7 +245,8 @@ def _choose(given: TrainingObjects, cluster, *, worker: Worker, plan: Plan | Non
 def _inference(given: TrainingObjects, description, *, worker: Worker, budget: int, slice_) -> Plan:
     from onegpu.planner.inference import choose_inference_plan, inference_work
 
-    rows = 1 if slice_ is None else leading_size(slice_)
+    loader = given.loaders[0] if given.loaders else None
+    rows = loader.batch_size if loader is not None and loader.batch_size else 1  # generate's calls run whole
     work = inference_work(given.model, description, rows=rows, world_size=worker.world_size)
     return choose_inference_plan(work=work, budget_bytes=budget, world_size=worker.world_size,
                                  cpu=worker.device.type == "cpu")  # fmt: skip
@@ -272,6 +273,12 @@ def _describe(model: nn.Module, slice_: Any | None, *, precision: str = "fp32"):
     profile = description.profile
     _described_flops[id(model)] = profile.flops_per_sample / max(profile.seq_len, 1)
     return description, ""
+
+
+def _own_precision(model: nn.Module) -> str:
+    """The precision of a model's weights as they are (a model loaded in bf16 is served in bf16)."""
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def _trains(model: nn.Module) -> bool:

@@ -100,3 +100,20 @@ def test_a_tensor_parallel_layout_splits_positions_only_for_training(with_optimi
     description, _ = _describe(model, token_sample(model))
     plan = fit_layout(onegpu.Plan(dp=1, tp=2), description, model=model, inference=not with_optimizer)
     assert plan.tensor_parallel.sequence_parallel is with_optimizer
+
+
+def test_the_cli_plans_inference_for_a_cluster_you_do_not_have():
+    from typer.testing import CliRunner
+
+    from onegpu.cli import app
+
+    def plan(model: str) -> str:
+        args = ["plan", "--model", model, "--global-batch-size", "8", "--seq-len", "4096", "--cluster", "h100-80gb",
+                "--mixed-precision", "bf16", "--inference"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert plan("llama3-8b").startswith("Plan: dp=8, sharding=none")  # 16 GB of bf16 weights: replicas
+    big = plan("llama3-70b")  # 140 GB of weights: no H100 holds them
+    assert big.startswith("Plan: dp=2, tp=4,") and "tensor parallelism over 4 workers" in big

@@ -57,6 +57,14 @@ def plan(
         str | None,
         typer.Option("--compile", help="Pin torch.compile of every repeated block: true or false (default: false)."),
     ] = None,
+    inference: Annotated[
+        bool,
+        typer.Option(
+            help="The plan prepare(model) without an optimizer chooses: replicas when the weights, one forward "
+            "and the KV cache of a batch of --global-batch-size rows of --seq-len tokens fit a device, else tensor "
+            "parallelism, else a pipeline; --mixed-precision bf16 or fp16: the weights' dtype."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     plot: Annotated[
         Path | None,
@@ -75,6 +83,11 @@ def plan(
     if plot is not None:
         _usage(writable, plot)  # before planning: a wrong suffix costs nothing and writes nothing
     devices = load_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
+    if inference:
+        weights = mixed_precision if mixed_precision in ("bf16", "fp16") else "fp32"
+        _inference(model, devices, rows=global_batch_size, seq_len=seq_len, fraction=memory_fraction,
+                   precision=weights, as_json=as_json)  # fmt: skip
+        return
     chosen = find_plan(
         model,
         global_batch_size=global_batch_size,
@@ -104,6 +117,29 @@ def plan(
         )
         written = plot_plan(chosen, plot, budget_bytes=devices.memory_bytes * memory_fraction, title=title)
         typer.echo(f"plot: {written}", err=as_json)  # --json keeps stdout for the JSON
+
+
+def _inference(model: str, devices, *, rows: int, seq_len: int, fraction: float, precision: str, as_json: bool):
+    """The inference rule's plan for ``model`` (its weights in ``precision``) on ``devices``, and why."""
+    from onegpu.planner.analysis import describe_model
+    from onegpu.planner.inference import InferenceWork, choose_inference_plan, profile_cache_bytes_per_token
+    from onegpu.planner.workload import is_cpu
+
+    description = describe_model(model, seq_len=seq_len, precision=precision)
+    world = devices.nodes * devices.devices_per_node
+    work = InferenceWork(
+        profile=description.profile,
+        rows=rows,
+        context=seq_len,
+        tp_degrees=tuple(description.tensor_parallel_degrees(list(range(1, devices.devices_per_node + 1)))),
+        cache_bytes_per_token=profile_cache_bytes_per_token(description.profile),
+    )
+    budget = int(devices.memory_bytes * fraction)
+    chosen = choose_inference_plan(work=work, budget_bytes=budget, world_size=world, cpu=is_cpu(devices))
+    if as_json:
+        typer.echo(json.dumps(chosen.to_dict(), indent=2))
+    else:
+        typer.echo(f"Plan: {chosen.describe()}\n  {chosen.reason}")
 
 
 def _usage(check: Callable[..., object], *args: object) -> None:

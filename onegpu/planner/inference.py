@@ -146,3 +146,11 @@ def token_sample(model: Any) -> dict[str, Any] | None:
         return None
     tokens = min(context_tokens(model) or INSPECTED_TOKENS, INSPECTED_TOKENS)
     return {"input_ids": torch.zeros(1, tokens, dtype=torch.long)}
+
+
+def profile_cache_bytes_per_token(profile: ModelProfile) -> int:
+    """Keys and values one block caches per token, from a profile that knows its heads (a preset's), else 0."""
+    if not (profile.hidden_size and profile.num_heads):
+        return 0
+    kv_heads = profile.num_kv_heads or profile.num_heads
+    return 2 * kv_heads * (profile.hidden_size // profile.num_heads) * profile.param_bytes
