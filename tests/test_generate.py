@@ -3,7 +3,8 @@ device's tokens (exactly) and logits (the suite's tolerance policy) under replic
 tensor parallelism (tp=2, tp=2 x dp=2) and the plan ``prepare(model)`` chooses; for Llama and GPT-2 (fused qkv,
 tied embeddings, a vocabulary of 101 that tp pads), left-padded prompts with an attention mask, 3 rows on 2
 replicas and a single row. A model prepared for training under tensor and sequence parallelism generates after
-``eval()``; a model whose weights do not fit one worker's budget is split by ``prepare(model)`` and generates.
+``eval()``; a model whose weights do not fit one worker's budget is split by ``prepare(model)`` and generates
+(tensor parallelism), or, without tensor-parallel structure, runs its forward in the pipeline it is cut into.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def test_a_model_too_big_for_one_worker_is_split_and_generates(two):
     assert result["plan"] == "dp=1, tp=2, sharding=none, fp32"
     assert 0.45 < result["local_share"] < 0.55  # each worker holds half the weights (the vocabulary's padding aside)
     assert_like_one_device(result)
+
+
+def test_a_model_too_big_without_tensor_parallel_structure_is_cut_into_a_pipeline(two):
+    result = two["too big, no tp"]
+    assert result["plan"] == "dp=1, pp=2 (gpipe, 1 micro-batches), sharding=none, fp32"
+    assert 0.4 < result["local_share"] < 0.6  # two blocks each, and the embedding or the head
+    logits, want = torch.tensor(result["logits"]), torch.tensor(result["want_logits"])
+    torch.testing.assert_close(logits, want, rtol=SCALAR_RTOL, atol=PARAMETER_ATOL)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

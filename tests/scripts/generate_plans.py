@@ -6,7 +6,8 @@ preparing. Prompts are 3 rows (2 and 1 of them left-padded, with an attention ma
 row. 2 workers: Llama and GPT-2 (fused qkv, tied embeddings, a vocabulary of 101 that tp pads) under
 replicas, FSDP, tp=2, the plan prepare() chooses, and tp=2 with sequence parallelism prepared WITH an optimizer
 then switched to eval; a hand-written model given ``cache_position`` as long as the batch; a Llama whose
-weights do not fit the budget. 4 workers: tp=2 x dp=2 (replicas of 2 and 1 rows) and hybrid sharding.
+weights do not fit the budget, and one without tensor-parallel structure (its forward, under the pipeline
+prepare() cuts). 4 workers: tp=2 x dp=2 (replicas of 2 and 1 rows) and hybrid sharding.
 """
 
 import json
@@ -128,6 +129,25 @@ if world == 2:  # 3 rows of 3 positions: a cache_position as long as the batch
         **compare(run(model, batch), want),
         "plan": model.onegpu_plan.describe(),
         "local_share": local_bytes(model) / weights,
+    }
+
+    # the same without tensor-parallel structure (3 heads, 511 features): prepare() cuts a pipeline; its forward
+    # (generate under pipelines is tested with the pipelined runtime)
+    sizes = dict(hidden_size=240, intermediate_size=511, num_hidden_layers=4, num_attention_heads=3,
+                 num_key_value_heads=3, vocab_size=100)  # fmt: skip
+    big = build("llama", **sizes).eval()
+    weights = sum(p.numel() * p.element_size() for p in big.parameters())
+    with torch.no_grad():
+        want = big(**batch).logits
+    budget_gb = (CPU_RUNTIME_BYTES + weights / 1.4) / 1024**3
+    model = onegpu.prepare(build("llama", **sizes), memory_budget_gb=budget_gb).eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    results["too big, no tp"] = {
+        "plan": model.onegpu_plan.describe(),
+        "local_share": local_bytes(model) / weights,
+        "logits": logits.tolist(),
+        "want_logits": want.tolist(),
     }
 
 if onegpu.is_main_process():
