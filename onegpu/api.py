@@ -71,8 +71,9 @@ def prepare(
     loads its slice. ``strategy`` forces ``"ddp"`` or ``"fsdp"``, ``plan`` a whole Plan; after
     ``onegpu.enable_advanced_parallelization()`` the planner chooses. ``memory_budget_gb`` sets the
     memory one worker may use (default: the device's, or the machine's shared by CPU workers).
-    ``loss_fn(output, target)``, for a model that does not compute its loss: ``model(inputs,
-    target=y)`` then returns the loss (the global-batch loss), under every plan, pipelines included.
+    Without an optimizer the model is served: replicas when it fits one worker, else split (tensor parallelism,
+    else a pipeline); the log line says why. ``loss_fn(output, target)``, for a model that does not compute its
+    loss: ``model(inputs, target=y)`` then returns the loss (the global-batch loss), under every plan.
 
     The model's loss (a 0-dim tensor, ``output.loss``, ``output["loss"]``, or a 0-dim loss anywhere in a
     returned tuple) is the global batch's on every worker: each slice's loss is weighted by its share of
