@@ -2,9 +2,10 @@
 device's tokens (exactly) and logits (the suite's tolerance policy) under replicas, ZeRO, FSDP, hybrid sharding,
 tensor parallelism (tp=2, tp=2 x dp=2) and the plan ``prepare(model)`` chooses; for Llama and GPT-2 (fused qkv,
 tied embeddings, a vocabulary of 101 that tp pads), left-padded prompts with an attention mask, 3 rows on 2
-replicas and a single row. A model prepared for training under tensor and sequence parallelism generates after
-``eval()``; a model whose weights do not fit one worker's budget is split by ``prepare(model)`` and generates
-(tensor parallelism), or, without tensor-parallel structure, runs its forward in the pipeline it is cut into.
+replicas and a single row (under replicas also without the cache: forwards sliced by rows and gathered). A
+model prepared for training under tensor and sequence parallelism generates after ``eval()``; a model whose
+weights do not fit one worker's budget is split by ``prepare(model)`` and generates (tensor parallelism), or,
+without tensor-parallel structure, runs its forward in the pipeline it is cut into.
 """
 
 from __future__ import annotations
