@@ -44,6 +44,7 @@ from onegpu.runtime.call_gradients import CHANGED_LOSS, CallGradients, Confirmed
 from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
+from onegpu.runtime.pipelined_generation import StagesInSequence
 from onegpu.runtime.stage_gradients import mark_gradients
 from onegpu.runtime.timeline import TimelineRecorder
 from onegpu.runtime.user_loss import TARGET
@@ -158,6 +159,11 @@ class Pipeline:
             self._split_tensors()
         self.stages = make_stages()  # views of the model as it now is
         self._parallelize_stages()
+        self.in_sequence = None  # calls carrying a KV cache (generation): block stages one after another
+        if not plan.stages.traced:
+            self.in_sequence = StagesInSequence(stages=self.stages, num_stages=plan.pipeline_stages, blocks=self.blocks,
+                                                group=self.pipe_group, device=self.device, watchdog=watchdog,
+                                                config=getattr(model, "config", None))  # fmt: skip
         self.shared = pp.SharedParameters(model, holders=holders, pp_rank=self.stage_index, mesh=mesh)
         if on_meta:
             self.shared.synchronize_values()
@@ -183,7 +189,7 @@ class Pipeline:
             stages = (stage_of_block[block],) if block is not None else outside.get(name, ())
             workers_of[name] = sorted({s % plan.pp for s in stages}) or [0]  # unused: the first worker keeps it
         self.blocks_held = [f"{path}.{b}" for b in sorted(held)]
-        self.first_block, self.last_block = f"{path}.0", f"{path}.{count - 1}"
+        self.first_block, self.last_block, self.blocks = f"{path}.0", f"{path}.{count - 1}", count
         layout.hold_only(held)
         pp.keep_only(self.model, {n for n in names if self.stage_index in workers_of[n]}, device=self.device)
 
@@ -252,6 +258,9 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        inputs = as_keywords(self.user_forward, args, kwargs)
+        if self.in_sequence is not None and self.in_sequence.wanted(inputs, microbatches=self.plan.microbatches):
+            return self.in_sequence.run(inputs)
         if self.slicer is not None:
             if self.watchdog is not None:  # the fingerprint's all-gather waits for every replica
                 self.watchdog.enter("forward")
