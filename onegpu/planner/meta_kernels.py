@@ -20,7 +20,7 @@ META_FLASH = "onegpu_meta_attention"  # not "flash": HF would look for a kernel 
 def register_meta_flash() -> None:
     """A Hugging Face attention implementation that runs the flash kernel on meta tensors."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     def meta_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **_):
         groups = query.shape[1] // key.shape[1]
@@ -36,8 +36,13 @@ def register_meta_flash() -> None:
             )
         return out[0].transpose(1, 2).contiguous(), None
 
+    def no_mask(*args: Any, **kwargs: Any) -> None:
+        """The flash kernel takes no mask (it is causal): none is built, so a padding mask, whose values the
+        meta device does not have, is never read (sdpa's mask asks whether it is all ones)."""
+        return None
+
     AttentionInterface.register(META_FLASH, meta_flash)
-    AttentionMaskInterface.register(META_FLASH, sdpa_mask)
+    AttentionMaskInterface.register(META_FLASH, no_mask)
 
 
 class GroupedMatmulsInBF16(TorchDispatchMode):
