@@ -43,6 +43,7 @@ from onegpu.plan import Plan
 from onegpu.runtime.call_gradients import CHANGED_LOSS, CallGradients, ConfirmedLoss
 from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
+from onegpu.runtime.model_class import put_in_front
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
 from onegpu.runtime.pipelined_generation import StagesInSequence
 from onegpu.runtime.stage_gradients import mark_gradients
@@ -120,8 +121,7 @@ def parallelize_pipeline(
         watchdog=watchdog,
         count_items=count_items,
     )
-    cls = type(model)
-    model.__class__ = type(f"Pipelined{cls.__name__}", (PipelinedModule, cls), {})
+    put_in_front(model, PipelinedModule, prefix="Pipelined")
     model.__dict__["onegpu_pipeline"] = pipeline
 
 
