@@ -159,11 +159,7 @@ class Pipeline:
             self._split_tensors()
         self.stages = make_stages()  # views of the model as it now is
         self._parallelize_stages()
-        self.in_sequence = None  # calls carrying a KV cache (generation): block stages one after another
-        if not plan.stages.traced:
-            self.in_sequence = StagesInSequence(stages=self.stages, num_stages=plan.pipeline_stages, blocks=self.blocks,
-                                                group=self.pipe_group, device=self.device, watchdog=watchdog,
-                                                config=getattr(model, "config", None))  # fmt: skip
+        self.in_sequence = StagesInSequence.of(self)  # calls carrying a KV cache: block stages one by one
         self.shared = pp.SharedParameters(model, holders=holders, pp_rank=self.stage_index, mesh=mesh)
         if on_meta:
             self.shared.synchronize_values()
@@ -259,29 +255,32 @@ class Pipeline:
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         inputs = as_keywords(self.user_forward, args, kwargs)
-        if self.in_sequence is not None and self.in_sequence.wanted(inputs, microbatches=self.plan.microbatches):
-            return self.in_sequence.run(inputs)
-        if self.slicer is not None:
-            if self.watchdog is not None:  # the fingerprint's all-gather waits for every replica
-                self.watchdog.enter("forward")
-            try:
-                args, kwargs, _ = self.slicer.slice_call(args, kwargs)
-            except UsageError:
-                if self.watchdog is not None:
-                    self.watchdog.leave()
-                raise
-            self.slicer.fork_random(self.model)
-            try:
-                return self._run(args, kwargs)
-            finally:
-                self.slicer.join_random()
-        return self._run(args, kwargs)
+        if self.in_sequence is not None and self.in_sequence.carries_cache(inputs):
+            return self.in_sequence.run(inputs)  # the whole batch on every replica
+        if self.slicer is None:
+            return self._run(args, kwargs)
+        if self.watchdog is not None:  # the fingerprint's all-gather waits for every replica
+            self.watchdog.enter("forward")
+        try:
+            args, kwargs, bounds = self.slicer.slice_call(args, kwargs)
+        except UsageError:
+            if self.watchdog is not None:
+                self.watchdog.leave()
+            raise
+        self.slicer.fork_random(self.model)
+        try:
+            output = self._run(args, kwargs)
+        finally:
+            self.slicer.join_random()
+        return output if bounds is None or torch.is_grad_enabled() else self.slicer.gather_output(output, bounds)
 
     def _run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         call = (args, dict(kwargs))  # as given, for count_items
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
         inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=call)
         if self.loss.samples % self.plan.microbatches:
+            if self.in_sequence is not None and not torch.is_grad_enabled() and self.data_group is None:
+                return self.in_sequence.run(as_keywords(self.user_forward, *call))  # one micro-batch: any size
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "
                 f"micro-batches: use a batch size that is a multiple of {self.plan.microbatches} (drop_last=True)"

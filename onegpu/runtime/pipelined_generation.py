@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from onegpu.batches import batch_size
 from onegpu.parallel.pipeline import BlockRangeStage
 from onegpu.runtime.pipeline_outputs import broadcast_output
 
@@ -53,15 +52,21 @@ class StagesInSequence:
         self.held = sorted(i for stage in stages.values() for i in stage.layers)
         self.config = config
 
+    @classmethod
+    def of(cls, pipeline: Any) -> StagesInSequence | None:
+        """A :class:`onegpu.runtime.pipelined.Pipeline`'s block stages (a traced graph's take no cache: None)."""
+        if pipeline.plan.stages.traced:
+            return None
+        config = getattr(pipeline.model, "config", None)
+        return cls(stages=pipeline.stages, num_stages=pipeline.plan.pipeline_stages, blocks=pipeline.blocks,
+                   group=pipeline.pipe_group, device=pipeline.device, watchdog=pipeline.watchdog, config=config)  # fmt: skip
+
     @staticmethod
-    def wanted(inputs: dict[str, Any], *, microbatches: int) -> bool:
-        """Whether a call runs in sequence: under ``torch.no_grad()``, with a cache, or a batch that cannot be
-        cut into ``microbatches``."""
+    def carries_cache(inputs: dict[str, Any]) -> bool:
+        """Whether a call runs in sequence for its cache: under ``torch.no_grad()``, given one or asking for one."""
         if torch.is_grad_enabled():
             return False
-        if inputs.get("use_cache") is True or any(inputs.get(name) is not None for name in CACHE_NAMES):
-            return True
-        return batch_size((), inputs) % microbatches != 0
+        return inputs.get("use_cache") is True or any(inputs.get(name) is not None for name in CACHE_NAMES)
 
     def run(self, inputs: dict[str, Any]) -> Any:
         """The model's output for ``inputs`` on every worker of the pipeline, its cache this worker's."""

@@ -30,7 +30,7 @@ if workers == 2:
         "pp2-interleaved": Plan(dp=1, pp=2, microbatches=2, schedule="interleaved"),
     }
 else:
-    plans = {"pp2-dp2": Plan(dp=2, pp=2, microbatches=2, schedule="gpipe")}
+    plans = {"pp2-dp2": Plan(dp=2, pp=2, microbatches=1, schedule="gpipe")}  # replicas of 2 and 1 rows
 
 
 def build(kind: str) -> torch.nn.Module:
