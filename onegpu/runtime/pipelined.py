@@ -7,9 +7,9 @@ and returns the global-batch loss; ``loss.backward()`` only confirms the gradien
 already made, scaled as the loop scaled the loss (``(loss / k).backward()`` for gradient
 accumulation, :mod:`onegpu.runtime.call_gradients`). A term added to the loss cannot be honoured and is
 reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation) and the model returns
-its whole output on every worker (:mod:`onegpu.runtime.pipeline_outputs`), labels or not.
-``torch.nn.utils.clip_grad_norm_`` on the stage's parameters clips by the norm over all stages
-(:mod:`onegpu.runtime.stage_gradients`).
+its whole output on every worker (:mod:`onegpu.runtime.pipeline_outputs`), labels or not; calls carrying
+a KV cache (``generate``) run the stages one after another (:mod:`onegpu.runtime.pipelined_generation`).
+``clip_grad_norm_`` on the stage's parameters clips by the norm over all stages (:mod:`onegpu.runtime.stage_gradients`).
 
 Everything is built at ``prepare`` from the plan: the blocks (or traced-graph nodes) of this
 worker's stages, the parameters they use, tensor parallelism, checkpointing and data parallelism;
@@ -143,8 +143,8 @@ class Pipeline:
         )
         self.slicer = None  # a global batch built in the loop: this replica's rows of it
         if plan.dp > 1:
-            replica = mesh["dp"].get_local_rank()
-            self.slicer = CallSlicer(replica=replica, replicas=plan.dp, group=self.data_group, worker=worker)
+            replica, group = mesh["dp"].get_local_rank(), self.data_group
+            self.slicer = CallSlicer(replica=replica, replicas=plan.dp, group=group, worker=worker)
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
         self.device, self.in_step = worker.device, False
         self.schedules: dict[tuple[str, ...], Any] = {}  # by the inputs' names, built at the first such batch
@@ -159,7 +159,7 @@ class Pipeline:
             self._split_tensors()
         self.stages = make_stages()  # views of the model as it now is
         self._parallelize_stages()
-        self.in_sequence = StagesInSequence.of(self)  # calls carrying a KV cache: block stages one by one
+        self.in_sequence = StagesInSequence.of(self)  # calls carrying a KV cache: stages one after another
         self.shared = pp.SharedParameters(model, holders=holders, pp_rank=self.stage_index, mesh=mesh)
         if on_meta:
             self.shared.synchronize_values()
@@ -255,7 +255,7 @@ class Pipeline:
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         inputs = as_keywords(self.user_forward, args, kwargs)
-        if self.in_sequence is not None and self.in_sequence.carries_cache(inputs):
+        if self.in_sequence.carries_cache(inputs):
             return self.in_sequence.run(inputs)  # the whole batch on every replica
         if self.slicer is None:
             return self._run(args, kwargs)
@@ -278,9 +278,10 @@ class Pipeline:
         call = (args, dict(kwargs))  # as given, for count_items
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
         inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=call)
+        whole = self.in_sequence.uncut(as_keywords(self.user_forward, *call), loss=self.loss)
+        if whole is not None:  # under no_grad, a batch the schedule cannot cut (here or on another replica) runs whole
+            return whole
         if self.loss.samples % self.plan.microbatches:
-            if self.in_sequence is not None and not torch.is_grad_enabled() and self.data_group is None:
-                return self.in_sequence.run(as_keywords(self.user_forward, *call))  # one micro-batch: any size
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "
                 f"micro-batches: use a batch size that is a multiple of {self.plan.microbatches} (drop_last=True)"

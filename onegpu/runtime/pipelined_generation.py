@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
+from onegpu.outputs import find_loss
 from onegpu.parallel.pipeline import BlockRangeStage
 from onegpu.runtime.pipeline_outputs import broadcast_output
 
@@ -42,31 +43,43 @@ HEADER = 8  # an activation's dtype, rank and shape, sent before it
 class StagesInSequence:
     """This worker's block stages, run one after another on a whole batch (calls that carry a KV cache)."""
 
-    def __init__(
-        self, *, stages: dict[int, BlockRangeStage], num_stages: int, blocks: int, group, device, watchdog, config: Any
-    ) -> None:
+    def __init__(self, *, stages: dict[int, BlockRangeStage], num_stages: int, blocks: int, group, device, watchdog,
+                 config: Any, microbatches: int, replicas) -> None:  # fmt: skip
         self.stages, self.num_stages, self.group, self.device = stages, num_stages, group, device
-        self.watchdog = watchdog
+        self.watchdog, self.microbatches, self.replicas = watchdog, microbatches, replicas  # replicas: their group
         self.workers, self.me = dist.get_world_size(group), dist.get_rank(group)
         self.layers = blocks
-        self.held = sorted(i for stage in stages.values() for i in stage.layers)
+        self.held = sorted(i for stage in stages.values() for i in stage.layers)  # none: a traced graph's stages
         self.config = config
 
     @classmethod
-    def of(cls, pipeline: Any) -> StagesInSequence | None:
-        """A :class:`onegpu.runtime.pipelined.Pipeline`'s block stages (a traced graph's take no cache: None)."""
-        if pipeline.plan.stages.traced:
-            return None
+    def of(cls, pipeline: Any) -> StagesInSequence:
+        """A :class:`onegpu.runtime.pipelined.Pipeline`'s stages (a traced graph's run no call in sequence)."""
+        stages = {} if pipeline.plan.stages.traced else pipeline.stages
         config = getattr(pipeline.model, "config", None)
-        return cls(stages=pipeline.stages, num_stages=pipeline.plan.pipeline_stages, blocks=pipeline.blocks,
-                   group=pipeline.pipe_group, device=pipeline.device, watchdog=pipeline.watchdog, config=config)  # fmt: skip
+        return cls(stages=stages, num_stages=pipeline.plan.pipeline_stages, blocks=getattr(pipeline, "blocks", 0),
+                   group=pipeline.pipe_group, device=pipeline.device, watchdog=pipeline.watchdog, config=config,
+                   microbatches=pipeline.plan.microbatches, replicas=pipeline.data_group)  # fmt: skip
 
-    @staticmethod
-    def carries_cache(inputs: dict[str, Any]) -> bool:
+    def carries_cache(self, inputs: dict[str, Any]) -> bool:
         """Whether a call runs in sequence for its cache: under ``torch.no_grad()``, given one or asking for one."""
-        if torch.is_grad_enabled():
+        if not self.stages or torch.is_grad_enabled():
             return False
         return inputs.get("use_cache") is True or any(inputs.get(name) is not None for name in CACHE_NAMES)
+
+    def uncut(self, inputs: dict[str, Any], *, loss: Any) -> Any | None:
+        """Under ``torch.no_grad()``, the output for a batch (of ``loss.samples``) that the schedule cannot cut into
+        its micro-batches, here or on another replica (they agree), run whole. None: the schedule runs it, or the
+        whole batch cannot stand for it (a target; under data parallelism, a loss of this replica's rows only)."""
+        if not self.stages or torch.is_grad_enabled() or loss.target is not None:
+            return None
+        uneven = torch.tensor([float(loss.samples % self.microbatches != 0)], device=self.device)
+        if self.replicas is not None:
+            dist.all_reduce(uneven, op=dist.ReduceOp.MAX, group=self.replicas)
+        if not uneven.item():
+            return None
+        output = self.run(inputs)
+        return None if self.replicas is not None and find_loss(output) is not None else output
 
     def run(self, inputs: dict[str, Any]) -> Any:
         """The model's output for ``inputs`` on every worker of the pipeline, its cache this worker's."""
