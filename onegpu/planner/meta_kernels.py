@@ -20,7 +20,7 @@ META_FLASH = "onegpu_meta_attention"  # not "flash": HF would look for a kernel 
 def register_meta_flash() -> None:
     """A Hugging Face attention implementation that runs the flash kernel on meta tensors."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def meta_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **_):
         groups = query.shape[1] // key.shape[1]
@@ -36,13 +36,13 @@ def register_meta_flash() -> None:
             )
         return out[0].transpose(1, 2).contiguous(), None
 
-    def no_mask(*args: Any, **kwargs: Any) -> None:
-        """The flash kernel takes no mask (it is causal): none is built, so a padding mask, whose values the
-        meta device does not have, is never read (sdpa's mask asks whether it is all ones)."""
-        return None
+    def causal_mask(*args: Any, **kwargs: Any) -> Any:
+        """sdpa's mask without the padding, which the flash kernel does not read either: sdpa's asks whether a
+        padding mask is all ones, and a meta tensor has no values (a call with an attention mask, generate's)."""
+        return sdpa_mask(*args, **{**kwargs, "attention_mask": None})
 
     AttentionInterface.register(META_FLASH, meta_flash)
-    AttentionMaskInterface.register(META_FLASH, no_mask)
+    AttentionMaskInterface.register(META_FLASH, causal_mask)
 
 
 class GroupedMatmulsInBF16(TorchDispatchMode):
