@@ -5,8 +5,10 @@ under ``torch.no_grad()`` that passes a cache (``cache=``/``past_key_values=``) 
 the stages one after another on the whole batch: the first stage's worker runs the model's forward up to
 its last block and sends the activation to the next stage's worker, and so on; the last stage's output
 (the logits) is broadcast to every worker of the pipeline, so every worker's generation loop sees the same
-logits, picks the same tokens and stays in step with the others. A call whose batch cannot be cut into the
-plan's micro-batches runs that way too (without a cache unless asked for).
+logits, picks the same tokens and stays in step with the others. Under ``torch.no_grad()``, a batch the
+schedule cannot cut into the plan's micro-batches (on any replica: they agree) runs that way too, without
+a cache unless asked for (under data parallelism, only when the model computes no loss: it would be the
+replica's rows' only).
 
 Each worker keeps its own cache object, the one its loop passes in and gets back. Only the blocks it holds
 write their layers of it: memory stays split like the weights. The model reads the cache's lengths where
@@ -17,12 +19,14 @@ it builds masks and positions (layer 0's, before any block runs), and that layer
 - each stage sees a view of the cache whose layers outside its range are as they were when the call
   began, so a worker holding two stages (interleaved schedules) builds the second's masks as the first's.
 
-With data parallelism every replica runs the whole batch (the prompts are not split across replicas).
+With data parallelism every replica runs a call that carries a cache on the whole batch (the prompts are
+not split across replicas: each replica's loop holds every row's cache).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +55,8 @@ class StagesInSequence:
         self.layers = blocks
         self.held = sorted(i for stage in stages.values() for i in stage.layers)  # none: a traced graph's stages
         self.config = config
+        forward = next(iter(stages.values())).model.forward if stages else None
+        self.takes_use_cache = forward is not None and "use_cache" in inspect.signature(forward).parameters
 
     @classmethod
     def of(cls, pipeline: Any) -> StagesInSequence:
@@ -122,8 +128,8 @@ class StagesInSequence:
         name = next((n for n in CACHE_NAMES if inputs.get(n) is not None), None)
         if name is not None:
             return inputs, name, inputs[name]
-        if inputs.get("use_cache") is not True:
-            return {**inputs, "use_cache": False}, "", None  # as the schedule runs it: no stage makes a cache
+        if inputs.get("use_cache") is not True:  # as the schedule runs it: no stage makes a cache
+            return ({**inputs, "use_cache": False} if self.takes_use_cache else inputs), "", None
         from transformers import DynamicCache  # a model taking use_cache is a Hugging Face one
 
         name = next((n for n in CACHE_NAMES if n in inputs), CACHE_NAMES[0])
