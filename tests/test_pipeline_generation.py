@@ -5,7 +5,8 @@ of different lengths (3 rows: not a multiple of the 2 micro-batches), under pp=2
 interleaved 1F1B (two stages per worker) on 2 workers. Every worker's loop sees the plain process's tokens,
 exactly, and its logits (each generation step's, a masked forward's, a 4-row forward's) under the suite's
 tolerance policy. Memory stays split: each worker holds about half the weights, and its cache holds keys
-for its own layers only (the others' keep one placeholder value per token, which counts the tokens).
+for its own layers only (the others' keep one placeholder value per token, which counts the tokens). A
+hand-written model's batch of 3 rows, which 2 micro-batches cannot cut, gives the plain process's output.
 pp=2 x dp=2 generation is checked in the 4-worker job of test_pipeline_eval_outputs.py.
 """
 
@@ -32,6 +33,9 @@ def reference():
             seen["four_row_logits"] = model(input_ids=torch.cat([ids, ids[:1]])).logits
         seen["held"] = sum(p.numel() for p in model.parameters())
         outputs[scenario] = seen
+    model, data = build("custom", layers=3)
+    with torch.no_grad():
+        outputs["custom"] = model(data.x[:3])
     return outputs
 
 
@@ -55,3 +59,5 @@ def test_pipelined_generation_and_forward_match_one_device(tmp_path_factory, ref
                 assert len(own) == 2 and len(seen["cache_keys"]) == 4, key  # keys for its 2 layers of 4
                 assert all(shape == list(expected["cache"].layers[0].keys.shape) for shape in own), key
                 assert 0.45 < seen["held"] / expected["held"] < 0.6, key  # about half the weights
+        output = torch.tensor(report["custom-pp2-gpipe"])  # a hand-written model's batch of 3 in 2 micro-batches
+        torch.testing.assert_close(output, reference["custom"], rtol=SCALAR_RTOL, atol=SCALAR_ATOL)
