@@ -261,9 +261,10 @@ def train(
 GENERATED = ("tokens", "step_logits", "forward_logits")  # what greedy_generation's tensors are
 
 
-def greedy_generation(model: nn.Module, *, vocab: int, new_tokens: int = 4) -> dict:
+def greedy_generation(model: nn.Module, *, vocab: int, new_tokens: int = 4, **options) -> dict:
     """What a loop sees of ``model`` (eval mode, no grad) on 3 prompts of 5, 2 and 4 tokens, left-padded with 0
-    and masked: the tokens ``generate`` picks greedily with the KV cache, each step's logits, and its cache."""
+    and masked: the tokens ``generate`` picks greedily with the KV cache (``options``: more of generate's, e.g.
+    ``cache_implementation="static"``), each step's logits, its cache, and a forward's logits."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.zeros(3, 5, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -273,7 +274,7 @@ def greedy_generation(model: nn.Module, *, vocab: int, new_tokens: int = 4) -> d
     model.eval()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0, return_dict_in_generate=True, output_logits=True)  # fmt: skip
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True, **options)  # fmt: skip
         forward = model(input_ids=ids, attention_mask=mask).logits
     return {"tokens": out.sequences, "step_logits": torch.stack(out.logits), "forward_logits": forward,
             "cache": out.cache if "cache" in out else out.past_key_values, "prompts": (ids, mask)}  # fmt: skip

@@ -3,8 +3,8 @@
 A 4-block Llama and GPT-2 (tied embeddings), vocabulary 257, generate greedily from 3 left-padded prompts
 of different lengths (3 rows: not a multiple of the 2 micro-batches), under pp=2 with GPipe, 1F1B and
 interleaved 1F1B (two stages per worker) on 2 workers. Every worker's loop sees the plain process's tokens,
-exactly, and its logits (each generation step's, a masked forward's, a 4-row forward's) under the suite's
-tolerance policy. Memory stays split: each worker holds about half the weights, and its cache holds keys
+exactly (with a dynamic cache and a static one), and its logits (each generation step's, a masked forward's,
+a 4-row forward's) under the suite's tolerance policy. Memory stays split: each worker holds about half the weights, and its cache holds keys
 for its own layers only (the others' keep one placeholder value per token, which counts the tokens). A
 hand-written model's batch of 3 rows, which 2 micro-batches cannot cut, gives the plain process's output.
 pp=2 x dp=2 generation is checked in the 4-worker job of test_pipeline_eval_outputs.py.
@@ -32,6 +32,7 @@ def reference():
         with torch.no_grad():
             seen["four_row_logits"] = model(input_ids=torch.cat([ids, ids[:1]])).logits
         seen["held"] = sum(p.numel() for p in model.parameters())
+        seen["static_cache_tokens"] = greedy_generation(model, vocab=ODD_VOCAB, cache_implementation="static")["tokens"]
         outputs[scenario] = seen
     model, data = build("custom", layers=3)
     with torch.no_grad():
@@ -50,6 +51,7 @@ def test_pipelined_generation_and_forward_match_one_device(tmp_path_factory, ref
                 key = f"{scenario}-{plan}"
                 seen = report[key]
                 assert seen["tokens"] == expected["tokens"].tolist(), key
+                assert seen["static_cache_tokens"] == expected["static_cache_tokens"].tolist(), key
                 for logits in ("step_logits", "forward_logits", "four_row_logits"):
                     torch.testing.assert_close(
                         torch.tensor(seen[logits]), expected[logits], rtol=SCALAR_RTOL, atol=SCALAR_ATOL

@@ -100,7 +100,7 @@ class StagesInSequence:
     def _run(self, inputs: dict[str, Any]) -> Any:
         inputs, name, cache = self._with_cache(dict(inputs))
         layers = self._cache_layers(cache) if cache is not None else None
-        before = [copy.copy(layer) for layer in layers] if layers is not None else None
+        before = [_frozen(layer) for layer in layers] if layers is not None else None
         output, views, received = None, [], None
         for index in range(self.num_stages):
             if index % self.workers != self.me:
@@ -155,10 +155,10 @@ class StagesInSequence:
     def _advance_others(self, layers: list[Any], before: list[Any]) -> None:
         """Grow the layers of other workers' blocks by as many tokens as this call's held layer grew."""
         mine = layers[self.held[0]]
-        grown = mine.get_seq_length() - before[self.held[0]].get_seq_length()
+        grown = int(mine.get_seq_length()) - int(before[self.held[0]].get_seq_length())
         if grown <= 0:
             return
-        placeholder = torch.zeros(mine.keys.shape[0], 1, grown, 1, dtype=mine.keys.dtype, device=mine.keys.device)
+        placeholder = torch.ones(mine.keys.shape[0], 1, grown, 1, dtype=mine.keys.dtype, device=mine.keys.device)
         for index in range(self.layers):
             if index not in self.held and hasattr(layers[index], "get_seq_length"):
                 layers[index].update(placeholder, placeholder)
@@ -184,6 +184,16 @@ class StagesInSequence:
 def _attention_cache(cache: Any) -> Any:
     """The self-attention part of a cache (an encoder-decoder cache keeps it apart)."""
     return getattr(cache, "self_attention_cache", cache)
+
+
+def _frozen(layer: Any) -> Any:
+    """A cache layer as it is now, for reading its length: a shallow copy (its keys and values are shared, and
+    a layer replaces them as it grows), with its own copy of a length counted in place (a static layer's)."""
+    frozen = copy.copy(layer)
+    for name, value in vars(frozen).items():
+        if torch.is_tensor(value) and value.dim() == 0:
+            setattr(frozen, name, value.clone())
+    return frozen
 
 
 def _view(cache: Any, before: list[Any], *, keep: range) -> Any:

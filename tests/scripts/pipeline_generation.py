@@ -3,7 +3,7 @@
 A 4-block Llama and GPT-2 (tied embeddings) with a vocabulary of 257 are prepared (no optimizer, no loader)
 under pp=2 with GPipe, 1F1B (2 micro-batches) and interleaved 1F1B (4 stages, 2 per worker), and generate
 from 3 left-padded prompts (:func:`scenarios.greedy_generation`; 3 rows: not a multiple of the micro-batches);
-then a forward of 4 rows runs through the schedule. A hand-written model (no cache) runs a forward of 3 rows. Every worker reports what its loop saw, the parameters
+then a forward of 4 rows runs through the schedule, and they generate with a static cache. A hand-written model (no cache) runs a forward of 3 rows. Every worker reports what its loop saw, the parameters
 it holds and, per layer of its cache, the keys' shape; rank 0 writes them all to results.json.
 """
 
@@ -42,6 +42,9 @@ for scenario in ("hf-odd", "gpt2-odd"):
             "cache_length": seen["cache"].get_seq_length(),
             "cache_keys": [list(layer.keys.shape) for layer in seen["cache"].layers],
             "held": sum(p.numel() for p in model.parameters()),
+            "static_cache_tokens": greedy_generation(model, vocab=ODD_VOCAB, cache_implementation="static")[
+                "tokens"
+            ].tolist(),
         }
 model, data = build("custom", layers=3)  # a hand-written model (4 blocks, a skip connection): no cache
 model = onegpu.prepare(model, plan=plans["pp2-gpipe"])
