@@ -7,6 +7,7 @@ exactly (with a dynamic cache and a static one), and its logits (each generation
 a 4-row forward's) under the suite's tolerance policy. Memory stays split: each worker holds about half the weights, and its cache holds keys
 for its own layers only (the others' keep one placeholder value per token, which counts the tokens). A
 hand-written model's batch of 3 rows, which 2 micro-batches cannot cut, gives the plain process's output.
+A Llama built on the meta device (never whole on a worker) generates as its saved weights do in one process.
 pp=2 x dp=2 generation is checked in the 4-worker job of test_pipeline_eval_outputs.py.
 """
 
@@ -40,26 +41,63 @@ def reference():
     return outputs
 
 
-@pytest.mark.slow
-def test_pipelined_generation_and_forward_match_one_device(tmp_path_factory, reference):
-    _, reports = launch_script(tmp_path_factory, "pipeline_generation.py", workers=2)
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The 2-worker job: its output directory and every worker's report."""
+    out, reports = launch_script(tmp_path_factory, "pipeline_generation.py", workers=2)
     assert len(reports) == 2
+    return out, reports
+
+
+def runs(reports: list[dict]):
+    """Every worker's run of every model under every plan, with its key."""
     for report in reports:
         for scenario in SCENARIOS:
-            expected = reference[scenario]
             for plan in PLANS:
-                key = f"{scenario}-{plan}"
-                seen = report[key]
-                assert seen["tokens"] == expected["tokens"].tolist(), key
-                assert seen["static_cache_tokens"] == expected["static_cache_tokens"].tolist(), key
-                for logits in ("step_logits", "forward_logits", "four_row_logits"):
-                    torch.testing.assert_close(
-                        torch.tensor(seen[logits]), expected[logits], rtol=SCALAR_RTOL, atol=SCALAR_ATOL
-                    )
-                assert seen["cache_length"] == expected["cache"].get_seq_length(), key
-                own = [shape for shape in seen["cache_keys"] if shape[-1] > 1]
-                assert len(own) == 2 and len(seen["cache_keys"]) == 4, key  # keys for its 2 layers of 4
-                assert all(shape == list(expected["cache"].layers[0].keys.shape) for shape in own), key
-                assert 0.45 < seen["held"] / expected["held"] < 0.6, key  # about half the weights
-        output = torch.tensor(report["custom-pp2-gpipe"])  # a hand-written model's batch of 3 in 2 micro-batches
-        torch.testing.assert_close(output, reference["custom"], rtol=SCALAR_RTOL, atol=SCALAR_ATOL)
+                yield scenario, f"{scenario}-{plan}", report[f"{scenario}-{plan}"]
+
+
+def assert_close(seen: list, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(torch.tensor(seen), expected, rtol=SCALAR_RTOL, atol=SCALAR_ATOL)
+
+
+@pytest.mark.slow
+def test_generate_and_forward_give_the_tokens_and_logits_of_one_device(launched, reference):
+    for scenario, key, seen in runs(launched[1]):
+        expected = reference[scenario]
+        assert seen["tokens"] == expected["tokens"].tolist(), key
+        assert seen["static_cache_tokens"] == expected["static_cache_tokens"].tolist(), key
+        for logits in ("step_logits", "forward_logits", "four_row_logits"):
+            assert_close(seen[logits], expected[logits])
+
+
+@pytest.mark.slow
+def test_each_worker_holds_half_the_weights_and_the_cache_of_its_layers_only(launched, reference):
+    for scenario, key, seen in runs(launched[1]):
+        expected = reference[scenario]
+        assert 0.45 < seen["held"] / expected["held"] < 0.6, key  # GPT-2's tied embedding: on both stages
+        assert seen["cache_length"] == expected["cache"].get_seq_length(), key
+        own = [shape for shape in seen["cache_keys"] if shape[-1] > 1]  # the others': (rows, 1, tokens, 1)
+        assert len(own) == 2 and len(seen["cache_keys"]) == 4, key
+        assert all(shape == list(expected["cache"].layers[0].keys.shape) for shape in own), key
+
+
+@pytest.mark.slow
+def test_a_model_built_on_meta_generates_as_its_saved_weights_do_in_one_process(launched):
+    from transformers import LlamaForCausalLM
+
+    out, reports = launched
+    saved = LlamaForCausalLM.from_pretrained(out / "meta-llama")  # what the workers held, as one plain model
+    whole = greedy_generation(saved, vocab=512)
+    for report in reports:
+        seen = report["meta-pp2-gpipe"]
+        assert seen["tokens"] == whole["tokens"].tolist()
+        assert_close(seen["step_logits"], whole["step_logits"])
+        assert "meta" not in seen["held_on"]  # each worker materialized its stage
+        assert 0.45 < seen["held"] / sum(p.numel() for p in saved.parameters()) < 0.6
+
+
+@pytest.mark.slow
+def test_a_batch_the_micro_batches_cannot_cut_runs_whole_under_no_grad(launched, reference):
+    for report in launched[1]:  # a hand-written model (no cache): 3 rows, 2 micro-batches
+        assert_close(report["custom-pp2-gpipe"], reference["custom"])

@@ -3,7 +3,8 @@
 A 4-block Llama and GPT-2 (tied embeddings) with a vocabulary of 257 are prepared (no optimizer, no loader)
 under pp=2 with GPipe, 1F1B (2 micro-batches) and interleaved 1F1B (4 stages, 2 per worker), and generate
 from 3 left-padded prompts (:func:`scenarios.greedy_generation`; 3 rows: not a multiple of the micro-batches);
-then a forward of 4 rows runs through the schedule, and they generate with a static cache. A hand-written model (no cache) runs a forward of 3 rows. Every worker reports what its loop saw, the parameters
+then a forward of 4 rows runs through the schedule, and they generate with a static cache. A Llama built on
+the meta device (each worker allocates only its stage) generates too, and is saved for the reference. A hand-written model (no cache) runs a forward of 3 rows. Every worker reports what its loop saw, the parameters
 it holds and, per layer of its cache, the keys' shape; rank 0 writes them all to results.json.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios import ODD_VOCAB, build, greedy_generation, write_gathered  # noqa: E402
+from scenarios import GENERATED, ODD_VOCAB, build, greedy_generation, meta_llama, write_gathered  # noqa: E402
 
 import onegpu  # noqa: E402
 from onegpu.plan import Plan  # noqa: E402
@@ -46,6 +47,13 @@ for scenario in ("hf-odd", "gpt2-odd"):
                 "tokens"
             ].tolist(),
         }
+model = onegpu.prepare(meta_llama(num_hidden_layers=4), plan=plans["pp2-gpipe"])  # never whole on a worker
+seen = greedy_generation(model, vocab=512)
+report["meta-pp2-gpipe"] = {key: seen[key].tolist() for key in GENERATED} | {
+    "held": sum(p.numel() for p in model.parameters()),
+    "held_on": sorted({p.device.type for p in model.parameters()}),
+}
+onegpu.save_pretrained(model, out / "meta-llama")  # gathered on rank 0: the test's one-device reference
 model, data = build("custom", layers=3)  # a hand-written model (4 blocks, a skip connection): no cache
 model = onegpu.prepare(model, plan=plans["pp2-gpipe"])
 model.eval()
