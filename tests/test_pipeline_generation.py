@@ -8,6 +8,7 @@ a 4-row forward's) under the suite's tolerance policy. Memory stays split: each 
 for its own layers only (the others' keep one placeholder value per token, which counts the tokens). A
 hand-written model's batch of 3 rows, which 2 micro-batches cannot cut, gives the plain process's output.
 A Llama built on the meta device (never whole on a worker) generates as its saved weights do in one process.
+Sampling picks the same tokens on every worker (and, seeded, one device's).
 pp=2 x dp=2 generation is checked in the 4-worker job of test_pipeline_eval_outputs.py.
 """
 
@@ -35,6 +36,8 @@ def reference():
         seen["held"] = sum(p.numel() for p in model.parameters())
         seen["static_cache_tokens"] = greedy_generation(model, vocab=ODD_VOCAB, cache_implementation="static")["tokens"]
         outputs[scenario] = seen
+    torch.manual_seed(7)
+    outputs["sampled"] = greedy_generation(model, vocab=ODD_VOCAB, do_sample=True)["tokens"]
     model, data = build("custom", layers=3)
     with torch.no_grad():
         outputs["custom"] = model(data.x[:3])
@@ -69,6 +72,13 @@ def test_generate_and_forward_give_the_tokens_and_logits_of_one_device(launched,
         assert seen["static_cache_tokens"] == expected["static_cache_tokens"].tolist(), key
         for logits in ("step_logits", "forward_logits", "four_row_logits"):
             assert_close(seen[logits], expected[logits])
+
+
+@pytest.mark.slow
+def test_sampling_picks_the_same_tokens_on_every_worker(launched, reference):
+    reports = launched[1]
+    assert all(report["sampled"] == reference["sampled"].tolist() for report in reports)  # seeded: one device's
+    assert reports[0]["sampled_unseeded"] == reports[1]["sampled_unseeded"]  # streams moved apart: taken from one
 
 
 @pytest.mark.slow

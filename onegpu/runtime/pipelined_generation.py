@@ -19,6 +19,9 @@ it builds masks and positions (layer 0's, before any block runs), and that layer
 - each stage sees a view of the cache whose layers outside its range are as they were when the call
   began, so a worker holding two stages (interleaved schedules) builds the second's masks as the first's.
 
+When a generation starts (an empty cache), every worker takes the first one's random state: sampling then
+picks the same tokens on every worker.
+
 With data parallelism every replica runs a call that carries a cache on the whole batch (the prompts are
 not split across replicas: each replica's loop holds every row's cache).
 """
@@ -36,6 +39,7 @@ from torch.utils._pytree import tree_map
 
 from onegpu.outputs import find_loss
 from onegpu.parallel.pipeline import BlockRangeStage
+from onegpu.runtime.call_slicing import random_state, set_random_state
 from onegpu.runtime.pipeline_outputs import broadcast_output
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.2x calls it cache, earlier past_key_values
@@ -101,6 +105,8 @@ class StagesInSequence:
         inputs, name, cache = self._with_cache(dict(inputs))
         layers = self._cache_layers(cache) if cache is not None else None
         before = [_frozen(layer) for layer in layers] if layers is not None else None
+        if before is not None and int(before[self.held[0]].get_seq_length()) == 0:
+            self._share_random_state()  # a generation starts
         output, views, received = None, [], None
         for index in range(self.num_stages):
             if index % self.workers != self.me:
@@ -144,6 +150,14 @@ class StagesInSequence:
         while make is not None and len(inner.layers) < self.layers:
             inner.layers.append(make())
         return inner.layers
+
+    def _share_random_state(self) -> None:
+        """Every worker of the pipeline takes its first worker's random state: each worker's loop samples from
+        the same logits, so sampling (``do_sample=True``) picks the same tokens on each."""
+        state = [random_state(self.device) if self.me == 0 else None]
+        first = dist.get_global_rank(self.group, 0)
+        dist.broadcast_object_list(state, src=first, group=self.group, device=self.device)
+        set_random_state(state[0], self.device)
 
     def _run_stage(self, stage: BlockRangeStage, received: torch.Tensor | None, inputs: dict[str, Any]) -> Any:
         stage.with_cache = True  # the call goes through the stage module itself, so its wrappers' hooks run

@@ -4,7 +4,8 @@ A 4-block Llama and GPT-2 (tied embeddings) with a vocabulary of 257 are prepare
 under pp=2 with GPipe, 1F1B (2 micro-batches) and interleaved 1F1B (4 stages, 2 per worker), and generate
 from 3 left-padded prompts (:func:`scenarios.greedy_generation`; 3 rows: not a multiple of the micro-batches);
 then a forward of 4 rows runs through the schedule, and they generate with a static cache. A Llama built on
-the meta device (each worker allocates only its stage) generates too, and is saved for the reference. A hand-written model (no cache) runs a forward of 3 rows. Every worker reports what its loop saw, the parameters
+the meta device (each worker allocates only its stage) generates too, and is saved for the reference. The
+last GPT-2 samples (do_sample=True), seeded, then from random streams each worker moved differently. A hand-written model (no cache) runs a forward of 3 rows. Every worker reports what its loop saw, the parameters
 it holds and, per layer of its cache, the keys' shape; rank 0 writes them all to results.json.
 """
 
@@ -47,6 +48,12 @@ for scenario in ("hf-odd", "gpt2-odd"):
                 "tokens"
             ].tolist(),
         }
+# sampling: seeded, then from streams the workers moved apart (each worker's loop must pick the same tokens)
+torch.manual_seed(7)
+report["sampled"] = greedy_generation(model, vocab=ODD_VOCAB, do_sample=True)["tokens"].tolist()
+torch.rand(report["rank"] + 1)
+report["sampled_unseeded"] = greedy_generation(model, vocab=ODD_VOCAB, do_sample=True)["tokens"].tolist()
+
 model = onegpu.prepare(meta_llama(num_hidden_layers=4), plan=plans["pp2-gpipe"])  # never whole on a worker
 seen = greedy_generation(model, vocab=512)
 report["meta-pp2-gpipe"] = {key: seen[key].tolist() for key in GENERATED} | {
