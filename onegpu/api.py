@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from onegpu.batches import as_call, as_keywords, first_sample, leading_size, sequence_length
+from onegpu.batches import CACHE_NAMES, as_call, as_keywords, first_sample, leading_size, sequence_length
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
 from onegpu.plan import Plan
@@ -145,7 +145,7 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
         model.__class__ = user_class
         del model.onegpu_plan
         keywords = as_keywords(model.forward, args, kwargs)
-        keywords = {k: v for k, v in keywords.items() if k not in ("cache", "past_key_values")}  # not written on meta
+        keywords = {k: v for k, v in keywords.items() if k not in CACHE_NAMES}  # a KV cache is not written on meta
 
         def fit(cluster) -> Plan:
             description, unavailable = _describe(model, keywords)

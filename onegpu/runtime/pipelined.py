@@ -143,8 +143,8 @@ class Pipeline:
         )
         self.slicer = None  # a global batch built in the loop: this replica's rows of it
         if plan.dp > 1:
-            replica, group = mesh["dp"].get_local_rank(), self.data_group
-            self.slicer = CallSlicer(replica=replica, replicas=plan.dp, group=group, worker=worker)
+            replica = mesh["dp"].get_local_rank()
+            self.slicer = CallSlicer(replica=replica, replicas=plan.dp, group=self.data_group, worker=worker)
         self.anchor = torch.zeros((), device=worker.device, requires_grad=True)  # the returned loss's autograd root
         self.device, self.in_step = worker.device, False
         self.schedules: dict[tuple[str, ...], Any] = {}  # by the inputs' names, built at the first such batch

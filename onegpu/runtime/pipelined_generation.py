@@ -37,12 +37,12 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
+from onegpu.batches import CACHE_NAMES
 from onegpu.outputs import find_loss
 from onegpu.parallel.pipeline import BlockRangeStage
 from onegpu.runtime.call_slicing import random_state, set_random_state
 from onegpu.runtime.pipeline_outputs import broadcast_output
 
-CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.2x calls it cache, earlier past_key_values
 OWN_CACHE = "onegpu: this worker's own cache"  # what crosses the pipeline in the cache's place
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEADER = 8  # an activation's dtype, rank and shape, sent before it
