@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from onegpu.batches import as_call, as_keywords, first_sample, leading_size, sequence_length
+from onegpu.batches import CACHE_NAMES, as_call, as_keywords, first_sample, leading_size, sequence_length
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
 from onegpu.plan import Plan
@@ -27,6 +27,7 @@ from onegpu.runtime.data import check_loader, first_samples
 from onegpu.runtime.execute import TrainingObjects, execute, sliced_loaders
 from onegpu.runtime.job_files import observe_steps, write_plan
 from onegpu.runtime.loss_weighting import check_count_items
+from onegpu.runtime.model_class import put_in_front
 from onegpu.runtime.prepared import remember
 from onegpu.runtime.user_loss import check_loss_fn
 from onegpu.settings import settings
@@ -145,6 +146,7 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
         model.__class__ = user_class
         del model.onegpu_plan
         keywords = as_keywords(model.forward, args, kwargs)
+        keywords = {k: v for k, v in keywords.items() if k not in CACHE_NAMES}  # a KV cache is not written on meta
 
         def fit(cluster) -> Plan:
             description, unavailable = _describe(model, keywords)
@@ -155,7 +157,7 @@ def _defer(given: TrainingObjects, plan: Plan, *, worker: Worker, loss_fn, count
         _recorded(fitted, given, worker=worker)
         load_after_build(model)  # a state load_state found before the model was split
 
-    model.__class__ = type(f"Deferred{user_class.__name__}", (_Deferred, user_class), {})
+    put_in_front(model, _Deferred, prefix="Deferred")
     model.__dict__["onegpu_deferred"] = build
     model.onegpu_plan = plan
 

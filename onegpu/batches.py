@@ -12,6 +12,8 @@ import torch
 
 from onegpu.errors import UsageError
 
+CACHE_NAMES = ("cache", "past_key_values")  # a model's KV-cache input (transformers >= 5.2x: cache)
+
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """``value`` with ``fn`` applied to every tensor in it, its containers kept."""

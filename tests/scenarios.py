@@ -256,3 +256,25 @@ def train(
         "model": model,
         "loader": loader,
     }
+
+
+GENERATED = ("tokens", "step_logits", "forward_logits")  # what greedy_generation's tensors are
+
+
+def greedy_generation(model: nn.Module, *, vocab: int, new_tokens: int = 4, **options) -> dict:
+    """What a loop sees of ``model`` (eval mode, no grad) on 3 prompts of 5, 2 and 4 tokens, left-padded with 0
+    and masked: the tokens ``generate`` picks greedily with the KV cache (``options``: more of generate's, e.g.
+    ``cache_implementation="static"``, ``do_sample=True``), each step's logits, its cache, a forward's logits."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate((5, 2, 4)):
+        ids[row, 5 - length :] = torch.randint(1, vocab, (length,), generator=generator)
+        mask[row, 5 - length :] = 1
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True, **{"do_sample": False, **options})  # fmt: skip
+        forward = model(input_ids=ids, attention_mask=mask).logits
+    return {"tokens": out.sequences, "step_logits": torch.stack(out.logits), "forward_logits": forward,
+            "cache": out.cache if "cache" in out else out.past_key_values, "prompts": (ids, mask)}  # fmt: skip

@@ -146,7 +146,9 @@ class BlockRangeStage(nn.Module):
     def __init__(self, layout: BlockLayout, *, start: int, end: int, held: set[int], keep_output: bool = False) -> None:
         super().__init__()
         self.model = layout.view(held - set(range(start, end)))
+        self.layers = range(start, end)  # its blocks' indices, which are their KV-cache layers' too
         self.first, self.last = start == 0, end == len(layout.blocks)
+        self.with_cache = False  # while True: a call carrying a KV cache (generation), see run_model
         self.blocks = layout.blocks[start:end]
         self.loss_place: tuple[Place, int] = (None, 0)  # see last_stage_result
         self.keep_output = keep_output  # the loss is the user's loss_fn of the model's output: hand that over
@@ -187,18 +189,25 @@ class BlockRangeStage(nn.Module):
             raise _StageDone(output[0] if isinstance(output, (tuple, list)) else output)
 
     def forward(self, *received: torch.Tensor, **inputs: Any):
+        if self.with_cache:
+            return self.run_model(received[0] if received else None, inputs)
         contiguous_gradients(received)
-        self._received = received[0] if received else None
         if "use_cache" in inspect.signature(self.model.forward).parameters:  # a KV cache: this stage's layers only
             inputs = {**inputs, "use_cache": False}
+        output = self.run_model(received[0] if received else None, inputs)
+        return output if not self.last else last_stage_output(self, output)
+
+    def run_model(self, received: torch.Tensor | None, inputs: dict[str, Any]) -> Any:
+        """The model's forward on ``inputs``, its first block here taking ``received``: the activation to hand
+        to the next stage, or on the last stage the model's output."""
+        self._received = received
         self._running = True
         try:
-            output = self.model(**inputs)
+            return self.model(**inputs)
         except _StageDone as done:
             return done.output
         finally:
             self._running, self._received = False, None
-        return last_stage_output(self, output)
 
 
 def last_stage_output(stage: nn.Module, output: Any) -> Any:

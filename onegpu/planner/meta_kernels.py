@@ -36,8 +36,13 @@ def register_meta_flash() -> None:
             )
         return out[0].transpose(1, 2).contiguous(), None
 
+    def causal_mask(*args: Any, **kwargs: Any) -> Any:
+        """sdpa's mask without the padding, which the flash kernel does not read either: sdpa's asks whether a
+        padding mask is all ones, and a meta tensor has no values (a call with an attention mask, generate's)."""
+        return sdpa_mask(*args, **{**kwargs, "attention_mask": None})
+
     AttentionInterface.register(META_FLASH, meta_flash)
-    AttentionMaskInterface.register(META_FLASH, sdpa_mask)
+    AttentionMaskInterface.register(META_FLASH, causal_mask)
 
 
 class GroupedMatmulsInBF16(TorchDispatchMode):

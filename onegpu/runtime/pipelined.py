@@ -7,9 +7,9 @@ and returns the global-batch loss; ``loss.backward()`` only confirms the gradien
 already made, scaled as the loop scaled the loss (``(loss / k).backward()`` for gradient
 accumulation, :mod:`onegpu.runtime.call_gradients`). A term added to the loss cannot be honoured and is
 reported. Under ``torch.no_grad()`` the schedule runs forward only (evaluation) and the model returns
-its whole output on every worker (:mod:`onegpu.runtime.pipeline_outputs`), labels or not.
-``torch.nn.utils.clip_grad_norm_`` on the stage's parameters clips by the norm over all stages
-(:mod:`onegpu.runtime.stage_gradients`).
+its whole output on every worker (:mod:`onegpu.runtime.pipeline_outputs`), labels or not; calls carrying
+a KV cache (``generate``) run the stages one after another (:mod:`onegpu.runtime.pipelined_generation`).
+``clip_grad_norm_`` on the stage's parameters clips by the norm over all stages (:mod:`onegpu.runtime.stage_gradients`).
 
 Everything is built at ``prepare`` from the plan: the blocks (or traced-graph nodes) of this
 worker's stages, the parameters they use, tensor parallelism, checkpointing and data parallelism;
@@ -43,7 +43,9 @@ from onegpu.plan import Plan
 from onegpu.runtime.call_gradients import CHANGED_LOSS, CallGradients, ConfirmedLoss
 from onegpu.runtime.call_slicing import CallSlicer
 from onegpu.runtime.loss_weighting import MicroBatchLoss
+from onegpu.runtime.model_class import put_in_front
 from onegpu.runtime.pipeline_outputs import broadcast_output, joined
+from onegpu.runtime.pipelined_generation import StagesInSequence
 from onegpu.runtime.stage_gradients import mark_gradients
 from onegpu.runtime.timeline import TimelineRecorder
 from onegpu.runtime.user_loss import TARGET
@@ -119,8 +121,7 @@ def parallelize_pipeline(
         watchdog=watchdog,
         count_items=count_items,
     )
-    cls = type(model)
-    model.__class__ = type(f"Pipelined{cls.__name__}", (PipelinedModule, cls), {})
+    put_in_front(model, PipelinedModule, prefix="Pipelined")
     model.__dict__["onegpu_pipeline"] = pipeline
 
 
@@ -158,6 +159,7 @@ class Pipeline:
             self._split_tensors()
         self.stages = make_stages()  # views of the model as it now is
         self._parallelize_stages()
+        self.in_sequence = StagesInSequence.of(self)  # calls carrying a KV cache: stages one after another
         self.shared = pp.SharedParameters(model, holders=holders, pp_rank=self.stage_index, mesh=mesh)
         if on_meta:
             self.shared.synchronize_values()
@@ -183,7 +185,7 @@ class Pipeline:
             stages = (stage_of_block[block],) if block is not None else outside.get(name, ())
             workers_of[name] = sorted({s % plan.pp for s in stages}) or [0]  # unused: the first worker keeps it
         self.blocks_held = [f"{path}.{b}" for b in sorted(held)]
-        self.first_block, self.last_block = f"{path}.0", f"{path}.{count - 1}"
+        self.first_block, self.last_block, self.blocks = f"{path}.0", f"{path}.{count - 1}", count
         layout.hold_only(held)
         pp.keep_only(self.model, {n for n in names if self.stage_index in workers_of[n]}, device=self.device)
 
@@ -252,26 +254,33 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self.slicer is not None:
-            if self.watchdog is not None:  # the fingerprint's all-gather waits for every replica
-                self.watchdog.enter("forward")
-            try:
-                args, kwargs, _ = self.slicer.slice_call(args, kwargs)
-            except UsageError:
-                if self.watchdog is not None:
-                    self.watchdog.leave()
-                raise
-            self.slicer.fork_random(self.model)
-            try:
-                return self._run(args, kwargs)
-            finally:
-                self.slicer.join_random()
-        return self._run(args, kwargs)
+        inputs = as_keywords(self.user_forward, args, kwargs)
+        if self.in_sequence.carries_cache(inputs):
+            return self.in_sequence.run(inputs)  # the whole batch on every replica
+        if self.slicer is None:
+            return self._run(args, kwargs)
+        if self.watchdog is not None:  # the fingerprint's all-gather waits for every replica
+            self.watchdog.enter("forward")
+        try:
+            args, kwargs, bounds = self.slicer.slice_call(args, kwargs)
+        except UsageError:
+            if self.watchdog is not None:
+                self.watchdog.leave()
+            raise
+        self.slicer.fork_random(self.model)
+        try:
+            output = self._run(args, kwargs)
+        finally:
+            self.slicer.join_random()
+        return output if bounds is None or torch.is_grad_enabled() else self.slicer.gather_output(output, bounds)
 
     def _run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         call = (args, dict(kwargs))  # as given, for count_items
         target = kwargs.pop(TARGET, None) if self.loss.loss_fn is not None else None  # else the model's own
         inputs, target = self.loss.inputs(as_keywords(self.user_forward, args, kwargs), target, call=call)
+        whole = self.in_sequence.uncut(as_keywords(self.user_forward, *call), loss=self.loss)
+        if whole is not None:  # under no_grad, a batch the schedule cannot cut (here or on another replica) runs whole
+            return whole
         if self.loss.samples % self.plan.microbatches:
             raise UsageError(
                 f"a batch of {self.loss.samples} samples cannot be cut into {self.plan.microbatches} equal "

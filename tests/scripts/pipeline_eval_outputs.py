@@ -2,8 +2,9 @@
 
 Llama and GPT-2 (from config) are evaluated, with and without labels, on a batch of 6 rows. 2 workers:
 pp=2 with the GPipe and the 1F1B schedule (3 micro-batches); 4 workers: pp=2 x dp=2 (replicas of 3
-rows, micro-batches of 1). Every worker reports what its loop saw: the output's type, its loss, its
-rows' input ids and logits, and an accuracy computed from them; rank 0 writes them all to results.json.
+rows, micro-batches of 1), where the models then also generate (:func:`scenarios.greedy_generation`).
+Every worker reports what its loop saw: the output's type, its loss, its rows' input ids and logits, and
+an accuracy computed from them (and what it generated); rank 0 writes them all to results.json.
 """
 
 import os
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios import build, write_gathered  # noqa: E402
+from scenarios import GENERATED, build, greedy_generation, write_gathered  # noqa: E402
 
 import onegpu  # noqa: E402
 from onegpu.plan import Plan  # noqa: E402
@@ -40,6 +41,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 
 report = {"rank": int(os.environ["RANK"])}
+generation = {}
 for scenario in ("hf", "gpt2"):
     for name, plan in plans.items():
         model, data = build(scenario)
@@ -59,4 +61,9 @@ for scenario in ("hf", "gpt2"):
             "inference_loss": inference.loss,
             "inference_logits": inference.logits.tolist(),
         }
+        if name == "pp2-dp2":  # then generation, and a forward of 3 rows (replicas of 2 and 1: not 3 micro-batches)
+            seen = greedy_generation(model, vocab=64)
+            generation[f"{scenario}-{name}"] = {key: seen[key].tolist() for key in GENERATED}
+if generation:
+    report["generation"] = generation
 write_gathered(report, str(out / "results.json"))
