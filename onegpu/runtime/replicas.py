@@ -3,9 +3,9 @@ score) spread over the model's replicas, the results back in the list's order.
 
 A replica is one independent copy of the prepared model: under ``Plan(dp=N)`` each worker; under ``tp=2, dp=2``
 each tensor-parallel pair (its two workers hold the same share and call the model together); under FSDP, ZeRO-2
-or a pipeline the whole job (a forward gathers parameters from every worker, or a pipeline's data-parallel
-counts meet across pipelines), so every worker holds the whole list and each model call is sliced across the
-workers as usual. Before ``prepare``, every worker is a replica.
+or a pipeline the whole job (a forward gathers parameters from every worker, a pipeline's stages pass
+activations), whose workers all hold the whole list and make the same calls. Before ``prepare``, every worker is
+a replica.
 
     with onegpu.split_between_replicas(prompts) as mine:   # 7 prompts, 2 replicas: 4 and 3
         completions = [complete(model, p) for p in mine]
@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker, current_worker
+from onegpu.parallel.replicated import build_replicas_now
 from onegpu.plan import Plan
 from onegpu.runtime.own_share import own_calls
 from onegpu.runtime.prepared import last_prepared
@@ -62,7 +63,8 @@ def split_between_replicas(items: Any) -> Iterator[Any]:
     """This replica's contiguous share of ``items`` (a list, tuple, tensor's rows, or a dict of them), as
     Accelerate's ``split_between_processes``; a share may be empty. Inside the block the model's calls are
     this replica's own: run as given, not sliced across replicas, so each replica makes the calls its share
-    needs. In one process, or a job that is one replica (FSDP), the share is all of ``items``."""
+    needs. In one process, or a job that is one replica (FSDP), the share is all of ``items``, which every
+    worker computes whole."""
     prepared = last_prepared()
     replicas = _current_replicas()
     length = _length(items)
@@ -73,9 +75,8 @@ def split_between_replicas(items: Any) -> Iterator[Any]:
         )
     start, end = share_bounds(length, index=replicas.index, count=replicas.count)
     share = _take(items, start, end)
-    if replicas.count == 1:
-        yield share
-        return
+    if prepared is not None and replicas.count > 1:
+        build_replicas_now(prepared.model)
     with own_calls():
         yield share
 
