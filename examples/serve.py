@@ -46,7 +46,10 @@ args = parser.parse_args()
 
 prompts = [line for line in args.prompts.read_text().splitlines() if line.strip()] if args.prompts else PROMPTS
 if args.checkpoint:
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(args.checkpoint), ByT5Tokenizer.from_pretrained(args.checkpoint)
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(args.checkpoint),
+        ByT5Tokenizer.from_pretrained(args.checkpoint),
+    )
 else:
     tokenizer = load_tokenizer()
     model = build_demo_model(vocab_size=len(tokenizer))

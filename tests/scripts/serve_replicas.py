@@ -24,9 +24,18 @@ from onegpu.plan import Plan  # noqa: E402
 PROMPTS = ["In the beginning", "And God said, Let", "Jesus wept.", "Blessed are the meek", "Love", "Thou shalt", "Amen"]
 tokenizer = load_tokenizer()
 collectives = [0]
+
+
+def counted(collective):
+    def call(*args, **kwargs):
+        collectives[0] += 1
+        return collective(*args, **kwargs)
+
+    return call
+
+
 for name in ("all_gather", "all_reduce", "broadcast", "all_gather_into_tensor"):
-    original = getattr(dist, name)
-    setattr(dist, name, lambda *a, _original=original, **k: (collectives.__setitem__(0, collectives[0] + 1), _original(*a, **k))[1])
+    setattr(dist, name, counted(getattr(dist, name)))
 
 
 def build(kind: str):
@@ -49,7 +58,7 @@ def serve(kind: str, plan: Plan, prompts: list[str], *, batch_size: int = 2) -> 
     inside = collectives[0]
     got = onegpu.gather_object(ids)
     mine_everywhere = onegpu.gather_object({"share": mine, "calls": calls[0], "collectives": inside})
-    return {"got": got, "want": want, "replicas": mine_everywhere}
+    return {"prompts": prompts, "got": got, "want": want, "replicas": mine_everywhere}
 
 
 cases = {
