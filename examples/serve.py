@@ -7,6 +7,7 @@ python examples/serve.py out/demo-llama                          # one plain pro
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ parser.add_argument("checkpoint", nargs="?", help="a from_pretrained directory (
 parser.add_argument("--prompts", type=Path, help="a text file, one prompt a line (default: 12 built-in prompts)")
 parser.add_argument("--batch-size", type=int, default=4, help="prompts per generate() call of one replica")
 parser.add_argument("--max-new-tokens", type=int, default=32)
+parser.add_argument("--json", action="store_true", help="print the figures as one JSON line (bench/serve.py)")
 parser.add_argument("--plan", help='a Plan as JSON, e.g. \'{"dp": 1, "tp": 2}\' (default: what prepare chooses)')
 args = parser.parse_args()
 
@@ -62,10 +64,12 @@ with onegpu.split_between_replicas(prompts) as mine:  # this replica's share; it
 ids = onegpu.gather_object(ids)  # every replica's, in the prompts' order
 elapsed = time.perf_counter() - started
 
-if onegpu.is_main_process():
+tokens = sum(len(row) for row in ids)
+if onegpu.is_main_process() and args.json:
+    print(json.dumps({"prompts": len(prompts), "tokens": tokens, "seconds": elapsed, "ids": ids}))
+elif onegpu.is_main_process():
     for prompt, completion in zip(prompts, decode(tokenizer, ids)):
         print(f"{prompt!r} -> {completion!r}")
-    tokens = sum(len(row) for row in ids)
     print(
         f"{len(prompts)} prompts, {tokens} new tokens in {elapsed:.2f} s: {tokens / elapsed:.0f} tokens/s "
         f"| strategy {model.onegpu_plan.strategy} | torch threads {torch.get_num_threads()}"
