@@ -18,7 +18,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/onegpu run --workers 2 examples/train_llama.py --out out/demo-llama
-	$(PY) examples/generate.py out/demo-llama
+	# samples on the same 2 workers; `$(PY) examples/generate.py out/demo-llama --plain` prints the same text with
+	# transformers alone (onegpu not imported)
+	$(VENV)/bin/onegpu run --workers 2 examples/generate.py out/demo-llama
 
 # two test files at a time (pytest-xdist): the launches wait on I/O and rendezvous
 test: install
