@@ -86,10 +86,15 @@ def test_each_replica_completes_its_uneven_share_with_calls_of_its_own(served, m
 
 
 @pytest.mark.slow
-def test_a_replica_without_prompts_does_not_hang_the_others(served):
-    one = served["llama dp2, 1 prompt"]
+@pytest.mark.parametrize("case", ["llama dp2, 1 prompt", "llama zero1, 1 prompt"])
+def test_a_replica_without_prompts_does_not_hang_the_others(served, case):
+    one = served[case]
     assert one["got"] == one["want"]
     assert [r["calls"] > 0 for r in one["replicas"]] == [True, False]  # the idle replica never called the model
+
+
+@pytest.mark.slow
+def test_no_prompts_give_no_completions(served):
     none = served["llama dp2, no prompt"]
     assert none["got"] == none["want"] == []
 

@@ -66,6 +66,7 @@ cases = {
     "gpt2 dp2, 7 prompts": serve("gpt2", Plan(dp=2), PROMPTS),
     "llama dp2, 1 prompt": serve("llama", Plan(dp=2), PROMPTS[:1]),
     "llama dp2, no prompt": serve("llama", Plan(dp=2), []),
+    "llama zero1, 1 prompt": serve("llama", Plan(dp=2, sharding="optimizer"), PROMPTS[:1]),
     "llama fsdp, 7 prompts": serve("llama", Plan(dp=2, sharding="parameters"), PROMPTS),
 }
 if onegpu.is_main_process():
