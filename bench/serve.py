@@ -27,37 +27,45 @@ def prompts(count: int) -> list[str]:
     return [line[: 8 + (13 * index) % 53] for index, line in enumerate(lines[100 : 100 + count])]
 
 
+def load() -> str:
+    return "/".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=48)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as file:
         file.write("\n".join(prompts(args.prompts)))
     serve = ["examples/serve.py", "--prompts", file.name, "--max-new-tokens", str(args.max_new_tokens), "--json"]
+    replicas = f"onegpu {args.workers} replicas"
     ways = {
         "plain": ([sys.executable, *serve], None),
         "plain 1 thread": ([sys.executable, *serve], {**os.environ, "OMP_NUM_THREADS": "1"}),
-        f"onegpu {args.workers} replicas": ([sys.executable, "-m", "onegpu", "run", "--workers", str(args.workers), *serve], None),
+        replicas: ([sys.executable, "-m", "onegpu", "run", "--workers", str(args.workers), *serve], None),
     }  # fmt: skip
     figures: dict[str, list[float]] = {name: [] for name in ways}
-    print(f"{args.prompts} prompts x {args.max_new_tokens} new tokens, batches of 4 | load {os.getloadavg()[0]:.1f}")
+    print(f"{args.prompts} prompts x {args.max_new_tokens} new tokens, batches of 4 | load {load()}")
     for repeat in range(args.repeats):
         results = {name: json_result(command, env=env) for name, (command, env) in ways.items()}
         ids = {name: r["ids"] for name, r in results.items()}
         same = all(i == ids["plain 1 thread"] for i in ids.values())
         for name, r in results.items():
             figures[name].append(r["tokens"] / r["seconds"])
-        row = " | ".join(f"{name} {values[-1]:6.0f} tokens/s" for name, values in figures.items())
-        print(f"repeat {repeat + 1}: {row} | same tokens: {same} | load {os.getloadavg()[0]:.1f}", flush=True)
+        row = " | ".join(f"{name} {values[-1]:5.0f}" for name, values in figures.items())
+        ratio = figures[replicas][-1] / figures["plain 1 thread"][-1]
+        print(
+            f"repeat {repeat + 1} tokens/s: {row} | ratio {ratio:.2f} | same tokens: {same} | load {load()}", flush=True
+        )
     medians = {name: statistics.median(values) for name, values in figures.items()}
-    onegpu = medians[f"onegpu {args.workers} replicas"]
+    onegpu = medians[replicas]
     print(
         "median tokens/s: " + " | ".join(f"{name} {value:.0f}" for name, value in medians.items()) + " | "
         f"ratio onegpu/plain {onegpu / medians['plain']:.2f}, onegpu/plain 1 thread "
-        f"{onegpu / medians['plain 1 thread']:.2f} | load {os.getloadavg()[0]:.1f}"
+        f"{onegpu / medians['plain 1 thread']:.2f} | load {load()}"
     )
     Path(file.name).unlink()
 
