@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# trains on 2 workers, then samples from the checkpoint on them; `$(PY) examples/generate.py out/demo-llama --plain`
+# prints the same samples with transformers alone (onegpu not imported)
 demo: install
 	$(VENV)/bin/onegpu run --workers 2 examples/train_llama.py --out out/demo-llama
-	$(PY) examples/generate.py out/demo-llama
+	$(VENV)/bin/onegpu run --workers 2 examples/generate.py out/demo-llama
 
 # two test files at a time (pytest-xdist): the launches wait on I/O and rendezvous
 test: install

@@ -15,6 +15,7 @@ _PUBLIC = {
     "enable_advanced_parallelization": "onegpu.api",
     "find_plan": "onegpu.planner.search",
     "gather": "onegpu.runtime.gather",
+    "gather_object": "onegpu.runtime.replicas",
     "init": "onegpu.launch.relaunch",
     "is_main_process": "onegpu.launch.process_group",
     "load_state": "onegpu.runtime.state",
@@ -22,6 +23,7 @@ _PUBLIC = {
     "save_pretrained": "onegpu.runtime.checkpoint",
     "save_state": "onegpu.runtime.state",
     "saved_extra": "onegpu.runtime.state",
+    "split_between_replicas": "onegpu.runtime.replicas",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

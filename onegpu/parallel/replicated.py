@@ -37,6 +37,16 @@ def is_replicated(module: nn.Module) -> bool:
     return isinstance(module, DDP)
 
 
+def build_replicas_now(model: nn.Module) -> None:
+    """DDP builds its reducer at the first forward, a collective (the replicas check their parameters): build it
+    now, while every worker takes part, before replicas that make their own calls (one may make none)."""
+    from torch.distributed._composable.replicate import replicate
+
+    for module in model.modules():
+        if is_replicated(module) and replicate.state(module)._init_args:
+            replicate.state(module).lazy_init()
+
+
 def reduce_gradients(module: nn.Module) -> None:
     """Sum the gradients accumulated without reduction across the replicas now, as a backward would have."""
     from torch.distributed._composable.replicate import replicate

@@ -41,6 +41,7 @@ from onegpu.errors import UsageError
 from onegpu.launch.process_group import Worker
 from onegpu.outputs import find_loss
 from onegpu.runtime.data import SLICED, slice_bounds
+from onegpu.runtime.own_share import calls_are_own
 from onegpu.runtime.watchdog import Watchdog
 
 DIFFERENT_BATCHES = (
@@ -209,7 +210,7 @@ def attach_call_slicing(model: nn.Module, slicer: CallSlicer, *, between: Any, w
     pending: list[Any] = []
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        if slicer.paused:
+        if slicer.paused or calls_are_own():  # a micro-batch, or a call with the replica's own share
             return None
         if watchdog is not None:  # the fingerprint's all-gather waits for every worker
             watchdog.enter("forward")
@@ -225,7 +226,7 @@ def attach_call_slicing(model: nn.Module, slicer: CallSlicer, *, between: Any, w
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if slicer.paused:
+        if slicer.paused or calls_are_own():
             return output
         slicer.join_random()
         bounds = pending.pop() if pending else None

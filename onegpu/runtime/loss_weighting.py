@@ -33,6 +33,7 @@ from torch import nn
 from onegpu.batches import batch_size, map_tensors, slice_batch
 from onegpu.errors import UsageError
 from onegpu.outputs import find_loss, replace_loss
+from onegpu.runtime.own_share import calls_are_own
 from onegpu.runtime.watchdog import Watchdog
 
 IGNORE_INDEX = -100
@@ -129,7 +130,7 @@ class GlobalBatchHooks:
         module.register_forward_hook(self._after, with_kwargs=True)
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        if self.paused:
+        if self.paused or calls_are_own():  # a micro-batch, or a replica's own call: not the global batch's
             return None
         if self.watchdog is not None:
             self.watchdog.enter("forward")
@@ -141,7 +142,7 @@ class GlobalBatchHooks:
         return args, self.counts.model_inputs(kwargs, device=self.device)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if self.paused:
+        if self.paused or calls_are_own():
             return output
         counts, loss = self.counts, find_loss(output)
         if loss is not None:  # only the loss is weighted: the other outputs are what it was computed from

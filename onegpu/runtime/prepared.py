@@ -72,6 +72,11 @@ def _count(prepared: Prepared) -> None:
     prepared.optimizer_steps[0] += 1
 
 
+def last_prepared() -> Prepared | None:
+    """What the last ``prepare`` returned (None before any)."""
+    return _prepared
+
+
 def current(what: str) -> Prepared:
     if _prepared is None:
         raise UsageError(f"onegpu.{what} saves and restores what onegpu.prepare() was given: call prepare first")
