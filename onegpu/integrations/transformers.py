@@ -49,13 +49,16 @@ __all__ = ["OnegpuTrainerMixin", "Trainer", "onegpu_trainer"]
 
 class OnegpuTrainerMixin:
     """Makes a ``transformers.Trainer`` (or a subclass: TRL's ``SFTTrainer``...) run on onegpu's virtual device;
-    put it first among the bases, or use :func:`onegpu_trainer`. Launch with ``onegpu run --workers N train.py``."""
+    put it first among the bases, or use :func:`onegpu_trainer`. Launch with ``onegpu run --workers N train.py``.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    The plan: the simple rule's, Advanced Parallelization's after ``onegpu.enable_advanced_parallelization()``,
+    or ``onegpu_plan=onegpu.Plan(...)`` given here (as to ``onegpu.prepare``)."""
+
+    def __init__(self, *args: Any, onegpu_plan: onegpu.Plan | None = None, **kwargs: Any) -> None:
         training_args = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
         check_training_args(training_args)
         check_model(kwargs["model"] if "model" in kwargs else (args[0] if args else None))
-        self.onegpu_worker = current_worker()
+        self.onegpu_worker, self.onegpu_given_plan = current_worker(), onegpu_plan
         single_process_accelerate(training_args, worker=self.onegpu_worker)
         super().__init__(*args, **kwargs)
 
@@ -67,7 +70,8 @@ class OnegpuTrainerMixin:
             optimizer = optimizer if optimizer is not None else self.optimizer
             optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the user's
             loader = self._planning_loader()
-            onegpu.prepare(self.model, optimizer, scheduler, *([loader] if loader is not None else []))
+            objects = (self.model, optimizer, scheduler, *([loader] if loader is not None else []))
+            onegpu.prepare(*objects, plan=self.onegpu_given_plan)
         return scheduler
 
     def _planning_loader(self) -> DataLoader | None:

@@ -1,13 +1,14 @@
 """Worker script: a Hugging Face Trainer run (tests/test_trainer.py).
 
-``train_trainer.py OUT MODE MODEL [sharded]``: MODE ``plain`` (transformers.Trainer in one plain process, the
+``train_trainer.py OUT MODE MODEL [fsdp]``: MODE ``plain`` (transformers.Trainer in one plain process, the
 reference), ``first`` (onegpu's Trainer, stopped once checkpoint-8 is saved) or ``resume`` (onegpu's Trainer
 continuing from the last checkpoint in OUT/../first/); MODEL ``gpt2`` or ``llama``, tiny, built from a config;
-``sharded``: Advanced Parallelization pinned to sharded parameters (FSDP), so the checkpoint is sharded.
+``fsdp``: the plan given to the Trainer shards the parameters (FSDP) over the workers, so is the checkpoint.
 The logged losses by step, the evaluation losses and the checkpoints left go to OUT/results.json (rank 0).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import transformers
 from torch.nn.utils.rnn import pad_sequence
 
 out, mode, model_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-sharded = sys.argv[4:] == ["sharded"]
+sharded = sys.argv[4:] == ["fsdp"]
 VOCAB = 101
 
 
@@ -70,6 +71,7 @@ class Recorder(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
+options = {}
 if mode == "plain":
     Trainer = transformers.Trainer
 else:
@@ -77,7 +79,7 @@ else:
     from onegpu.integrations.transformers import Trainer
 
     if sharded:
-        onegpu.enable_advanced_parallelization(sharding="parameters")
+        options["onegpu_plan"] = onegpu.Plan(dp=int(os.environ["WORLD_SIZE"]), sharding="parameters")
 run_dir = out.parent / "first" if mode == "resume" else out
 arguments = transformers.TrainingArguments(
     output_dir=str(run_dir), max_steps=12, save_steps=4, save_total_limit=1, logging_steps=1, eval_strategy="steps",
@@ -86,7 +88,7 @@ arguments = transformers.TrainingArguments(
 )  # fmt: skip
 recorder = Recorder()
 trainer = Trainer(model=build_model(), args=arguments, train_dataset=samples(40, seed=1),
-                  eval_dataset=samples(10, seed=2), data_collator=collate, callbacks=[recorder])  # fmt: skip
+                  eval_dataset=samples(10, seed=2), data_collator=collate, callbacks=[recorder], **options)  # fmt: skip
 trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
 if mode != "first":
     recorder.eval_losses["end"] = trainer.evaluate()["eval_loss"]
