@@ -31,7 +31,7 @@ import torch
 import transformers
 from torch.utils.data import DataLoader, IterableDataset
 
-import onegpu
+from onegpu.api import prepare
 from onegpu.errors import UsageError
 from onegpu.integrations.single_process import check_model, check_training_args, single_process_accelerate
 from onegpu.integrations.trainer_checkpoints import (
@@ -42,7 +42,9 @@ from onegpu.integrations.trainer_checkpoints import (
     rotate,
 )
 from onegpu.launch.process_group import current_worker
+from onegpu.plan import Plan
 from onegpu.runtime.loss_weighting import counted_label_tokens
+from onegpu.runtime.state import load_state, save_state
 
 __all__ = ["OnegpuTrainerMixin", "Trainer", "onegpu_trainer"]
 
@@ -54,7 +56,7 @@ class OnegpuTrainerMixin:
     The plan: the simple rule's, Advanced Parallelization's after ``onegpu.enable_advanced_parallelization()``,
     or ``onegpu_plan=onegpu.Plan(...)`` given here (as to ``onegpu.prepare``)."""
 
-    def __init__(self, *args: Any, onegpu_plan: onegpu.Plan | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, onegpu_plan: Plan | None = None, **kwargs: Any) -> None:
         training_args = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
         check_training_args(training_args)
         check_model(kwargs["model"] if "model" in kwargs else (args[0] if args else None))
@@ -71,7 +73,7 @@ class OnegpuTrainerMixin:
             optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the user's
             loader = self._planning_loader()
             objects = (self.model, optimizer, scheduler, *([loader] if loader is not None else []))
-            onegpu.prepare(*objects, plan=self.onegpu_given_plan)
+            prepare(*objects, plan=self.onegpu_given_plan)
         return scheduler
 
     def _planning_loader(self) -> DataLoader | None:
@@ -79,7 +81,8 @@ class OnegpuTrainerMixin:
         dataset = self.train_dataset
         if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             return None
-        batch, workers, drop_last = self._train_batch_size, self.onegpu_worker.world_size, self.args.dataloader_drop_last
+        batch, workers = self._train_batch_size, self.onegpu_worker.world_size
+        drop_last = self.args.dataloader_drop_last
         if batch < workers:
             raise UsageError(
                 f"per_device_train_batch_size={batch} is the global batch under onegpu, split among {workers} "
@@ -141,7 +144,7 @@ class OnegpuTrainerMixin:
         run_dir = self._get_output_dir(trial=trial)
         step = self.state.global_step
         folder = checkpoint_directory(run_dir, step)
-        onegpu.save_state(folder, step=step, keep=1)
+        save_state(folder, step=step, keep=1)
         best_step = getattr(self.state, "best_global_step", None)
         if best_step and checkpoint_directory(run_dir, best_step).is_dir():
             self.state.best_model_checkpoint = str(checkpoint_directory(run_dir, best_step))
@@ -179,10 +182,10 @@ class OnegpuTrainerMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
-            onegpu.load_state(checkpoint)  # model, optimizer, scheduler, every worker's random streams
+            load_state(checkpoint)  # model, optimizer, scheduler, every worker's random streams
 
     def _load_best_model(self) -> None:
-        onegpu.load_state(self.state.best_model_checkpoint)
+        load_state(self.state.best_model_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The whole model in ``from_pretrained`` format (gathered onto rank 0 when it is split), with the
