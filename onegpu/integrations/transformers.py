@@ -43,6 +43,7 @@ from onegpu.integrations.trainer_checkpoints import (
 )
 from onegpu.launch.process_group import current_worker
 from onegpu.plan import Plan
+from onegpu.runtime.gather import gather
 from onegpu.runtime.loss_weighting import counted_label_tokens
 from onegpu.runtime.state import load_state, save_state
 
@@ -111,6 +112,13 @@ class OnegpuTrainerMixin:
         loss, outputs = result if return_outputs else (result, None)
         loss = loss * (tokens / num_items_in_batch)  # the call's global mean -> its part of the step's mean
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        """The Trainer's, with the logits of the whole global batch (the model returned its replica's rows)."""
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if logits is not None and hasattr(self.model, "onegpu_plan"):  # a model not yet prepared ran whole
+            logits = gather(logits)
+        return loss, logits, labels
 
     def _model_counts_its_loss(self, inputs: dict[str, Any]) -> bool:
         """Whether the model computes a loss from labels itself (not the user's ``compute_loss_func`` or a label

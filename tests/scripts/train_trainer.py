@@ -54,17 +54,24 @@ def collate(rows: list[dict]) -> dict:
     }
 
 
+def accuracy(prediction) -> dict:
+    """Next-token accuracy over the label tokens: computed from the logits of the whole evaluation set."""
+    predicted, labels = prediction.predictions.argmax(-1)[:, :-1], prediction.label_ids[:, 1:]
+    return {"accuracy": float((predicted == labels)[labels != -100].mean())}
+
+
 class Recorder(transformers.TrainerCallback):
     """The logged losses by step; stops the first run once checkpoint-8 is saved (the interruption)."""
 
     def __init__(self) -> None:
-        self.losses, self.eval_losses = {}, {}
+        self.losses, self.eval_losses, self.accuracies = {}, {}, {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" in logs:
             self.losses[state.global_step] = logs["loss"]
         if "eval_loss" in logs:
             self.eval_losses[state.global_step] = logs["eval_loss"]
+            self.accuracies[state.global_step] = logs["eval_accuracy"]
 
     def on_save(self, args, state, control, **kwargs):
         if mode == "first" and state.global_step == 8:
@@ -88,15 +95,18 @@ arguments = transformers.TrainingArguments(
 )  # fmt: skip
 recorder = Recorder()
 trainer = Trainer(model=build_model(), args=arguments, train_dataset=samples(40, seed=1),
-                  eval_dataset=samples(10, seed=2), data_collator=collate, callbacks=[recorder], **options)  # fmt: skip
+                  eval_dataset=samples(10, seed=2), data_collator=collate, callbacks=[recorder], compute_metrics=accuracy,
+                  **options)  # fmt: skip
 trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
 if mode != "first":
-    recorder.eval_losses["end"] = trainer.evaluate()["eval_loss"]
+    metrics = trainer.evaluate()
+    recorder.eval_losses["end"], recorder.accuracies["end"] = metrics["eval_loss"], metrics["eval_accuracy"]
 if trainer.is_world_process_zero():
     plan = getattr(trainer.model, "onegpu_plan", None)
     results = {
         "losses": recorder.losses,
         "eval_losses": recorder.eval_losses,
+        "accuracies": recorder.accuracies,
         "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*")),
         "checkpoint_files": sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("checkpoint-*/**/*")),
         "plan": plan.describe() if plan is not None else None,
