@@ -10,6 +10,7 @@ resumes nor pushes a complete checkpoint out.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,16 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / TRAINER_STATE).is_file() and state_files.newest_state(checkpoint) is not None
 
 
+def state_directory_of(checkpoint: Path) -> Path:
+    """The onegpu state ``checkpoint`` was saved with (at its ``trainer_state.json``'s step), refused in one line
+    when absent. Not a later one: a resize may have saved one beside it, which the Trainer's state does not match."""
+    step = json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"]
+    state = state_files.step_directory(checkpoint, step)
+    if not (state / state_files.COMMITTED).is_file():
+        raise UsageError(f"{checkpoint} holds no committed onegpu state of step {step}: resume from another checkpoint")
+    return state
+
+
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if not run_dir.is_dir():
         return []
@@ -39,7 +50,7 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def last_complete(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in ``run_dir`` (``resume_from_checkpoint=True``), or None."""
+    """The newest complete checkpoint in ``run_dir`` (what ``resume_from_checkpoint=True`` resumes), or None."""
     done = [path for _, path in _checkpoints(Path(run_dir)) if is_complete(path)]
     return done[-1] if done else None
 
@@ -49,10 +60,10 @@ def check_resumable(checkpoint: str | os.PathLike) -> Path:
     path = Path(checkpoint)
     if not path.is_dir():
         raise UsageError(f"resume_from_checkpoint={str(checkpoint)!r} is not a directory: give a checkpoint-<step> one")
-    if state_files.newest_state(path) is None:
+    if not is_complete(path):
         raise UsageError(
-            f"{path} holds no committed onegpu state (a plain Trainer's checkpoint, or a save cut short): resume "
-            "from a checkpoint the onegpu Trainer saved, or load those weights with from_pretrained and train anew"
+            f"{path} holds no committed onegpu state and trainer_state.json (a plain Trainer's checkpoint, or a save "
+            "cut short): resume from a checkpoint the onegpu Trainer saved, or load its weights with from_pretrained"
         )
     return path
 

@@ -40,6 +40,7 @@ from onegpu.integrations.trainer_checkpoints import (
     checkpoint_directory,
     last_complete,
     rotate,
+    state_directory_of,
 )
 from onegpu.launch.process_group import current_worker
 from onegpu.plan import Plan
@@ -47,7 +48,8 @@ from onegpu.runtime.gather import gather
 from onegpu.runtime.loss_weighting import counted_label_tokens
 from onegpu.runtime.state import load_state, save_state
 
-__all__ = ["OnegpuTrainerMixin", "Trainer", "onegpu_trainer"]
+__all__ = ["OnegpuTrainerMixin", "Trainer", "last_checkpoint", "onegpu_trainer"]
+last_checkpoint = last_complete  # resume_from_checkpoint=last_checkpoint(output_dir): None on a first start
 
 
 class OnegpuTrainerMixin:
@@ -152,7 +154,7 @@ class OnegpuTrainerMixin:
         run_dir = self._get_output_dir(trial=trial)
         step = self.state.global_step
         folder = checkpoint_directory(run_dir, step)
-        save_state(folder, step=step, keep=1)
+        save_state(folder, step=step, keep=2)  # a resize's save (a later step) beside it pushes nothing out
         best_step = getattr(self.state, "best_global_step", None)
         if best_step and checkpoint_directory(run_dir, best_step).is_dir():
             self.state.best_model_checkpoint = str(checkpoint_directory(run_dir, best_step))
@@ -189,11 +191,11 @@ class OnegpuTrainerMixin:
         """Nothing yet: the weights come with onegpu's state, loaded once the model is prepared."""
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is not None:
-            load_state(checkpoint)  # model, optimizer, scheduler, every worker's random streams
+        if checkpoint is not None:  # the model, optimizer, scheduler, every worker's random streams at that step
+            load_state(state_directory_of(Path(checkpoint)))
 
     def _load_best_model(self) -> None:
-        load_state(self.state.best_model_checkpoint)
+        load_state(state_directory_of(Path(self.state.best_model_checkpoint)))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The whole model in ``from_pretrained`` format (gathered onto rank 0 when it is split), with the

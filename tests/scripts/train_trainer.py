@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy
 import torch
 import transformers
 from torch.nn.utils.rnn import pad_sequence
@@ -54,24 +55,25 @@ def collate(rows: list[dict]) -> dict:
     }
 
 
-def accuracy(prediction) -> dict:
-    """Next-token accuracy over the label tokens: computed from the logits of the whole evaluation set."""
-    predicted, labels = prediction.predictions.argmax(-1)[:, :-1], prediction.label_ids[:, 1:]
-    return {"accuracy": float((predicted == labels)[labels != -100].mean())}
+def label_logit(prediction) -> dict:
+    """The mean logit of the next label token: from the logits of every row of the evaluation set."""
+    logits, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+    picked = numpy.take_along_axis(logits, labels.clip(0)[..., None], axis=-1)[..., 0]
+    return {"label_logit": float(picked[labels != -100].mean())}
 
 
 class Recorder(transformers.TrainerCallback):
     """The logged losses by step; stops the first run once checkpoint-8 is saved (the interruption)."""
 
     def __init__(self) -> None:
-        self.losses, self.eval_losses, self.accuracies = {}, {}, {}
+        self.losses, self.eval_losses, self.label_logits = {}, {}, {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" in logs:
             self.losses[state.global_step] = logs["loss"]
         if "eval_loss" in logs:
             self.eval_losses[state.global_step] = logs["eval_loss"]
-            self.accuracies[state.global_step] = logs["eval_accuracy"]
+            self.label_logits[state.global_step] = logs["eval_label_logit"]
 
     def on_save(self, args, state, control, **kwargs):
         if mode == "first" and state.global_step == 8:
@@ -95,18 +97,30 @@ arguments = transformers.TrainingArguments(
 )  # fmt: skip
 recorder = Recorder()
 trainer = Trainer(model=build_model(), args=arguments, train_dataset=samples(40, seed=1),
-                  eval_dataset=samples(10, seed=2), data_collator=collate, callbacks=[recorder], compute_metrics=accuracy,
+                  eval_dataset=samples(10, seed=2), data_collator=collate, callbacks=[recorder], compute_metrics=label_logit,
                   **options)  # fmt: skip
 trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
 if mode != "first":
     metrics = trainer.evaluate()
-    recorder.eval_losses["end"], recorder.accuracies["end"] = metrics["eval_loss"], metrics["eval_accuracy"]
+    recorder.eval_losses["end"], recorder.label_logits["end"] = metrics["eval_loss"], metrics["eval_label_logit"]
+saved = {}
+if mode == "first":  # the whole model in from_pretrained format, gathered from the FSDP shards
+    trainer.save_model(str(out / "model"))
+    batch = collate(samples(3, seed=3))
+    trainer.model.eval()
+    with torch.no_grad():
+        saved["trained"] = trainer.model(**batch).loss.item()
+    if trainer.is_world_process_zero():
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+        saved["loaded"] = loaded(**batch).loss.item()
+        saved["architectures"] = json.loads((out / "model" / "config.json").read_text())["architectures"]
 if trainer.is_world_process_zero():
     plan = getattr(trainer.model, "onegpu_plan", None)
     results = {
+        "saved_model": saved,
         "losses": recorder.losses,
         "eval_losses": recorder.eval_losses,
-        "accuracies": recorder.accuracies,
+        "label_logits": recorder.label_logits,
         "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*")),
         "checkpoint_files": sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("checkpoint-*/**/*")),
         "plan": plan.describe() if plan is not None else None,
