@@ -22,8 +22,10 @@ DataLoader position is that of the planning loader, which nothing iterates: batc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,8 @@ class OnegpuTrainerMixin:
             optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the user's
             loader = self._planning_loader()
             objects = (self.model, optimizer, scheduler, *([loader] if loader is not None else []))
-            prepare(*objects, plan=self.onegpu_given_plan)
+            with _inspectable(self.model):
+                prepare(*objects, plan=self.onegpu_given_plan)
         return scheduler
 
     def _planning_loader(self) -> DataLoader | None:
@@ -98,9 +101,8 @@ class OnegpuTrainerMixin:
                 "workers: set dataloader_drop_last=True in the TrainingArguments, or change the batch size"
             )
         trainer_loader = self.get_train_dataloader()  # its dataset and collator as the Trainer made them
-        return DataLoader(
-            trainer_loader.dataset, batch_size=batch, collate_fn=trainer_loader.collate_fn, drop_last=drop_last
-        )
+        collate = functools.partial(_without_attention_mask, trainer_loader.collate_fn)
+        return DataLoader(trainer_loader.dataset, batch_size=batch, collate_fn=collate, drop_last=drop_last)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs: Any):
         tokens = None
@@ -213,6 +215,32 @@ class OnegpuTrainerMixin:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+# The planner inspects the model on the meta device, where tensors have no values. transformers 5 reads some while
+# it builds its attention masks: whether a given mask pads anything, and, without a mask and without a cache (the
+# Trainer turns the cache off), whether position ids pack several sequences. So the planner is shown the batches
+# without their attention mask, and the model with its cache on: the same costs, no values read.
+
+
+def _without_attention_mask(collate, rows: list[Any]) -> Any:
+    batch = collate(rows)
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return {key: value for key, value in batch.items() if key != "attention_mask"}
+    return batch
+
+
+@contextlib.contextmanager
+def _inspectable(model) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached is not None:
+        config.use_cache = True
+    try:
+        yield
+    finally:
+        if cached is not None:
+            config.use_cache = cached
 
 
 @functools.cache

@@ -1,9 +1,10 @@
 """Worker script: a Hugging Face Trainer run (tests/test_trainer.py).
 
-``train_trainer.py OUT MODE MODEL [fsdp]``: MODE ``plain`` (transformers.Trainer in one plain process, the
+``train_trainer.py OUT MODE MODEL [PLAN]``: MODE ``plain`` (transformers.Trainer in one plain process, the
 reference), ``first`` (onegpu's Trainer, stopped once checkpoint-8 is saved) or ``resume`` (onegpu's Trainer
 continuing from the last checkpoint in OUT/../first/); MODEL ``gpt2`` or ``llama``, tiny, built from a config;
-``fsdp``: the plan given to the Trainer shards the parameters (FSDP) over the workers, so is the checkpoint.
+PLAN, given to the Trainer: ``fsdp`` (parameters sharded over the workers, and so is the checkpoint) or ``pp``
+(a pipeline of 2 stages); without it, the simple rule's.
 The logged losses by step, the evaluation losses and the checkpoints left go to OUT/results.json (rank 0).
 """
 
@@ -18,7 +19,7 @@ import transformers
 from torch.nn.utils.rnn import pad_sequence
 
 out, mode, model_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-sharded = sys.argv[4:] == ["fsdp"]
+plan_name = sys.argv[4] if len(sys.argv) > 4 else None
 VOCAB = 101
 
 
@@ -87,8 +88,13 @@ else:
     import onegpu
     from onegpu.integrations.transformers import Trainer
 
-    if sharded:
-        options["onegpu_plan"] = onegpu.Plan(dp=int(os.environ["WORLD_SIZE"]), sharding="parameters")
+    workers = int(os.environ["WORLD_SIZE"])
+    plans = {
+        "fsdp": onegpu.Plan(dp=workers, sharding="parameters"),
+        "pp": onegpu.Plan(dp=workers // 2, pp=2, microbatches=2, schedule="gpipe"),
+    }
+    if plan_name is not None:
+        options["onegpu_plan"] = plans[plan_name]
 run_dir = out.parent / "first" if mode == "resume" else out
 arguments = transformers.TrainingArguments(
     output_dir=str(run_dir), max_steps=12, save_steps=4, save_total_limit=1, logging_steps=1, eval_strategy="steps",
