@@ -49,11 +49,16 @@ def samples(count: int, seed: int) -> list[dict]:
 
 def collate(rows: list[dict]) -> dict:
     ids = [r["input_ids"] for r in rows]
-    return {
+    batch = {
         "input_ids": pad_sequence(ids, batch_first=True, padding_value=0),
         "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
         "labels": pad_sequence([r["labels"] for r in rows], batch_first=True, padding_value=-100),
     }
+    if os.environ.get("PAD_TO"):  # one sequence length for every batch
+        pad = int(os.environ["PAD_TO"]) - batch["input_ids"].shape[1]
+        values = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+        batch = {k: torch.nn.functional.pad(v, (0, pad), value=values[k]) for k, v in batch.items()}
+    return batch
 
 
 def label_logit(prediction) -> dict:
@@ -91,7 +96,7 @@ else:
     workers = int(os.environ["WORLD_SIZE"])
     plans = {
         "fsdp": onegpu.Plan(dp=workers, sharding="parameters"),
-        "pp": onegpu.Plan(dp=workers // 2, pp=2, microbatches=2, schedule="gpipe"),
+        "pp": onegpu.Plan(dp=workers // 2, pp=2, microbatches=1, schedule="gpipe"),
     }
     if plan_name is not None:
         options["onegpu_plan"] = plans[plan_name]
