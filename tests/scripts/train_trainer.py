@@ -93,13 +93,13 @@ else:
     import onegpu
     from onegpu.integrations.transformers import Trainer
 
-    workers = int(os.environ["WORLD_SIZE"])
+    workers = int(os.environ.get("WORLD_SIZE", 1))
     plans = {
-        "fsdp": onegpu.Plan(dp=workers, sharding="parameters"),
-        "pp": onegpu.Plan(dp=workers // 2, pp=2, microbatches=1, schedule="gpipe"),
+        "fsdp": lambda: onegpu.Plan(dp=workers, sharding="parameters"),
+        "pp": lambda: onegpu.Plan(dp=workers // 2, pp=2, microbatches=1, schedule="gpipe"),
     }
     if plan_name is not None:
-        options["onegpu_plan"] = plans[plan_name]
+        options["onegpu_plan"] = plans[plan_name]()
 run_dir = out.parent / "first" if mode == "resume" else out
 arguments = transformers.TrainingArguments(
     output_dir=str(run_dir), max_steps=12, save_steps=4, save_total_limit=1, logging_steps=1, eval_strategy="steps",
