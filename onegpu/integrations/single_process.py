@@ -54,7 +54,7 @@ def check_model(model: Any) -> None:
             "the model given to the onegpu Trainer was already prepared by onegpu.prepare(): give the Trainer the "
             "model itself, it prepares it (with the optimizer and scheduler it creates)"
         )
-    if getattr(model, "device_mesh", None) is not None or getattr(model, "_tp_plan_applied", False):
+    if getattr(model, "is_distributed_loading_by_transformers", False) or getattr(model, "device_mesh", None):
         raise UsageError(
             "the model was split when loaded (tp_plan or device_mesh in from_pretrained): load it whole, onegpu "
             "splits it"
