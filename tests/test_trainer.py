@@ -130,3 +130,17 @@ def test_what_would_split_the_work_twice_is_refused_in_one_line(arguments, fix):
     with pytest.raises(UsageError, match=re.escape(fix)) as error:
         check_training_args(training_args)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "fix"),
+    [
+        (SimpleNamespace(onegpu_plan=None), "give the Trainer the model itself"),
+        (SimpleNamespace(is_distributed_loading_by_transformers=True), "load it whole, onegpu splits it"),
+    ],
+)
+def test_a_model_split_already_is_refused_in_one_line(model, fix):
+    from onegpu.integrations.single_process import check_model
+
+    with pytest.raises(UsageError, match=re.escape(fix)):
+        check_model(model)
