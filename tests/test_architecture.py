@@ -24,6 +24,7 @@ LAYERS = [
     {"launch", "planner"},
     {"runtime", "report"},
     {"api"},
+    {"integrations"},
     {"cli", "onegpu"},
     {"__main__"},
 ]
