@@ -6,8 +6,9 @@ preparing. Prompts are 3 rows (2 and 1 of them left-padded, with an attention ma
 row. 2 workers: Llama and GPT-2 (fused qkv, tied embeddings, a vocabulary of 101 that tp pads) under
 replicas, FSDP, tp=2, the plan prepare() chooses, and tp=2 with sequence parallelism prepared WITH an optimizer
 then switched to eval; a hand-written model given ``cache_position`` as long as the batch; a Llama whose
-weights do not fit the budget, and one without tensor-parallel structure (its forward, under the pipeline
-prepare() cuts). 4 workers: tp=2 x dp=2 (replicas of 2 and 1 rows) and hybrid sharding.
+weights do not fit the budget, and one without tensor-parallel structure (under the pipeline
+prepare() cuts, generating). 4 workers: tp=2 x dp=2 (replicas of 2 and 1 rows; each group serving its own share
+of prompts), hybrid sharding, and pp=2 x tp=2.
 """
 
 import json
@@ -82,10 +83,23 @@ for kind in ("llama", "gpt2"):
     if world == 2 and kind == "llama":
         plans["zero1"] = Plan(dp=2, sharding="optimizer")
     if world == 4:
-        plans = {"tp-dp": Plan(dp=2, tp=2), "hybrid": Plan(dp=4, sharding="hybrid", shard_group=2)}
+        plans = {
+            "tp-dp": Plan(dp=2, tp=2),
+            "hybrid": Plan(dp=4, sharding="hybrid", shard_group=2),
+            "pp-tp": Plan(dp=1, pp=2, tp=2, microbatches=1, schedule="gpipe"),
+        }
     for name, plan in plans.items():
         model = onegpu.prepare(build(kind), plan=plan).eval()
         results[f"{kind} {name}"] = {**compare(run(model, batch), want), "plan": model.onegpu_plan.describe()}
+        if name == "tp-dp":  # each tensor-parallel group serves its own share of single prompts
+            rows = [batch["input_ids"][i : i + 1] for i in range(3)]
+            with onegpu.split_between_replicas(rows) as mine, torch.no_grad():
+                served = [model.generate(r, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0) for r in mine]
+            served = [t.tolist() for t in onegpu.gather_object(served)]
+            with torch.no_grad():
+                alone = [build(kind).eval().generate(r, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+                         for r in rows]  # fmt: skip
+            results[f"{kind} {name}"]["served"] = served == [t.tolist() for t in alone]
         if name == "ddp":  # without the cache every call is a plain forward, sliced by rows and gathered
             with torch.no_grad():
                 tokens = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
@@ -136,23 +150,18 @@ if world == 2:  # 3 rows of 3 positions: a cache_position as long as the batch
         "local_share": local_bytes(model) / weights,
     }
 
-    # the same without tensor-parallel structure (3 heads, 511 features): prepare() cuts a pipeline; its forward
-    # (generate under pipelines is tested with the pipelined runtime)
+    # the same without tensor-parallel structure (3 heads, 511 features): prepare() cuts a pipeline
     sizes = dict(hidden_size=240, intermediate_size=511, num_hidden_layers=4, num_attention_heads=3,
                  num_key_value_heads=3, vocab_size=100)  # fmt: skip
     big = build("llama", **sizes).eval()
     weights = sum(p.numel() * p.element_size() for p in big.parameters())
-    with torch.no_grad():
-        want = big(**batch).logits
+    want = run(big, batch)
     budget_gb = (CPU_RUNTIME_BYTES + weights / 1.4) / 1024**3
     model = onegpu.prepare(build("llama", **sizes), memory_budget_gb=budget_gb).eval()
-    with torch.no_grad():
-        logits = model(**batch).logits
     results["too big, no tp"] = {
+        **compare(run(model, batch), want),
         "plan": model.onegpu_plan.describe(),
         "local_share": local_bytes(model) / weights,
-        "logits": logits.tolist(),
-        "want_logits": want.tolist(),
     }
 
 if onegpu.is_main_process():
