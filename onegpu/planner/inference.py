@@ -15,7 +15,7 @@ from typing import Any
 from onegpu.plan import Plan
 from onegpu.planner.memory_model import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, vocabulary_padding
 from onegpu.planner.profile import ModelProfile
-from onegpu.planner.stages import worker_stage_blocks
+from onegpu.planner.stages import weight_cuts
 
 GIB = 1024**3
 INSPECTED_TOKENS = 64  # a language model prepared for inference without batches is inspected on so many tokens
@@ -36,8 +36,10 @@ def inference_memory(plan: Plan, work: InferenceWork, *, cpu: bool) -> dict[str,
     """Peak bytes of one worker generating under ``plan``: weights, one forward's activations (those a block's
     backward would keep bound its working set; the head's logits), the key-value cache and the runtime."""
     prof, tp = work.profile, plan.tp
-    stages = worker_stage_blocks(prof, pp=plan.pp, schedule="gpipe") if prof.blocks else [(0,)]
-    blocks = max(sum(s) for s in stages)
+    blocks = len(prof.blocks)
+    if 1 < plan.pp <= blocks:  # cut as fit_layout cuts an inference pipeline: by parameters
+        bounds = [0, *weight_cuts(prof, stages=plan.pp), blocks]
+        blocks = max(end - start for start, end in zip(bounds, bounds[1:]))
     block = prof.typical_block if prof.blocks else None
     block_params = block.params if block is not None else 0.0
     weights = (blocks * block_params + prof.rest.params) / tp + vocabulary_padding(prof, tp=tp)

@@ -12,7 +12,7 @@ from onegpu.errors import UsageError
 from onegpu.parallel.batch_norm import refuse_micro_batches
 from onegpu.plan import Plan, StageLayout
 from onegpu.planner.inspection import ModelDescription
-from onegpu.planner.stages import flops_cuts
+from onegpu.planner.stages import flops_cuts, weight_cuts
 
 
 def fit_layout(
@@ -25,7 +25,7 @@ def fit_layout(
     inference: bool = False,
 ) -> Plan:
     """``plan`` with this model's layout. A pipeline of repeated blocks is cut by the blocks' FLOPs (the head
-    and loss on the last stage); a model without them is traced and cut between the nodes of its graph, for
+    and loss on the last stage), for ``inference`` by their parameters; a model without them is traced and cut between the nodes of its graph, for
     which ``model`` and ``sample`` (one worker's batch, by keyword) are needed. Without a description (the
     model could not be inspected, ``unavailable`` says why) only plans of data parallelism fit. An ``inference``
     plan splits no sequence by position (each decoding step has one token)."""
@@ -38,7 +38,8 @@ def fit_layout(
         raise UsageError(f"this plan needs the model's structure, which onegpu could not inspect: {unavailable}")
     stages = None
     if plan.pp > 1 and blocks is not None:
-        stages = description.stage_layout(flops_cuts(description.profile, stages=plan.pipeline_stages))
+        cuts = weight_cuts if inference else flops_cuts
+        stages = description.stage_layout(cuts(description.profile, stages=plan.pipeline_stages))
     elif plan.pp > 1:
         stages = _traced_stages(plan, model=model, sample=sample)
     tensor_parallel = description.tensor_parallel_layout(plan.tp) if plan.tp > 1 else None

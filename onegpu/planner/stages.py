@@ -60,6 +60,14 @@ def flops_cuts(profile: ModelProfile, *, stages: int) -> list[int]:
     return list(profile.memo[key])
 
 
+def weight_cuts(profile: ModelProfile, *, stages: int) -> list[int]:
+    """Where an inference pipeline cuts ``profile``'s blocks: balanced by parameters, the memory each stage holds
+    and what a decoding step reads (the embedding counted on the first stage, the head on the last)."""
+    outside = profile.rest.params / 2
+    costs = [float(block.params) for block in profile.blocks]
+    return balanced_cuts(costs, stages=stages, first_extra=outside, last_extra=outside)
+
+
 def worker_stage_blocks(profile: ModelProfile, *, pp: int, schedule: str) -> list[tuple[int, ...]]:
     """The block counts of the stages each of ``pp`` pipeline workers holds (two each under an
     interleaved schedule: stages w and w + pp), cut as the runtime cuts them."""
