@@ -19,7 +19,7 @@ from torch import nn
 
 from onegpu.batches import CACHE_NAMES, as_call, as_keywords, first_sample, leading_size, sequence_length
 from onegpu.errors import UsageError
-from onegpu.launch.process_group import Worker, current_worker
+from onegpu.launch.process_group import Worker, current_worker, running_backend
 from onegpu.plan import Plan
 from onegpu.runtime.budget import memory_budget_bytes
 from onegpu.runtime.call_slicing import random_state, set_random_state, share_random_state
@@ -108,7 +108,7 @@ def prepare(
     if _trials is not None and chosen.search is not None:
         chosen = _tried(chosen, given, worker=worker, loss_fn=loss_fn, count_items=count_items)
     if worker.is_main:
-        backend = dist.get_backend() if dist.is_initialized() else "single process"
+        backend = running_backend(worker.device) if dist.is_initialized() else "single process"
         print(
             f"onegpu: {worker.world_size} worker{'s' if worker.world_size > 1 else ''} ({worker.device.type}, "
             f"{backend}) | strategy: {chosen.strategy} | {chosen.reason}",

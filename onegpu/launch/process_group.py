@@ -46,6 +46,16 @@ def backend_for(device: torch.device) -> str:
     return dist.get_default_backend_for_device(device)
 
 
+def running_backend(device: torch.device) -> str:
+    """The backend the process group runs ``device``'s collectives on: one name even when the group was created
+    for several device types (Accelerate's, built before onegpu's: ``cpu:gloo,cuda:nccl``)."""
+    name = dist.get_backend()
+    if name != "undefined":
+        return name
+    per_device = dict(part.split(":") for part in str(dist.get_backend_config()).split(",") if ":" in part)
+    return per_device.get(device.type, name)
+
+
 def collective_timeout() -> float:
     """Seconds a collective may wait for its peers before the job is stopped (ONEGPU_COLLECTIVE_TIMEOUT)."""
     return settings().collective_timeout_s

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onegpu.errors import UsageError
-from onegpu.launch.process_group import Worker
+from onegpu.launch.process_group import Worker, running_backend
 from onegpu.launch.resizing import accept_resize, mark_saves_state, requested_workers
 from onegpu.runtime.call_slicing import random_state, set_random_state
 from onegpu.runtime.data import at_next_batch
@@ -62,7 +62,7 @@ def stop_for_resize_at_step_boundary(model: nn.Module, optimizer: torch.optim.Op
 
     collective = dist.is_initialized() and worker.world_size > 1
     # the workers agree on the host, without waiting for an accelerator's stream (GPU: never run yet)
-    group = dist.new_group(backend="gloo") if collective and dist.get_backend() != "gloo" else None
+    group = dist.new_group(backend="gloo") if collective and running_backend(worker.device) != "gloo" else None
     marked, stopping = [], []
 
     def after_step(*_) -> None:
